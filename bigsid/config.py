@@ -1,0 +1,296 @@
+"""Typed configuration: dataclass defaults < YAML file < `a.b=c` command-line overrides.
+
+Every value is checked before anything heavy starts. A bad key, type or range raises ConfigError with the
+dotted key and what was expected; the CLI turns it into exit status 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value the run cannot start with. The message names the key and what to change."""
+
+
+@dataclass
+class GMMConfig:
+    """Analytic ground truth: per prompt, an equal-weight mixture of isotropic Gaussians in latent shape."""
+
+    num_prompts: int = 2
+    modes_per_prompt: int = 3
+    latent_shape: list[int] = field(default_factory=lambda: [4, 2, 2])
+    mode_std: float = 0.1
+    seed: int = 0
+
+
+@dataclass
+class TeacherConfig:
+    kind: str = "toy_gmm"  # toy_gmm: the exact GMM denoiser; diffusers: a pipeline folder or hub id
+    path: str = ""
+    revision: str = ""
+    gmm: GMMConfig = field(default_factory=GMMConfig)
+    # toy_gmm has no weights to copy, so generator and fake score start from a small MLP fitted to the exact
+    # denoiser (the role the teacher's weights play for a real model).
+    student_width: int = 256
+    student_depth: int = 3
+    student_fit_steps: int = 1500
+    prediction_type: str = ""  # override the scheduler config's prediction_type; "" keeps it
+
+
+@dataclass
+class GeneratorConfig:
+    # The generator sees sqrt(1 - abar_t_init) * z at t_init and returns its x0-prediction (SiD-LSG: 625,
+    # where the VE sigma of the SD schedule is 2.5, EDM's sigma_init).
+    t_init: int = 625
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "sid"  # sid | sim | dmd
+    alpha: float = 1.0  # SiD: 1.0 for text-to-image (SiD-LSG), 1.2 for EDM pixel models
+    t_min: int = 20
+    t_max: int = 979
+    # Long-short guidance (SiD-LSG). kappa1: fake score inside its own training; kappa2/kappa3: fake score in
+    # the generator loss (in delta and in the alpha term); kappa4: teacher in the generator loss.
+    kappa1: float = 1.0
+    kappa2: float = 1.0
+    kappa3: float = 1.0
+    kappa4: float = 1.0
+    prompt_drop: float = 0.1  # empty-prompt rate in the fake-score phase, used only when some kappa != 1
+    sim_distance: str = "pseudo_huber"  # pseudo_huber | l2
+    sim_c: float = 1.0
+    sim_c_units: str = "x0"  # x0: c per element of f_psi - f_phi (scale-free over t); score: the paper's raw c
+    sim_weighting: str = "adaptive"  # adaptive: SiD's 1/mean|x_gen - f_phi| over d's curvature; uniform: w(t)=1
+
+
+@dataclass
+class OptimConfig:
+    lr_generator: float = 1e-6
+    lr_fake_score: float = 1e-6
+    beta1: float = 0.0  # SiD: Adam betas (0, 0.999), eps 1e-8
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0  # 0 disables clipping
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    batch_size: int = 8  # global batch per phase
+    total_nimg: int = 1_000_000
+    fake_steps: int = 1  # fake-score steps per generator step
+    ema_halflife_nimg: int = 500_000
+    ema_rampup: float = 0.05  # half-life <= ema_rampup * nimg early on (EDM); 0 disables
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    seed: int = 0
+    device: str = "auto"
+    log_every: int = 10
+    sample_every: int = 500
+    checkpoint_every: int = 500
+    eval_every: int = 0  # toy ground-truth metrics during training; 0: only at the end
+    keep_checkpoints: int = 3
+    progress: bool = True
+
+
+@dataclass
+class DataConfig:
+    source: str = "vocab"  # vocab: the teacher's toy prompt list; text: one prompt per line; webdataset: shards
+    path: str = ""
+    caption_key: str = "txt"
+
+
+@dataclass
+class EvalConfig:
+    num_samples: int = 2000  # per prompt
+    teacher_sampler_steps: int = 25
+    sample_prompts: list[str] = field(default_factory=list)  # empty: the toy vocabulary, else required
+    sample_seeds: int = 4  # images per prompt in the sample grid
+
+
+@dataclass
+class ParallelConfig:
+    backend: str = "local"
+
+
+@dataclass
+class Config:
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+
+CHOICES = {
+    "teacher.kind": ("toy_gmm", "diffusers"),
+    "teacher.prediction_type": ("", "epsilon", "v_prediction", "sample"),
+    "objective.name": ("sid", "sim", "dmd"),
+    "objective.sim_distance": ("pseudo_huber", "l2"),
+    "objective.sim_c_units": ("x0", "score"),
+    "objective.sim_weighting": ("adaptive", "uniform"),
+    "train.precision": ("fp32", "bf16"),
+    "data.source": ("vocab", "text", "webdataset"),
+    "parallel.backend": ("local",),
+}
+
+
+def _coerce(key: str, value, hint):
+    """Check `value` against the type hint `hint`; YAML and `a.b=c` strings are parsed by the caller."""
+    origin = typing.get_origin(hint)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint)[:1]
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{key}: unsupported union type")  # pragma: no cover - config schema invariant
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {hint}")  # pragma: no cover
+
+
+def _merge(obj, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(type(obj))
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in hints:
+            valid = ", ".join(f"{prefix}{n}" for n in hints)
+            raise ConfigError(f"unknown key '{key}'; valid keys here: {valid}")
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a mapping of {hint.__name__} fields, got {value!r}")
+            _merge(getattr(obj, name), value, f"{key}.")
+        else:
+            setattr(obj, name, _coerce(key, value, hint))
+
+
+def _set_dotted(tree: dict, dotted: str, value):
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value")
+        key, raw = item.split("=", 1)
+        # YAML parsing gives `1e-6`, `true`, `[4, 8, 8]` their natural types, as in a config file.
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return tree
+
+
+def _check(cond: bool, key: str, expected: str, value):
+    if not cond:
+        raise ConfigError(f"{key} = {value!r} is out of range: expected {expected}")
+
+
+def validate(cfg: Config) -> Config:
+    flat = {f"{s.name}.{f.name}": getattr(getattr(cfg, s.name), f.name)
+            for s in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, s.name))}
+    for key, choices in CHOICES.items():
+        _check(flat[key] in choices, key, "one of " + ", ".join(repr(c) for c in choices), flat[key])
+    o, t, tr, g = cfg.objective, cfg.teacher, cfg.train, cfg.teacher.gmm
+    _check(0 <= o.t_min < o.t_max <= 999, "objective.t_min/t_max", "0 <= t_min < t_max <= 999",
+           (o.t_min, o.t_max))
+    _check(0 < cfg.generator.t_init <= 999, "generator.t_init", "1..999", cfg.generator.t_init)
+    for k in ("kappa1", "kappa2", "kappa3", "kappa4"):
+        _check(getattr(o, k) >= 1.0, f"objective.{k}", ">= 1 (1 disables guidance)", getattr(o, k))
+    _check(0.0 <= o.prompt_drop < 1.0, "objective.prompt_drop", "a rate in [0, 1)", o.prompt_drop)
+    _check(o.alpha > 0, "objective.alpha", "> 0", o.alpha)
+    _check(o.sim_c > 0, "objective.sim_c", "> 0", o.sim_c)
+    for k in ("lr_generator", "lr_fake_score"):
+        _check(getattr(cfg.optim, k) > 0, f"optim.{k}", "> 0", getattr(cfg.optim, k))
+    _check(0 <= cfg.optim.beta1 < 1 and 0 <= cfg.optim.beta2 < 1, "optim.beta1/beta2", "in [0, 1)",
+           (cfg.optim.beta1, cfg.optim.beta2))
+    _check(cfg.optim.grad_clip >= 0, "optim.grad_clip", ">= 0 (0 disables)", cfg.optim.grad_clip)
+    _check(tr.batch_size >= 1, "train.batch_size", ">= 1", tr.batch_size)
+    _check(tr.total_nimg >= tr.batch_size, "train.total_nimg", ">= train.batch_size", tr.total_nimg)
+    _check(tr.fake_steps >= 1, "train.fake_steps", ">= 1", tr.fake_steps)
+    _check(tr.ema_halflife_nimg > 0, "train.ema_halflife_nimg", "> 0", tr.ema_halflife_nimg)
+    _check(tr.ema_rampup >= 0, "train.ema_rampup", ">= 0", tr.ema_rampup)
+    for k in ("log_every", "sample_every", "checkpoint_every", "eval_every"):
+        _check(getattr(tr, k) >= 0, f"train.{k}", ">= 0 (0 disables)", getattr(tr, k))
+    _check(tr.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1", tr.keep_checkpoints)
+    _check(bool(tr.run_dir), "train.run_dir", "a directory path", tr.run_dir)
+    _check(g.num_prompts >= 1 and g.modes_per_prompt >= 1, "teacher.gmm.num_prompts/modes_per_prompt", ">= 1",
+           (g.num_prompts, g.modes_per_prompt))
+    _check(len(g.latent_shape) == 3 and all(d >= 1 for d in g.latent_shape), "teacher.gmm.latent_shape",
+           "[channels, height, width], each >= 1", g.latent_shape)
+    _check(g.mode_std > 0, "teacher.gmm.mode_std", "> 0", g.mode_std)
+    _check(t.student_width >= 8 and t.student_depth >= 1, "teacher.student_width/depth", "width >= 8, depth >= 1",
+           (t.student_width, t.student_depth))
+    _check(cfg.eval.num_samples >= 2, "eval.num_samples", ">= 2", cfg.eval.num_samples)
+    _check(cfg.eval.teacher_sampler_steps >= 1, "eval.teacher_sampler_steps", ">= 1", cfg.eval.teacher_sampler_steps)
+    if t.kind == "diffusers":
+        _check(bool(t.path), "teacher.path", "a diffusers pipeline folder or hub id when teacher.kind=diffusers",
+               t.path)
+        # A hub id is "owner/name"; anything else names a folder, which must exist now, not hours later.
+        looks_local = t.path.startswith(("/", ".", "~")) or t.path.count("/") != 1
+        if looks_local and not Path(t.path).expanduser().is_dir():
+            raise ConfigError(f"teacher.path = {t.path!r}: no such folder; point it at a diffusers pipeline folder "
+                              "(with model_index.json) or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5")
+    if cfg.data.source in ("text", "webdataset"):
+        _check(bool(cfg.data.path), "data.path", f"the prompt source for data.source={cfg.data.source}",
+               cfg.data.path)
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
+        _merge(cfg, data)
+    _merge(cfg, parse_overrides(overrides or []))
+    return validate(cfg)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
