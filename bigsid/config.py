@@ -105,8 +105,15 @@ class TrainConfig:
 @dataclass
 class DataConfig:
     source: str = "vocab"  # vocab: the teacher's toy prompt list; text: one prompt per line; webdataset: shards
+    # text: a prompt file. webdataset: tar shards as local paths, brace ranges (/data/shard-{000000..000099}.tar),
+    # pipe: commands or URLs webdataset's gopen opens; join several patterns with "::".
     path: str = ""
+    # The caption in each webdataset sample: a member extension ("txt" reads KEY.txt as UTF-8) or "json:FIELD"
+    # (the string under FIELD in KEY.json). No other member is read, so pickles and images are never decoded.
     caption_key: str = "txt"
+    # Reader processes per rank (DataLoader workers) that prefetch in the background; 0 reads in the trainer's
+    # process. Each worker reads its own shards, so world_size x num_workers must not exceed the shard count.
+    num_workers: int = 0
 
 
 @dataclass
@@ -168,6 +175,11 @@ def _coerce(key: str, value, hint):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads `1e-6` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -268,6 +280,8 @@ def validate(cfg: Config) -> Config:
     if cfg.data.source in ("text", "webdataset"):
         _check(bool(cfg.data.path), "data.path", f"the prompt source for data.source={cfg.data.source}",
                cfg.data.path)
+    _check(cfg.data.num_workers >= 0, "data.num_workers", ">= 0 (0 reads in the trainer's process)",
+           cfg.data.num_workers)
     return cfg
 
 

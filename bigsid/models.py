@@ -160,7 +160,7 @@ def build_networks(cfg: Config) -> Networks:
         # trained networks from that fit, as they would start from a pretrained teacher's weights.
         student = toy.MLPDenoiser(truth.dim, len(truth.prompts) + 1, cfg.teacher.student_width,
                                   cfg.teacher.student_depth)
-        toy.fit_denoiser(student, teacher, schedule, encoder, truth, steps=cfg.teacher.student_fit_steps,
+        toy.fit_denoiser(student, encoder, truth, schedule, steps=cfg.teacher.student_fit_steps,
                          seed=cfg.train.seed)
         vae, shape, vocabulary = None, tuple(truth.latent_shape), truth.prompts
         scheduler_config = dict(SD_SCHEDULER_CONFIG)

@@ -317,3 +317,38 @@ def prepare_toy_teacher(folder: str | Path, gmm: GMMConfig, fit_steps: int = 300
     partial.rename(folder)  # a teacher folder exists only once it is complete
     print(f"toy teacher saved to {folder} (final eps mse {loss:.5f})")
     return folder
+
+
+def write_report(run_dir: Path, metrics: dict) -> list[Path]:
+    """RUN_DIR/eval/toy_metrics.json and a plot of fd_generator against training images (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(run_dir) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "toy_metrics.json").write_text(json.dumps(metrics, indent=1))
+    history = []
+    log_path = Path(run_dir) / "metrics.jsonl"
+    if log_path.is_file():
+        for line in log_path.read_text().splitlines():
+            row = json.loads(line)
+            if "eval/fd_generator" in row:
+                history.append((row["nimg"], row["eval/fd_generator"]))
+    history = sorted(dict(history).items())
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if history:
+        ax.plot([h[0] for h in history], [h[1] for h in history], "o-", label="one-step generator (EMA)")
+    for key, style, label in (("fd_teacher_sampler", "--", f"teacher, {metrics.get('teacher_sampler_steps')} DDIM steps"),
+                              ("fd_reference", ":", "exact vs exact (noise floor)")):
+        if key in metrics:
+            ax.axhline(metrics[key], linestyle=style, color="gray" if key == "fd_reference" else "C1", label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("training images (nimg)")
+    ax.set_ylabel("Frechet distance to exact samples")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "fd_generator.png", dpi=100)
+    plt.close(fig)
+    return [out / "toy_metrics.json", out / "fd_generator.png"]

@@ -1,0 +1,91 @@
+"""The interface between the training loop and a parallel backend.
+
+The trainer only ever calls what is here: wrap the three networks, backward/step/freeze a trained network,
+reduce metrics, save and load checkpoint state. Sharding, mixed-precision policy and collectives stay inside the
+backend module that implements it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bigsid.config import Config
+
+
+class Trainable:
+    """One trained network with its optimizer. `step` clips, skips non-finite gradients, and zeroes grads."""
+
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float):
+        self.module = module
+        self.optimizer = optimizer
+        self.grad_clip = grad_clip
+        self.params = [p for p in module.parameters() if p.requires_grad]
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def grad_norm(self) -> torch.Tensor:
+        return nn.utils.clip_grad_norm_(self.params, self.grad_clip if self.grad_clip > 0 else float("inf"))
+
+    def step(self) -> tuple[torch.Tensor, bool]:
+        """(gradient norm, whether the update was applied). A non-finite norm never reaches the weights."""
+        norm = self.grad_norm()
+        finite = bool(torch.isfinite(norm))
+        if finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm, finite
+
+    @contextlib.contextmanager
+    def frozen(self):
+        """No parameter gradients while the other network trains; inputs still carry the graph."""
+        for p in self.params:
+            p.requires_grad_(False)
+        try:
+            yield self.module
+        finally:
+            for p in self.params:
+                p.requires_grad_(True)
+
+
+class Backend:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def prepare(self, networks) -> tuple[Trainable, Trainable]:
+        """Place and wrap teacher, generator and fake score; return (generator, fake_score) trainables."""
+        raise NotImplementedError
+
+    def make_optimizer(self, module: nn.Module, lr: float) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        params = [p for p in module.parameters() if p.requires_grad]
+        return torch.optim.Adam(params, lr=lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+
+    def autocast(self):
+        enabled = self.cfg.train.precision == "bf16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def mean(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Mean of each scalar over ranks."""
+        return {k: float(v) for k, v in values.items()}
+
+    def save(self, folder: Path, trainables: dict[str, Trainable], tensors: dict[str, dict[str, torch.Tensor]]):
+        raise NotImplementedError
+
+    def load(self, folder: Path, trainables: dict[str, Trainable]) -> dict[str, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def barrier(self) -> None:
+        pass

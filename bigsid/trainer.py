@@ -1,0 +1,331 @@
+"""The distillation loop: fake-score phase, generator phase, EMA, logs, samples, checkpoints.
+
+One iteration (SiD, Algorithm 1; DMD2 for fake_steps > 1):
+  A. x_gen = G(z, c) without grad; fake score learns to denoise it (its own DSM loss).
+  B. fake score frozen; x_gen = G(z, c) with grad; generator loss through teacher and fake score.
+Each phase draws fresh prompts and noise. Time is counted in images (nimg) of the global batch.
+The loop talks to the parallel backend only through parallel.base.Backend / Trainable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from bigsid import checkpoint
+from bigsid.config import Config, save_config, to_dict
+from bigsid.models import Networks, build_networks
+from bigsid.objectives import build_objective
+from bigsid.parallel import build_backend
+
+log = logging.getLogger("bigsid.trainer")
+
+
+class EMA:
+    """Exponential moving average of the generator's weights, with its half-life counted in images."""
+
+    def __init__(self, module: nn.Module):
+        self.names = [n for n, p in module.named_parameters() if p.requires_grad]
+        self.shadow = [p.detach().clone() for p in module.parameters() if p.requires_grad]
+
+    @staticmethod
+    def beta(batch: int, nimg: int, halflife_nimg: float, rampup: float) -> float:
+        if rampup > 0:  # EDM's ramp-up: early on, average over at most `rampup` of what has been seen
+            halflife_nimg = min(halflife_nimg, nimg * rampup)
+        return 0.5 ** (batch / max(halflife_nimg, 1e-8))
+
+    @torch.no_grad()
+    def update(self, module: nn.Module, beta: float) -> None:
+        params = [p.detach() for p in module.parameters() if p.requires_grad]
+        torch._foreach_lerp_(self.shadow, params, 1.0 - beta)
+
+    @contextlib.contextmanager
+    def applied(self, module: nn.Module):
+        """Temporarily load the EMA weights into `module` (works for sharded parameters too)."""
+        params = [p for p in module.parameters() if p.requires_grad]
+        with torch.no_grad():
+            backup = [p.detach().clone() for p in params]
+            torch._foreach_copy_(params, self.shadow)
+        try:
+            yield module
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(params, backup)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, self.shadow))
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            torch._foreach_copy_(self.shadow, [state[n] for n in self.names])
+
+
+class MetricLog:
+    """metrics.jsonl (one JSON object per logged step) and TensorBoard scalars, written by rank 0."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, step: int, nimg: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, "nimg": nimg, **values}) + "\n")
+        for k, v in values.items():
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                self.tb.add_scalar(k, v, nimg)
+        self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def to_images(latents: torch.Tensor, networks: Networks) -> torch.Tensor:
+    """Latents -> uint8 images [N, H, W, 3]: VAE-decoded, or, for a toy truth, the latents themselves."""
+    if networks.vae is not None and networks.truth is None:
+        vae = networks.vae
+        x = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample.float()
+        x = (x.clamp(-1, 1) + 1) / 2
+    else:  # toy latents: first three channels, each image scaled to its own range
+        x = latents.float()[:, :3]
+        lo, hi = x.amin(dim=(1, 2, 3), keepdim=True), x.amax(dim=(1, 2, 3), keepdim=True)
+        x = (x - lo) / (hi - lo).clamp_min(1e-6)
+        x = x.repeat_interleave(max(1, 64 // x.shape[-1]), -1).repeat_interleave(max(1, 64 // x.shape[-2]), -2)
+    return (x.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu()
+
+
+def save_grid(images: torch.Tensor, rows: int, path: Path) -> None:
+    n, h, w, c = images.shape
+    cols = math.ceil(n / rows)
+    grid = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
+    for i, img in enumerate(images.numpy()):
+        r, col = divmod(i, cols)
+        grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = img
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid.squeeze(-1) if c == 1 else grid).save(path)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, networks: Networks | None = None):
+        self.cfg = cfg
+        tr = cfg.train
+        self.run_dir = Path(tr.run_dir)
+        self.backend = build_backend(cfg)
+        torch.manual_seed(tr.seed)  # same initial networks on every rank
+        self.networks = networks or build_networks(cfg)
+        self.objective = build_objective(cfg.objective, self.networks.schedule)
+        self.generator, self.fake_score = self.backend.prepare(self.networks)
+        self.teacher = self.networks.teacher
+        self.ema = EMA(self.generator.module)
+        self.device = self.backend.device
+        if tr.batch_size % self.backend.world_size:
+            raise ValueError(f"train.batch_size={tr.batch_size} is not divisible by the world size "
+                             f"{self.backend.world_size}; choose a multiple of it")
+        self.local_batch = tr.batch_size // self.backend.world_size
+        self.sample_prompts = cfg.eval.sample_prompts or list(self.networks.vocabulary or [])
+        self.stream = self._build_stream()
+        self.step = 0
+        self.nimg = 0
+        self.skipped = {"nan_samples": 0, "nonfinite_steps": 0}
+        self.teacher_samples = None  # the teacher sampler's toy samples never change: computed once
+        self.last_eval: dict = {}
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.log = MetricLog(self.run_dir, self.backend.is_main)
+        self.resume()
+        # Seed per rank after resume decisions: the same run restarted draws the same numbers.
+        if self.step == 0:
+            torch.manual_seed(tr.seed * 1_000_003 + self.backend.rank)
+        if self.backend.is_main:
+            save_config(cfg, self.run_dir / "config.yaml")
+
+    def _build_stream(self):
+        from bigsid.data import build_prompt_stream
+
+        enc = self.networks.encoder
+        return build_prompt_stream(self.cfg.data, rank=self.backend.rank, world_size=self.backend.world_size,
+                                   seed=self.cfg.train.seed, vocabulary=self.networks.vocabulary,
+                                   token_count=getattr(enc, "token_count", None),
+                                   max_tokens=getattr(enc, "max_length", None))
+
+    # ---- one iteration ----
+
+    def _noise(self, n: int) -> torch.Tensor:
+        return torch.randn(n, *self.networks.latent_shape, device=self.device)
+
+    def _masked_mean(self, loss: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Per-sample losses -> batch loss (sum / local batch, as the reference code); NaN samples masked."""
+        finite = torch.isfinite(loss)
+        return torch.where(finite, loss, torch.zeros_like(loss)).sum() / loss.shape[0], int((~finite).sum())
+
+    def fake_score_phase(self) -> dict[str, torch.Tensor]:
+        cond = self.networks.encoder(self.stream.next_batch(self.local_batch)).drop(self.objective.prompt_drop)
+        with self.backend.autocast():
+            with torch.no_grad():
+                x_gen = self.generator.module(self._noise(self.local_batch), cond.emb)
+            loss, metrics = self.objective.fake_score_loss(self.fake_score.module, x_gen, cond)
+            total, nan = self._masked_mean(loss)
+        self.fake_score.backward(total)
+        norm, applied = self.fake_score.step()
+        return self._finish(metrics, "fake_score", norm, applied, nan)
+
+    def generator_phase(self) -> dict[str, torch.Tensor]:
+        cond = self.networks.encoder(self.stream.next_batch(self.local_batch))
+        with self.fake_score.frozen() as fake_score, self.backend.autocast():
+            x_gen = self.generator.module(self._noise(self.local_batch), cond.emb)
+            loss, metrics = self.objective.generator_loss(self.teacher, fake_score, x_gen, cond)
+            total, nan = self._masked_mean(loss)
+            self.generator.backward(total)
+        norm, applied = self.generator.step()
+        return self._finish(metrics, "generator", norm, applied, nan)
+
+    def _finish(self, metrics, name, norm, applied, nan) -> dict[str, torch.Tensor]:
+        self.skipped["nan_samples"] += nan
+        self.skipped["nonfinite_steps"] += int(not applied)
+        out = {k: v[torch.isfinite(v)].mean() for k, v in metrics.items()}
+        out[f"{name}/grad_norm"] = norm.detach()
+        return out
+
+    def train_step(self) -> dict[str, torch.Tensor]:
+        metrics = {}
+        for _ in range(self.cfg.train.fake_steps):
+            metrics |= self.fake_score_phase()
+        metrics |= self.generator_phase()
+        self.nimg += self.cfg.train.batch_size
+        self.step += 1
+        tr = self.cfg.train
+        self.ema.update(self.generator.module, EMA.beta(tr.batch_size, self.nimg, tr.ema_halflife_nimg, tr.ema_rampup))
+        return metrics
+
+    # ---- the run ----
+
+    def run(self) -> dict:
+        tr = self.cfg.train
+        total_steps = tr.total_nimg // tr.batch_size
+        bar = None
+        if tr.progress and self.backend.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total_steps, initial=self.step, unit="it", dynamic_ncols=True)
+        last_time, last_nimg = time.perf_counter(), self.nimg
+        while self.step < total_steps:
+            metrics = self.train_step()
+            if bar is not None:
+                bar.update(1)
+            if tr.log_every and self.step % tr.log_every == 0:
+                values = self.backend.mean(metrics)
+                now = time.perf_counter()
+                values |= {"images_per_s": (self.nimg - last_nimg) / (now - last_time), **self.skipped}
+                last_time, last_nimg = now, self.nimg
+                self.log.write(self.step, self.nimg, values)
+                if bar is not None:
+                    bar.set_postfix(gen=f"{values['generator/loss']:.3g}", fake=f"{values['fake_score/loss']:.3g}")
+            if tr.sample_every and self.step % tr.sample_every == 0:
+                self.save_samples()
+            if tr.eval_every and self.step % tr.eval_every == 0:
+                self.evaluate()
+            if tr.checkpoint_every and self.step % tr.checkpoint_every == 0:
+                self.save_checkpoint()
+        if bar is not None:
+            bar.close()
+        if not (tr.checkpoint_every and self.step % tr.checkpoint_every == 0):
+            self.save_checkpoint()
+        if not (tr.sample_every and self.step % tr.sample_every == 0):
+            self.save_samples()
+        if not (tr.eval_every and self.step % tr.eval_every == 0):
+            self.last_eval = self.evaluate()
+        self.log.close()
+        return self.last_eval
+
+    @torch.no_grad()
+    def save_samples(self) -> Path | None:
+        if not self.sample_prompts or not self.backend.is_main:
+            return None
+        seeds = self.cfg.eval.sample_seeds
+        prompts = [p for p in self.sample_prompts for _ in range(seeds)]
+        gen = torch.Generator().manual_seed(0)
+        z = torch.randn(len(prompts), *self.networks.latent_shape, generator=gen).to(self.device)
+        with self.ema.applied(self.generator.module) as g:
+            latents = g(z, self.networks.encoder(prompts).emb)
+        path = self.run_dir / "samples" / f"step-{self.step:09d}.png"
+        save_grid(to_images(latents, self.networks), len(self.sample_prompts), path)
+        return path
+
+    def evaluate(self) -> dict:
+        """Ground-truth metrics of the EMA generator (toy teachers only); appended to metrics.jsonl."""
+        from bigsid import toy
+
+        truth = self.networks.truth
+        if truth is None or not self.backend.is_main:
+            return {}
+        ev = self.cfg.eval
+        if self.teacher_samples is None:
+            self.teacher_samples = {p: toy.sample_teacher(self.teacher, self.networks.schedule,
+                                                          self.networks.scheduler_config, self.networks.encoder, p,
+                                                          ev.num_samples, truth.latent_shape,
+                                                          ev.teacher_sampler_steps, seed=10_000 + i)
+                                    for i, p in enumerate(truth.prompts)}
+        with self.ema.applied(self.generator.module) as g:
+            g.eval()
+            metrics = toy.evaluate(g, self.networks.encoder, truth, ev.num_samples, teacher_samples=self.teacher_samples)
+            g.train()
+        metrics |= {"step": self.step, "nimg": self.nimg, "teacher_sampler_steps": ev.teacher_sampler_steps}
+        self.log.write(self.step, self.nimg, {f"eval/{k}": v for k, v in metrics.items()
+                                             if isinstance(v, float)})
+        self.last_eval = metrics
+        return metrics
+
+    # ---- checkpoints ----
+
+    def save_checkpoint(self) -> Path:
+        folder = checkpoint.checkpoint_dir(self.run_dir, self.step).with_suffix(".partial")
+        if self.backend.is_main:
+            checkpoint.begin(self.run_dir, self.step)
+        self.backend.barrier()
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        self.backend.save(folder, {"generator": self.generator, "fake_score": self.fake_score},
+                          {"ema": self.ema.state_dict(), f"rng.rank{self.backend.rank}": rng})
+        self.backend.barrier()
+        if not self.backend.is_main:
+            return folder.with_suffix("")
+        state = {"step": self.step, "nimg": self.nimg, "world_size": self.backend.world_size,
+                 "skipped": self.skipped, "data": self.stream.state_dict(), "config": to_dict(self.cfg)}
+        return checkpoint.commit(folder, state, self.cfg.train.keep_checkpoints)
+
+    def resume(self) -> None:
+        folder = checkpoint.latest_checkpoint(self.run_dir)
+        if folder is None:
+            return
+        state = checkpoint.read_state(folder)
+        for key in ("teacher", "generator", "objective"):
+            if state["config"][key] != to_dict(self.cfg)[key]:
+                raise checkpoint.CheckpointError(
+                    f"{folder} was written with a different {key} config; resume with the run's own "
+                    f"config.yaml or choose a new train.run_dir")
+        tensors = self.backend.load(folder, {"generator": self.generator, "fake_score": self.fake_score})
+        self.ema.load_state_dict(tensors["ema"])
+        rng = tensors.get(f"rng.rank{self.backend.rank}")
+        if rng is not None:
+            torch.set_rng_state(rng["cpu"].cpu())
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"].cpu())
+        self.step, self.nimg, self.skipped = state["step"], state["nimg"], state["skipped"]
+        self.stream.load_state_dict(state["data"])
+        log.info("resumed from %s at step %d (%d images)", folder, self.step, self.nimg)
