@@ -20,7 +20,7 @@ def _trainer(cfg):
 
 
 def cmd_train(args) -> int:
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(None if args.config == "-" else args.config, args.overrides)
     result = _trainer(cfg).run()
     _report(cfg.train.run_dir, result)
     return 0
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="distill a teacher into a one-step generator")
-    p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("config", help="YAML config (see configs/), or - for the defaults")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.set_defaults(func=cmd_train)
 

@@ -289,9 +289,9 @@ def build_toy_pipeline(truth: GMM, seed: int = 0):
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
     unet = UNet2DConditionModel(
         sample_size=size, in_channels=channels, out_channels=channels, layers_per_block=1,
-        block_out_channels=(64, 128), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
-        norm_num_groups=16)
+        norm_num_groups=8)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=channels, block_out_channels=(16, 32),
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                         norm_num_groups=8, sample_size=size * 2)
@@ -309,7 +309,7 @@ def prepare_toy_teacher(folder: str | Path, gmm: GMMConfig, fit_steps: int = 300
     pipe = build_toy_pipeline(truth, seed)
     schedule = VPSchedule.from_scheduler_config(SD_SCHEDULER_CONFIG)
     encoder = CLIPPromptEncoder(pipe.tokenizer, pipe.text_encoder)
-    loss = fit_denoiser(UNetDenoiser(pipe.unet, "epsilon"), encoder, truth, schedule, fit_steps, batch=256,
+    loss = fit_denoiser(UNetDenoiser(pipe.unet, "epsilon"), encoder, truth, schedule, fit_steps, batch=128,
                         lr=1e-3, seed=seed, log_every=max(1, fit_steps // 10))
     partial = folder.with_name(folder.name + ".partial")
     pipe.save_pretrained(partial, safe_serialization=True)

@@ -1,0 +1,107 @@
+"""The diffusers teacher path on a tiny Stable Diffusion pipeline saved to disk and loaded back."""
+
+import json
+import logging
+
+import pytest
+import torch
+
+from bigsid.cli import main
+from bigsid.config import ConfigError, GMMConfig, load_config
+from bigsid.models import CLIPPromptEncoder, TeacherError, UNetDenoiser, build_networks, load_diffusers_teacher, predict
+from bigsid.toy import GMM, build_toy_pipeline, fit_denoiser, prepare_toy_teacher
+from bigsid.trainer import Trainer
+from conftest import TINY_TOY
+
+GMM_CFG = GMMConfig(num_prompts=2, modes_per_prompt=2, latent_shape=[4, 4, 4])
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    return prepare_toy_teacher(tmp_path_factory.mktemp("t") / "teacher", GMM_CFG, fit_steps=5)
+
+
+def overrides(teacher_dir, run_dir, *extra):
+    return [*TINY_TOY, "teacher.kind=diffusers", f"teacher.path={teacher_dir}", f"train.run_dir={run_dir}",
+            "train.batch_size=4", "train.total_nimg=8", "eval.num_samples=16", *extra]
+
+
+def test_teacher_loads_with_from_pretrained_and_keeps_its_truth(teacher_dir):
+    unet, schedule, encoder, vae, scheduler_config = load_diffusers_teacher(str(teacher_dir))
+    assert isinstance(unet, UNetDenoiser) and unet.prediction_type == "epsilon"
+    assert scheduler_config["beta_schedule"] == "scaled_linear"
+    assert encoder.uncond.shape == (1, encoder.max_length, 32)
+    nets = build_networks(load_config(None, overrides(teacher_dir, "unused")))
+    assert nets.latent_shape == (4, 4, 4) and nets.vocabulary == ["toy prompt 0", "toy prompt 1"]
+    assert nets.generator.net is not nets.teacher and nets.fake_score is not nets.teacher
+    for a, b in zip(nets.teacher.parameters(), nets.fake_score.parameters()):
+        assert torch.equal(a, b) and not a.requires_grad and b.requires_grad
+
+
+def test_distillation_steps_run_on_the_diffusers_path_in_bf16(teacher_dir, tmp_path):
+    tr = Trainer(load_config(None, overrides(teacher_dir, tmp_path, "train.precision=bf16", "objective.kappa4=2",
+                                              "objective.kappa2=2", "objective.kappa3=2", "objective.kappa1=2")))
+    result = tr.run()
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(r["generator/loss"])) for r in rows if "generator/loss" in r)
+    assert {"fd_generator", "fd_teacher_sampler", "mode_coverage_tv"} <= set(result)
+
+
+def test_v_prediction_teacher(teacher_dir, tmp_path):
+    unet, schedule, _, _, _ = load_diffusers_teacher(str(teacher_dir), prediction_type="v_prediction")
+    assert unet.prediction_type == "v_prediction" == schedule.prediction_type
+    x_t, t, emb = torch.randn(2, 4, 4, 4), torch.tensor([100, 900]), torch.randn(2, 32, 32)
+    from bigsid.models import Cond
+
+    with torch.no_grad():
+        raw = unet(x_t, t, emb)
+        x0 = predict(unet, schedule, x_t, t, Cond(emb, emb[:1]))
+    a, s = schedule.coeffs(t, 4)
+    torch.testing.assert_close(x0, a * x_t - s * raw)
+
+
+def test_fitting_to_the_truth_lowers_the_teacher_error():
+    truth = GMM.from_config(GMM_CFG)
+    pipe = build_toy_pipeline(truth)
+    from bigsid.diffusion import SD_SCHEDULER_CONFIG, VPSchedule
+
+    schedule = VPSchedule.from_scheduler_config(SD_SCHEDULER_CONFIG)
+    encoder = CLIPPromptEncoder(pipe.tokenizer, pipe.text_encoder)
+    net = UNetDenoiser(pipe.unet, "epsilon")
+    first = fit_denoiser(net, encoder, truth, schedule, steps=1, batch=64, seed=1)
+    later = fit_denoiser(net, encoder, truth, schedule, steps=30, batch=64, seed=2)
+    assert later < 0.5 * first
+
+
+def test_long_prompts_are_truncated_and_said_once(teacher_dir, caplog):
+    _, _, encoder, _, _ = load_diffusers_teacher(str(teacher_dir))
+    long = "a very long prompt " * 20
+    with caplog.at_level(logging.WARNING, logger="bigsid.models"):
+        a = encoder([long, "x"])
+        encoder([long])
+    assert a.emb.shape == (2, encoder.max_length, 32)
+    assert sum("truncated" in r.message for r in caplog.records) == 1
+
+
+def test_bad_teacher_folders_are_refused_clearly(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="no such folder"):
+        load_config(None, ["teacher.kind=diffusers", f"teacher.path={tmp_path / 'missing'}"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TeacherError, match="scheduler config"):
+        load_diffusers_teacher(str(tmp_path / "empty"))
+    assert main(["train", "-", "teacher.kind=diffusers", f"teacher.path={tmp_path / 'missing'}"]) == 2
+    assert "teacher.path" in capsys.readouterr().err
+
+
+def test_cli_refuses_bad_config_with_exit_2_and_the_key(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("objective:\n  alpah: 1.2\n")
+    assert main(["train", str(cfg)]) == 2
+    assert "objective.alpah" in capsys.readouterr().err
+    assert main(["train", str(cfg).replace("c.yaml", "none.yaml")]) == 2
+    for bad, key in (("objective.alpha=abc", "objective.alpha"), ("train.batch_size=0", "train.batch_size"),
+                     ("objective.name=foo", "objective.name"), ("objective.t_max=1500", "t_max"),
+                     ("teacher.gmm.latent_shape=[4,4]", "latent_shape")):
+        assert main(["train", "-", bad]) == 2
+        assert key in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
