@@ -13,15 +13,21 @@ from bigsid.config import ConfigError, load_config
 DEMO_CONFIG = Path("configs/demo.yaml")
 
 
-def _trainer(cfg):
-    from bigsid.trainer import Trainer
+def _run(cfg) -> dict | int:
+    """Train; a preemption signal ends in a complete checkpoint and the requeue exit status."""
+    from bigsid.trainer import PREEMPTED_EXIT, Preempted, Trainer
 
-    return Trainer(cfg)
+    try:
+        return Trainer(cfg).run()
+    except Preempted:
+        return PREEMPTED_EXIT
 
 
 def cmd_train(args) -> int:
     cfg = load_config(None if args.config == "-" else args.config, args.overrides)
-    result = _trainer(cfg).run()
+    result = _run(cfg)
+    if isinstance(result, int):
+        return result
     _report(cfg.train.run_dir, result)
     return 0
 
@@ -86,7 +92,9 @@ def cmd_demo(args) -> int:
         print(f"[1/3] using the teacher in {teacher}")
     cfg = load_config(DEMO_CONFIG, [f"teacher.path={teacher}", f"train.run_dir={out / 'run'}", *args.overrides])
     print(f"[2/3] distilling with {cfg.objective.name} into a one-step generator -> {cfg.train.run_dir}")
-    result = _trainer(cfg).run()
+    result = _run(cfg)
+    if isinstance(result, int):
+        return result
     print("[3/3] against the exact ground truth (Frechet distance, lower is better):")
     _report(cfg.train.run_dir, result)
     print(f"samples: {Path(cfg.train.run_dir) / 'samples'}   logs: {Path(cfg.train.run_dir) / 'metrics.jsonl'}")

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import math
+import signal
 import time
 from pathlib import Path
 
@@ -28,6 +29,34 @@ from bigsid.objectives import build_objective
 from bigsid.parallel import build_backend
 
 log = logging.getLogger("bigsid.trainer")
+
+# Exit status after a preemption checkpoint: EX_TEMPFAIL, "try again". slurm/ scripts requeue on it.
+PREEMPTED_EXIT = 75
+
+
+class Preempted(Exception):
+    """Raised after a complete checkpoint was written because SIGUSR1/SIGTERM arrived."""
+
+
+class PreemptionFlag:
+    """SIGUSR1 (SLURM's --signal) and SIGTERM set a flag; the loop checks it at step boundaries only, so a
+    checkpoint is never written from inside a signal handler or half-way through an update."""
+
+    def __init__(self, signals=(signal.SIGUSR1, signal.SIGTERM)):
+        self.signum = None
+        self.previous = {}
+        for sig in signals:
+            try:
+                self.previous[sig] = signal.signal(sig, self._set)
+            except ValueError:  # not the main thread (e.g. inside a test runner's worker thread)
+                pass
+
+    def _set(self, signum, frame):
+        self.signum = signum
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 class EMA:
@@ -90,6 +119,14 @@ class MetricLog:
             if isinstance(v, (int, float)) and math.isfinite(v):
                 self.tb.add_scalar(k, v, nimg)
         self.tb.flush()
+
+    def truncate(self, step: int) -> None:
+        """Drop rows past `step`: after a resume they are logged again by the steps that redo them."""
+        if self.enabled and self.path.is_file():
+            rows = self.path.read_text().splitlines()
+            kept = [r for r in rows if json.loads(r)["step"] <= step]
+            if len(kept) < len(rows):
+                self.path.write_text("".join(r + "\n" for r in kept))
 
     def close(self) -> None:
         if self.tb is not None:
@@ -223,6 +260,24 @@ class Trainer:
 
             bar = tqdm(total=total_steps, initial=self.step, unit="it", dynamic_ncols=True)
         last_time, last_nimg = time.perf_counter(), self.nimg
+        flag = PreemptionFlag()
+        try:
+            self._loop(total_steps, bar, last_time, last_nimg, flag)
+        finally:
+            flag.restore()
+            if bar is not None:
+                bar.close()
+        if not (tr.checkpoint_every and self.step % tr.checkpoint_every == 0):
+            self.save_checkpoint()
+        if not (tr.sample_every and self.step % tr.sample_every == 0):
+            self.save_samples()
+        if not (tr.eval_every and self.step % tr.eval_every == 0):
+            self.last_eval = self.evaluate()
+        self.log.close()
+        return self.last_eval
+
+    def _loop(self, total_steps, bar, last_time, last_nimg, flag: PreemptionFlag) -> None:
+        tr = self.cfg.train
         while self.step < total_steps:
             metrics = self.train_step()
             if bar is not None:
@@ -239,18 +294,14 @@ class Trainer:
                 self.save_samples()
             if tr.eval_every and self.step % tr.eval_every == 0:
                 self.evaluate()
+            if self.backend.any(flag.signum is not None):
+                folder = self.save_checkpoint()
+                self.log.close()
+                log.warning("signal %s: checkpoint %s written at step %d; exiting for requeue", flag.signum,
+                            folder, self.step)
+                raise Preempted(folder)
             if tr.checkpoint_every and self.step % tr.checkpoint_every == 0:
                 self.save_checkpoint()
-        if bar is not None:
-            bar.close()
-        if not (tr.checkpoint_every and self.step % tr.checkpoint_every == 0):
-            self.save_checkpoint()
-        if not (tr.sample_every and self.step % tr.sample_every == 0):
-            self.save_samples()
-        if not (tr.eval_every and self.step % tr.eval_every == 0):
-            self.last_eval = self.evaluate()
-        self.log.close()
-        return self.last_eval
 
     @torch.no_grad()
     def save_samples(self) -> Path | None:
@@ -328,4 +379,5 @@ class Trainer:
                 torch.cuda.set_rng_state(rng["cuda"].cpu())
         self.step, self.nimg, self.skipped = state["step"], state["nimg"], state["skipped"]
         self.stream.load_state_dict(state["data"])
+        self.log.truncate(self.step)
         log.info("resumed from %s at step %d (%d images)", folder, self.step, self.nimg)

@@ -126,3 +126,38 @@ def test_run_directory_and_learning(tmp_path):
     assert len(train_rows) == 100 // 2
     assert {"fake_score/loss", "generator/grad_norm", "images_per_s", "nan_samples"} <= set(train_rows[0])
     assert sum("eval/fd_generator" in r for r in rows) == 1 + 2  # before training, steps 50 and 100
+
+
+def test_preemption_signal_checkpoints_then_resume_matches(tmp_path):
+    import os
+    import signal
+
+    import pytest
+
+    from bigsid.cli import main
+    from bigsid.trainer import PREEMPTED_EXIT, Preempted
+
+    full = make(tmp_path / "full")
+    full.run()
+    tr = make(tmp_path / "pre", "train.checkpoint_every=0")
+    inner = tr.train_step
+
+    def step_then_signal():
+        metrics = inner()
+        if tr.step == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)  # what SLURM's --signal delivers
+        return metrics
+
+    tr.train_step = step_then_signal
+    with pytest.raises(Preempted):
+        tr.run()
+    assert [p.name for p in complete_checkpoints(tmp_path / "pre")] == ["step-000000003"]
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGUSR1))
+    # the same command again resumes at step 3 and ends where the uninterrupted run did
+    args = [*TINY_TOY, f"train.run_dir={tmp_path / 'pre'}", "train.checkpoint_every=0"]
+    assert main(["train", "-", *args]) == 0
+    resumed = make(tmp_path / "pre", "train.checkpoint_every=0")
+    assert resumed.step == 10
+    for va, vb in zip(full.generator.module.state_dict().values(), resumed.generator.module.state_dict().values()):
+        assert torch.equal(va, vb)
+    assert PREEMPTED_EXIT == 75

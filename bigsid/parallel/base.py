@@ -87,5 +87,9 @@ class Backend:
     def load(self, folder: Path, trainables: dict[str, Trainable]) -> dict[str, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
+    def any(self, flag: bool) -> bool:
+        """True on every rank if `flag` is true on any rank (preemption, stop requests)."""
+        return flag
+
     def barrier(self) -> None:
         pass
