@@ -126,7 +126,8 @@ class EvalConfig:
 
 @dataclass
 class ParallelConfig:
-    backend: str = "local"
+    backend: str = "local"  # local | ddp | fsdp2 (ddp and fsdp2 under torchrun)
+    shard_size: int = 0  # fsdp2: shard within groups of this many ranks, replicate across (0: all ranks)
 
 
 @dataclass
@@ -150,7 +151,7 @@ CHOICES = {
     "objective.sim_weighting": ("adaptive", "uniform"),
     "train.precision": ("fp32", "bf16"),
     "data.source": ("vocab", "text", "webdataset"),
-    "parallel.backend": ("local",),
+    "parallel.backend": ("local", "ddp", "fsdp2"),
 }
 
 
@@ -267,6 +268,8 @@ def validate(cfg: Config) -> Config:
     _check(g.mode_std > 0, "teacher.gmm.mode_std", "> 0", g.mode_std)
     _check(t.student_width >= 8 and t.student_depth >= 1, "teacher.student_width/depth", "width >= 8, depth >= 1",
            (t.student_width, t.student_depth))
+    _check(cfg.parallel.shard_size >= 0, "parallel.shard_size", ">= 0 (0: shard over all ranks)",
+           cfg.parallel.shard_size)
     _check(cfg.eval.num_samples >= 2, "eval.num_samples", ">= 2", cfg.eval.num_samples)
     _check(cfg.eval.teacher_sampler_steps >= 1, "eval.teacher_sampler_steps", ">= 1", cfg.eval.teacher_sampler_steps)
     if t.kind == "diffusers":

@@ -32,12 +32,9 @@ class Cond:
     emb: torch.Tensor
     uncond: torch.Tensor
 
-    def drop(self, rate: float, generator: torch.Generator | None = None) -> "Cond":
-        """Replace each prompt by the empty prompt with probability `rate` (guided fake-score training)."""
-        if rate <= 0:
-            return self
-        keep = torch.rand(self.emb.shape[0], generator=generator, device=self.emb.device) >= rate
-        keep = keep.view((-1,) + (1,) * (self.emb.ndim - 1))
+    def drop(self, dropped: torch.Tensor) -> "Cond":
+        """Replace the prompts where `dropped` [B] is true by the empty prompt (guided fake-score training)."""
+        keep = ~dropped.to(self.emb.device).view((-1,) + (1,) * (self.emb.ndim - 1))
         return Cond(torch.where(keep, self.emb, self.uncond.to(self.emb.dtype)), self.uncond)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 from torch import nn
 
 from bigsid import checkpoint
@@ -59,8 +60,16 @@ class PreemptionFlag:
             signal.signal(sig, handler)
 
 
+def _local(tensors):
+    """The local shards of (possibly sharded) tensors: foreach kernels then run on plain tensors in place."""
+    return [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+
+
 class EMA:
-    """Exponential moving average of the generator's weights, with its half-life counted in images."""
+    """Exponential moving average of the generator's weights, with its half-life counted in images.
+
+    Kept as tensors shaped like the parameters (sharded where they are), never as a module copy: a sharded
+    module cannot be deep-copied, and swapping weights in place works for every backend."""
 
     def __init__(self, module: nn.Module):
         self.names = [n for n, p in module.named_parameters() if p.requires_grad]
@@ -75,15 +84,15 @@ class EMA:
     @torch.no_grad()
     def update(self, module: nn.Module, beta: float) -> None:
         params = [p.detach() for p in module.parameters() if p.requires_grad]
-        torch._foreach_lerp_(self.shadow, params, 1.0 - beta)
+        torch._foreach_lerp_(_local(self.shadow), _local(params), 1.0 - beta)
 
     @contextlib.contextmanager
     def applied(self, module: nn.Module):
-        """Temporarily load the EMA weights into `module` (works for sharded parameters too)."""
-        params = [p for p in module.parameters() if p.requires_grad]
+        """Temporarily load the EMA weights into `module`."""
+        params = _local(p for p in module.parameters() if p.requires_grad)
         with torch.no_grad():
-            backup = [p.detach().clone() for p in params]
-            torch._foreach_copy_(params, self.shadow)
+            backup = [p.clone() for p in params]
+            torch._foreach_copy_(params, _local(self.shadow))
         try:
             yield module
         finally:
@@ -92,10 +101,6 @@ class EMA:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(zip(self.names, self.shadow))
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            torch._foreach_copy_(self.shadow, [state[n] for n in self.names])
 
 
 class MetricLog:
@@ -169,7 +174,7 @@ class Trainer:
         self.objective = build_objective(cfg.objective, self.networks.schedule)
         self.generator, self.fake_score = self.backend.prepare(self.networks)
         self.teacher = self.networks.teacher
-        self.ema = EMA(self.generator.module)
+        self.ema = EMA(self.generator.inner)
         self.device = self.backend.device
         if tr.batch_size % self.backend.world_size:
             raise ValueError(f"train.batch_size={tr.batch_size} is not divisible by the world size "
@@ -184,10 +189,8 @@ class Trainer:
         self.last_eval: dict = {}
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log = MetricLog(self.run_dir, self.backend.is_main)
+        self.rng = torch.Generator(device=self.device).manual_seed(tr.seed + 1)
         self.resume()
-        # Seed per rank after resume decisions: the same run restarted draws the same numbers.
-        if self.step == 0:
-            torch.manual_seed(tr.seed * 1_000_003 + self.backend.rank)
         if self.backend.is_main:
             save_config(cfg, self.run_dir / "config.yaml")
 
@@ -202,8 +205,21 @@ class Trainer:
 
     # ---- one iteration ----
 
-    def _noise(self, n: int) -> torch.Tensor:
-        return torch.randn(n, *self.networks.latent_shape, device=self.device)
+    # Every random draw is made for the global batch from one generator seeded alike on all ranks, and each rank
+    # takes its slice: a run's numbers do not depend on how many ranks share the batch.
+    def _slice(self, x: torch.Tensor) -> torch.Tensor:
+        start = self.backend.rank * self.local_batch
+        return x[start:start + self.local_batch]
+
+    def _randn(self) -> torch.Tensor:
+        shape = (self.cfg.train.batch_size, *self.networks.latent_shape)
+        return self._slice(torch.randn(shape, generator=self.rng, device=self.device))
+
+    def _noise(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Generator input z, diffusion time t and diffusion noise eps for this rank's share of the batch."""
+        c = self.cfg.objective
+        t = self.objective.schedule.sample_t(self.cfg.train.batch_size, c.t_min, c.t_max, self.device, self.rng)
+        return self._randn(), self._slice(t), self._randn()
 
     def _masked_mean(self, loss: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Per-sample losses -> batch loss (sum / local batch, as the reference code); NaN samples masked."""
@@ -211,11 +227,14 @@ class Trainer:
         return torch.where(finite, loss, torch.zeros_like(loss)).sum() / loss.shape[0], int((~finite).sum())
 
     def fake_score_phase(self) -> dict[str, torch.Tensor]:
-        cond = self.networks.encoder(self.stream.next_batch(self.local_batch)).drop(self.objective.prompt_drop)
+        cond = self.networks.encoder(self.stream.next_batch(self.local_batch))
+        rate = self.objective.prompt_drop
+        cond = cond.drop(self._slice(torch.rand(self.cfg.train.batch_size, generator=self.rng, device=self.device) < rate))
+        z, t, eps = self._noise()
         with self.backend.autocast():
             with torch.no_grad():
-                x_gen = self.generator.module(self._noise(self.local_batch), cond.emb)
-            loss, metrics = self.objective.fake_score_loss(self.fake_score.module, x_gen, cond)
+                x_gen = self.generator.inner(z, cond.emb)
+            loss, metrics = self.objective.fake_score_loss(self.fake_score.module, x_gen, cond, t, eps)
             total, nan = self._masked_mean(loss)
         self.fake_score.backward(total)
         norm, applied = self.fake_score.step()
@@ -223,9 +242,10 @@ class Trainer:
 
     def generator_phase(self) -> dict[str, torch.Tensor]:
         cond = self.networks.encoder(self.stream.next_batch(self.local_batch))
+        z, t, eps = self._noise()
         with self.fake_score.frozen() as fake_score, self.backend.autocast():
-            x_gen = self.generator.module(self._noise(self.local_batch), cond.emb)
-            loss, metrics = self.objective.generator_loss(self.teacher, fake_score, x_gen, cond)
+            x_gen = self.generator.module(z, cond.emb)
+            loss, metrics = self.objective.generator_loss(self.teacher, fake_score, x_gen, cond, t, eps)
             total, nan = self._masked_mean(loss)
             self.generator.backward(total)
         norm, applied = self.generator.step()
@@ -246,7 +266,7 @@ class Trainer:
         self.nimg += self.cfg.train.batch_size
         self.step += 1
         tr = self.cfg.train
-        self.ema.update(self.generator.module, EMA.beta(tr.batch_size, self.nimg, tr.ema_halflife_nimg, tr.ema_rampup))
+        self.ema.update(self.generator.inner, EMA.beta(tr.batch_size, self.nimg, tr.ema_halflife_nimg, tr.ema_rampup))
         return metrics
 
     # ---- the run ----
@@ -305,16 +325,19 @@ class Trainer:
 
     @torch.no_grad()
     def save_samples(self) -> Path | None:
-        if not self.sample_prompts or not self.backend.is_main:
+        """Every rank runs the (possibly sharded) generator; rank 0 writes the grid."""
+        if not self.sample_prompts:
             return None
         seeds = self.cfg.eval.sample_seeds
         prompts = [p for p in self.sample_prompts for _ in range(seeds)]
         gen = torch.Generator().manual_seed(0)
         z = torch.randn(len(prompts), *self.networks.latent_shape, generator=gen).to(self.device)
-        with self.ema.applied(self.generator.module) as g:
+        with self.ema.applied(self.generator.inner) as g:
             latents = g(z, self.networks.encoder(prompts).emb)
+        images = to_images(latents, self.networks)
         path = self.run_dir / "samples" / f"step-{self.step:09d}.png"
-        save_grid(to_images(latents, self.networks), len(self.sample_prompts), path)
+        if self.backend.is_main:
+            save_grid(images, len(self.sample_prompts), path)
         return path
 
     def evaluate(self) -> dict:
@@ -322,7 +345,7 @@ class Trainer:
         from bigsid import toy
 
         truth = self.networks.truth
-        if truth is None or not self.backend.is_main:
+        if truth is None:
             return {}
         ev = self.cfg.eval
         if self.teacher_samples is None:
@@ -331,7 +354,7 @@ class Trainer:
                                                           ev.num_samples, truth.latent_shape,
                                                           ev.teacher_sampler_steps, seed=10_000 + i)
                                     for i, p in enumerate(truth.prompts)}
-        with self.ema.applied(self.generator.module) as g:
+        with self.ema.applied(self.generator.inner) as g:
             g.eval()
             metrics = toy.evaluate(g, self.networks.encoder, truth, ev.num_samples, teacher_samples=self.teacher_samples)
             g.train()
@@ -348,17 +371,18 @@ class Trainer:
         if self.backend.is_main:
             checkpoint.begin(self.run_dir, self.step)
         self.backend.barrier()
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state()
-        self.backend.save(folder, {"generator": self.generator, "fake_score": self.fake_score},
-                          {"ema": self.ema.state_dict(), f"rng.rank{self.backend.rank}": rng})
+        rank_state = {"rng": self.rng.get_state()}
+        self.backend.save(folder, self._trainables(), self.ema.state_dict(), rank_state)
+        data = self.backend.gather(self.stream.state_dict())  # every rank has its own stream position
         self.backend.barrier()
         if not self.backend.is_main:
             return folder.with_suffix("")
         state = {"step": self.step, "nimg": self.nimg, "world_size": self.backend.world_size,
-                 "skipped": self.skipped, "data": self.stream.state_dict(), "config": to_dict(self.cfg)}
+                 "skipped": self.skipped, "data": data, "config": to_dict(self.cfg)}
         return checkpoint.commit(folder, state, self.cfg.train.keep_checkpoints)
+
+    def _trainables(self):
+        return {"generator": self.generator, "fake_score": self.fake_score}
 
     def resume(self) -> None:
         folder = checkpoint.latest_checkpoint(self.run_dir)
@@ -370,14 +394,17 @@ class Trainer:
                 raise checkpoint.CheckpointError(
                     f"{folder} was written with a different {key} config; resume with the run's own "
                     f"config.yaml or choose a new train.run_dir")
-        tensors = self.backend.load(folder, {"generator": self.generator, "fake_score": self.fake_score})
-        self.ema.load_state_dict(tensors["ema"])
-        rng = tensors.get(f"rng.rank{self.backend.rank}")
-        if rng is not None:
-            torch.set_rng_state(rng["cpu"].cpu())
-            if "cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state(rng["cuda"].cpu())
+        rank_state = self.backend.load(folder, self._trainables(), self.ema.state_dict())
+        if rank_state is None:  # more ranks than wrote the checkpoint: every rank saved the same generator state
+            rank_state = load_file(folder / "rank0.safetensors")
+        self.rng.set_state(rank_state["rng"])
+        if state["world_size"] == self.backend.world_size:
+            self.stream.load_state_dict(state["data"][self.backend.rank])
+        else:
+            # Prompt streams are split per rank, so another world size cannot continue them; weights, optimizer
+            # states, EMA and noise carry over exactly.
+            log.warning("resuming %s (world size %d) on %d ranks: prompt streams restart", folder,
+                        state["world_size"], self.backend.world_size)
         self.step, self.nimg, self.skipped = state["step"], state["nimg"], state["skipped"]
-        self.stream.load_state_dict(state["data"])
         self.log.truncate(self.step)
         log.info("resumed from %s at step %d (%d images)", folder, self.step, self.nimg)

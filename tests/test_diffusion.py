@@ -69,9 +69,7 @@ def test_guidance_is_cfg_in_eps_space_in_one_batched_call():
     torch.testing.assert_close(guided, expected)
 
 
-def test_prompt_drop_uses_the_empty_prompt_embedding_at_its_rate():
-    cond = Cond(torch.ones(20_000, 3, 2), torch.zeros(1, 3, 2))
-    dropped = cond.drop(0.1, torch.Generator().manual_seed(0))
-    rate = (dropped.emb.flatten(1).sum(1) == 0).float().mean().item()
-    assert abs(rate - 0.1) < 0.01
-    assert cond.drop(0.0) is cond
+def test_prompt_drop_uses_the_empty_prompt_embedding():
+    cond = Cond(torch.ones(4, 3, 2), torch.zeros(1, 3, 2))
+    dropped = cond.drop(torch.tensor([True, False, False, True]))
+    assert dropped.emb.flatten(1).sum(1).tolist() == [0, 6, 6, 0]

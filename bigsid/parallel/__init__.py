@@ -5,11 +5,18 @@ from bigsid.parallel.base import Backend, Trainable
 
 
 def build_backend(cfg: Config) -> Backend:
-    if cfg.parallel.backend == "local":
+    name = cfg.parallel.backend
+    if name == "local":
         from bigsid.parallel.local import LocalBackend
 
         return LocalBackend(cfg)
-    raise ValueError(f"parallel.backend={cfg.parallel.backend!r} is not available")  # config validation guards this
+    if name == "ddp":
+        from bigsid.parallel.ddp import DDPBackend
+
+        return DDPBackend(cfg)
+    from bigsid.parallel.fsdp2 import FSDP2Backend
+
+    return FSDP2Backend(cfg)
 
 
 __all__ = ["Backend", "Trainable", "build_backend"]

@@ -1,8 +1,8 @@
 """The interface between the training loop and a parallel backend.
 
 The trainer only ever calls what is here: wrap the three networks, backward/step/freeze a trained network,
-reduce metrics, save and load checkpoint state. Sharding, mixed-precision policy and collectives stay inside the
-backend module that implements it.
+reduce metrics, gather per-rank state, save and load checkpoints. Sharding, mixed-precision policy and
+collectives stay inside the backend module that implements them.
 """
 
 from __future__ import annotations
@@ -17,22 +17,29 @@ from bigsid.config import Config
 
 
 class Trainable:
-    """One trained network with its optimizer. `step` clips, skips non-finite gradients, and zeroes grads."""
+    """One trained network with its optimizer.
 
-    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float):
+    `module` is what the trained phase calls (a DDP wrapper, say); `inner` is the bare network, used without
+    gradients or while frozen, so no wrapper's gradient hooks run for the other network's phase."""
+
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float,
+                 inner: nn.Module | None = None):
         self.module = module
+        self.inner = inner if inner is not None else module
         self.optimizer = optimizer
         self.grad_clip = grad_clip
-        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.params = [p for p in self.inner.parameters() if p.requires_grad]
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
     def grad_norm(self) -> torch.Tensor:
-        return nn.utils.clip_grad_norm_(self.params, self.grad_clip if self.grad_clip > 0 else float("inf"))
+        norm = nn.utils.clip_grad_norm_(self.params, self.grad_clip if self.grad_clip > 0 else float("inf"))
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # sharded: the global norm
 
     def step(self) -> tuple[torch.Tensor, bool]:
-        """(gradient norm, whether the update was applied). A non-finite norm never reaches the weights."""
+        """(gradient norm, whether the update was applied). The norm is global, so every rank decides alike,
+        and a non-finite one never reaches the weights."""
         norm = self.grad_norm()
         finite = bool(torch.isfinite(norm))
         if finite:
@@ -46,13 +53,15 @@ class Trainable:
         for p in self.params:
             p.requires_grad_(False)
         try:
-            yield self.module
+            yield self.inner
         finally:
             for p in self.params:
                 p.requires_grad_(True)
 
 
 class Backend:
+    """Single-process defaults for everything but placement and checkpoint format."""
+
     rank: int = 0
     world_size: int = 1
     device: torch.device
@@ -65,7 +74,8 @@ class Backend:
         return self.rank == 0
 
     def prepare(self, networks) -> tuple[Trainable, Trainable]:
-        """Place and wrap teacher, generator and fake score; return (generator, fake_score) trainables."""
+        """Place and wrap teacher, generator and fake score; return (generator, fake_score) trainables.
+        Optimizers are built after wrapping, over the parameters the wrapper will update."""
         raise NotImplementedError
 
     def make_optimizer(self, module: nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -81,15 +91,23 @@ class Backend:
         """Mean of each scalar over ranks."""
         return {k: float(v) for k, v in values.items()}
 
-    def save(self, folder: Path, trainables: dict[str, Trainable], tensors: dict[str, dict[str, torch.Tensor]]):
-        raise NotImplementedError
-
-    def load(self, folder: Path, trainables: dict[str, Trainable]) -> dict[str, dict[str, torch.Tensor]]:
-        raise NotImplementedError
-
     def any(self, flag: bool) -> bool:
         """True on every rank if `flag` is true on any rank (preemption, stop requests)."""
         return flag
 
+    def gather(self, obj) -> list:
+        """Every rank's `obj`, in rank order (on every rank)."""
+        return [obj]
+
     def barrier(self) -> None:
         pass
+
+    def save(self, folder: Path, trainables: dict[str, Trainable], ema: dict[str, torch.Tensor],
+             rank_state: dict[str, torch.Tensor]) -> None:
+        """Write weights, optimizer states and EMA (however sharded) and this rank's own tensors."""
+        raise NotImplementedError
+
+    def load(self, folder: Path, trainables: dict[str, Trainable], ema: dict[str, torch.Tensor]) \
+            -> dict[str, torch.Tensor] | None:
+        """Load into the trainables and the `ema` tensors in place; return this rank's own tensors if saved."""
+        raise NotImplementedError

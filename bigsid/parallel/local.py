@@ -1,4 +1,6 @@
-"""One process, one device: the reference every other backend is checked against."""
+"""One process, one device: the reference every other backend is checked against.
+
+Full (unsharded) state: safetensors for weights and EMA, weights_only torch files for optimizer states."""
 
 from __future__ import annotations
 
@@ -10,10 +12,14 @@ from safetensors.torch import load_file, save_file
 from bigsid.parallel.base import Backend, Trainable
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path)
 
 
 class LocalBackend(Backend):
@@ -21,29 +27,36 @@ class LocalBackend(Backend):
         super().__init__(cfg)
         self.device = pick_device(cfg.train.device)
 
+    def place(self, networks) -> None:
+        for net in (networks.teacher, networks.generator, networks.fake_score, networks.encoder, networks.vae):
+            if net is not None:
+                net.to(self.device)
+
     def prepare(self, networks):
-        for net in (networks.teacher, networks.generator, networks.fake_score, networks.encoder):
-            net.to(self.device)
-        if networks.vae is not None:
-            networks.vae.to(self.device)
+        self.place(networks)
         o = self.cfg.optim
-        generator = Trainable(networks.generator, self.make_optimizer(networks.generator, o.lr_generator), o.grad_clip)
-        fake_score = Trainable(networks.fake_score, self.make_optimizer(networks.fake_score, o.lr_fake_score),
-                               o.grad_clip)
-        return generator, fake_score
+        return (Trainable(networks.generator, self.make_optimizer(networks.generator, o.lr_generator), o.grad_clip),
+                Trainable(networks.fake_score, self.make_optimizer(networks.fake_score, o.lr_fake_score),
+                          o.grad_clip))
 
-    def save(self, folder: Path, trainables, tensors):
-        for name, tr in trainables.items():
-            save_file({k: v.contiguous() for k, v in tr.module.state_dict().items()}, folder / f"{name}.safetensors")
-            torch.save(tr.optimizer.state_dict(), folder / f"{name}.optim.pt")
-        for name, group in tensors.items():
-            save_file({k: v.contiguous() for k, v in group.items()}, folder / f"{name}.safetensors")
+    def save(self, folder, trainables, ema, rank_state):
+        if self.is_main:  # full state is the same on every rank: one writer
+            for name, tr in trainables.items():
+                _save_tensors(tr.inner.state_dict(), folder / f"{name}.safetensors")
+                torch.save(tr.optimizer.state_dict(), folder / f"{name}.optim.pt")
+            _save_tensors(ema, folder / "ema.safetensors")
+        _save_tensors(rank_state, folder / f"rank{self.rank}.safetensors")
 
-    def load(self, folder: Path, trainables):
+    def load(self, folder, trainables, ema):
+        device = str(self.device)
         for name, tr in trainables.items():
-            tr.module.load_state_dict(load_file(folder / f"{name}.safetensors", device=str(self.device)))
-            # weights_only: a checkpoint never gets to run code on load
-            tr.optimizer.load_state_dict(torch.load(folder / f"{name}.optim.pt", map_location=self.device,
+            tr.inner.load_state_dict(load_file(folder / f"{name}.safetensors", device=device))
+            # weights_only: loading a checkpoint never runs code from it
+            tr.optimizer.load_state_dict(torch.load(folder / f"{name}.optim.pt", map_location=device,
                                                     weights_only=True))
-        return {p.stem: load_file(p, device=str(self.device)) for p in folder.glob("*.safetensors")
-                if p.stem not in trainables}
+        saved = load_file(folder / "ema.safetensors", device=device)
+        with torch.no_grad():
+            for k, v in ema.items():
+                v.copy_(saved[k])
+        own = folder / f"rank{self.rank}.safetensors"
+        return load_file(own) if own.is_file() else None

@@ -1,0 +1,59 @@
+"""torch.distributed set-up and collectives shared by the multi-process backends.
+
+Ranks come from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT). NCCL on GPUs,
+gloo on CPU."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from bigsid.parallel.local import pick_device
+
+
+class BackendError(ValueError):
+    """A parallel set-up that cannot run as configured; the message says what to change."""
+
+
+def init_process_group(device_name: str) -> tuple[int, int, torch.device]:
+    if not dist.is_initialized():
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            raise BackendError("a multi-process backend needs torchrun's environment (RANK, WORLD_SIZE, "
+                               "MASTER_ADDR, MASTER_PORT): launch with `torchrun --nproc_per_node=N -m bigsid.cli "
+                               "train ...` (see slurm/), or use parallel.backend=local")
+        device = pick_device(device_name, int(os.environ.get("LOCAL_RANK", 0)))
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device
+                                if device.type == "cuda" else None)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    return rank, world, pick_device(device_name, int(os.environ.get("LOCAL_RANK", rank)))
+
+
+class Collectives:
+    """Backend methods over the default process group."""
+
+    device: torch.device
+
+    def mean(self, values):
+        names = sorted(values)
+        if not names:
+            return {}
+        stacked = torch.stack([values[k].detach().float().to(self.device).reshape(()) for k in names])
+        dist.all_reduce(stacked)
+        return dict(zip(names, (stacked / dist.get_world_size()).tolist()))
+
+    def any(self, flag: bool) -> bool:
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def gather(self, obj) -> list:
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        dist.barrier()

@@ -1,0 +1,84 @@
+"""FSDP2 (torch.distributed.fsdp.fully_shard): parameters, gradients and optimizer states sharded over ranks.
+
+Each block is its own FSDP unit (all-gathered just before use, freed after), then the root; the frozen teacher
+is sharded the same way and never gets gradients or optimizer state. With parallel.shard_size = S < world
+size, a 2-D mesh shards within groups of S ranks and replicates across them (hybrid sharding: all-gathers stay
+inside a node). Checkpoints go through torch.distributed.checkpoint, so they load on any number of ranks."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from bigsid.parallel.base import Backend, Trainable
+from bigsid.parallel.dist import BackendError, Collectives, init_process_group
+from bigsid.parallel.local import _save_tensors
+
+
+def blocks(net: nn.Module) -> list[nn.Module]:
+    """The units to shard one by one: a diffusers UNet's down/mid/up blocks, or the toy MLP's layers."""
+    unet = getattr(net, "unet", None)
+    if unet is not None:
+        return [*unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else []), *unet.up_blocks]
+    return [m for m in getattr(net, "body", []) if any(True for _ in m.parameters())]
+
+
+class FSDP2Backend(Collectives, Backend):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.rank, self.world_size, self.device = init_process_group(cfg.train.device)
+        shard = cfg.parallel.shard_size or self.world_size
+        if self.world_size % shard:
+            raise BackendError(f"parallel.shard_size={shard} does not divide the world size {self.world_size}")
+        if shard == self.world_size:
+            self.mesh = init_device_mesh(self.device.type, (self.world_size,))
+        else:
+            self.mesh = init_device_mesh(self.device.type, (self.world_size // shard, shard),
+                                         mesh_dim_names=("replicate", "shard"))
+        bf16 = cfg.train.precision == "bf16"
+        # bf16 compute with fp32 gradient reduction; the sharded fp32 parameters are the master weights.
+        self.mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
+                                       reduce_dtype=torch.float32 if bf16 else None)
+
+    def shard(self, module: nn.Module, net: nn.Module) -> nn.Module:
+        for block in blocks(net):
+            fully_shard(block, mesh=self.mesh, mp_policy=self.mp)
+        return fully_shard(module, mesh=self.mesh, mp_policy=self.mp)
+
+    def prepare(self, networks):
+        for net in (networks.teacher, networks.generator, networks.fake_score, networks.encoder, networks.vae):
+            if net is not None:
+                net.to(self.device)
+        if any(True for _ in networks.teacher.parameters()):
+            self.shard(networks.teacher, networks.teacher)
+        self.shard(networks.generator, networks.generator.net)
+        self.shard(networks.fake_score, networks.fake_score)
+        o = self.cfg.optim
+        return (Trainable(networks.generator, self.make_optimizer(networks.generator, o.lr_generator), o.grad_clip),
+                Trainable(networks.fake_score, self.make_optimizer(networks.fake_score, o.lr_fake_score),
+                          o.grad_clip))
+
+    def _state(self, trainables, ema):
+        state = {"ema": ema}
+        for name, tr in trainables.items():
+            model, optim = get_state_dict(tr.inner, tr.optimizer)
+            state[name] = {"model": model, "optim": optim}
+        return state
+
+    def save(self, folder, trainables, ema, rank_state):
+        dcp.save(self._state(trainables, ema), checkpoint_id=str(folder / "dcp"))
+        _save_tensors(rank_state, folder / f"rank{self.rank}.safetensors")
+
+    def load(self, folder, trainables, ema):
+        state = self._state(trainables, ema)
+        dcp.load(state, checkpoint_id=str(folder / "dcp"))  # in place, resharded to this world size
+        for name, tr in trainables.items():
+            set_state_dict(tr.inner, tr.optimizer, model_state_dict=state[name]["model"],
+                           optim_state_dict=state[name]["optim"])
+        own = folder / f"rank{self.rank}.safetensors"
+        return load_file(own) if own.is_file() else None
