@@ -1,4 +1,4 @@
-"""bigsid command line: train, eval, demo, toy-teacher, data."""
+"""bigsid command line: train, eval, demo, toy-teacher, data, export, sample."""
 
 from __future__ import annotations
 
@@ -101,6 +101,24 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from bigsid.export import export
+
+    out = export(args.source, args.out, ema=not args.raw, teacher=args.teacher, steps=args.steps,
+                 fuse_lora=args.fuse_lora, force=args.force)
+    print(f"exported to {out}; the model card {out / 'README.md'} gives the call")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from bigsid.export import sample
+
+    paths = sample(args.model, args.prompts, args.out, seeds=args.seeds, seed=args.seed, steps=args.steps,
+                   ema=not args.raw, teacher=args.teacher, device=args.device, force=args.force)
+    print(f"wrote {len(paths) - 1} images and {paths[-1]}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bigsid", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -128,6 +146,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("export", help="write a run's generator as a diffusers pipeline folder with a model card")
+    p.add_argument("source", help="run directory (its newest complete checkpoint) or checkpoints/step-N")
+    p.add_argument("out", help="output folder; refused if it exists, unless --force")
+    p.add_argument("--raw", action="store_true", help="the raw generator weights instead of their EMA")
+    p.add_argument("--teacher", default=None, help="the teacher pipeline, if not at the run's teacher.path")
+    p.add_argument("--steps", type=int, default=1, help="steps in the model card's call (a few-step run's count)")
+    p.add_argument("--fuse-lora", action="store_true", help="a LoRA generator as a full pipeline, adapter fused")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("sample", help="images and a grid from an export, a run directory or a checkpoint")
+    p.add_argument("model", help="an export folder, a run directory or checkpoints/step-N")
+    p.add_argument("--prompts", nargs="+", required=True)
+    p.add_argument("--out", default="samples")
+    p.add_argument("--seeds", type=int, default=4, help="images per prompt (noise seeds seed..seed+seeds-1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=1, help="generator steps (more only for runs trained for them)")
+    p.add_argument("--raw", action="store_true", help="checkpoints: the raw weights instead of their EMA")
+    p.add_argument("--teacher", default=None, help="checkpoints: the teacher, if not at the run's teacher.path")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=cmd_sample)
+
     from bigsid import data
 
     data.add_cli(sub)
@@ -145,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:  # TeacherError, CheckpointError, DataError, ScheduleError: bad input, said plainly
         print(f"bigsid: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:  # TrainingError: the run stopped itself after checkpointing its last good state
+        print(f"bigsid: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -50,7 +50,6 @@ class GeneratorConfig:
     # The generator sees sqrt(1 - abar_t_init) * z at t_init and returns its x0-prediction (SiD-LSG: 625,
     # where the VE sigma of the SD schedule is 2.5, EDM's sigma_init).
     t_init: int = 625
-    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -99,6 +98,11 @@ class TrainConfig:
     checkpoint_every: int = 500
     eval_every: int = 0  # toy ground-truth metrics during training; 0: only at the end
     keep_checkpoints: int = 3
+    max_consecutive_skips: int = 20  # non-finite steps in a row before the run stops on its last good state
+    # Recompute activations in the backward pass of these networks (any of generator, fake_score, teacher):
+    # the generator phase keeps activations of all three, so the teacher's count as much as the others'.
+    activation_checkpointing: list[str] = field(default_factory=list)
+    attention: str = "sdpa"  # sdpa (torch scaled_dot_product_attention) | xformers
     progress: bool = True
 
 
@@ -150,6 +154,7 @@ CHOICES = {
     "objective.sim_c_units": ("x0", "score"),
     "objective.sim_weighting": ("adaptive", "uniform"),
     "train.precision": ("fp32", "bf16"),
+    "train.attention": ("sdpa", "xformers"),
     "data.source": ("vocab", "text", "webdataset"),
     "parallel.backend": ("local", "ddp", "fsdp2"),
 }
@@ -259,6 +264,15 @@ def validate(cfg: Config) -> Config:
     _check(tr.ema_rampup >= 0, "train.ema_rampup", ">= 0", tr.ema_rampup)
     for k in ("log_every", "sample_every", "checkpoint_every", "eval_every"):
         _check(getattr(tr, k) >= 0, f"train.{k}", ">= 0 (0 disables)", getattr(tr, k))
+    _check(set(tr.activation_checkpointing) <= {"generator", "fake_score", "teacher"},
+           "train.activation_checkpointing", "a list of generator, fake_score, teacher", tr.activation_checkpointing)
+    _check(tr.max_consecutive_skips >= 1, "train.max_consecutive_skips", ">= 1", tr.max_consecutive_skips)
+    if tr.attention == "xformers":
+        import importlib.util
+
+        if importlib.util.find_spec("xformers") is None:
+            raise ConfigError("train.attention = 'xformers' but xformers is not installed: "
+                              "pip install 'bigsid[xformers]', or use train.attention=sdpa")
     _check(tr.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1", tr.keep_checkpoints)
     _check(bool(tr.run_dir), "train.run_dir", "a directory path", tr.run_dir)
     _check(g.num_prompts >= 1 and g.modes_per_prompt >= 1, "teacher.gmm.num_prompts/modes_per_prompt", ">= 1",

@@ -175,7 +175,17 @@ def build_networks(cfg: Config) -> Networks:
     teacher.requires_grad_(False).eval()
     for net in (generator_net, fake_score):
         net.requires_grad_(True).train()
-        if cfg.generator.gradient_checkpointing and hasattr(getattr(net, "unet", None), "enable_gradient_checkpointing"):
-            net.unet.enable_gradient_checkpointing()
+    for name, net in (("generator", generator_net), ("fake_score", fake_score), ("teacher", teacher)):
+        unet = getattr(net, "unet", None)
+        if unet is None:  # the toy networks are too small to need either
+            continue
+        if name in cfg.train.activation_checkpointing:
+            unet.enable_gradient_checkpointing()
+        if cfg.train.attention == "xformers":
+            unet.enable_xformers_memory_efficient_attention()
+        else:
+            from diffusers.models.attention_processor import AttnProcessor2_0
+
+            unet.set_attn_processor(AttnProcessor2_0())
     generator = OneStepGenerator(generator_net, schedule, cfg.generator.t_init)
     return Networks(teacher, generator, fake_score, schedule, encoder, shape, scheduler_config, vae, truth, vocabulary)

@@ -35,6 +35,11 @@ log = logging.getLogger("bigsid.trainer")
 PREEMPTED_EXIT = 75
 
 
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. non-finite gradients step after step); a checkpoint of the last good state
+    has been written."""
+
+
 class Preempted(Exception):
     """Raised after a complete checkpoint was written because SIGUSR1/SIGTERM arrived."""
 
@@ -169,6 +174,9 @@ class Trainer:
         tr = cfg.train
         self.run_dir = Path(tr.run_dir)
         self.backend = build_backend(cfg)
+        if tr.batch_size % self.backend.world_size:
+            raise ValueError(f"train.batch_size={tr.batch_size} is not divisible by the world size "
+                             f"{self.backend.world_size}; choose a multiple of it")
         torch.manual_seed(tr.seed)  # same initial networks on every rank
         self.networks = networks or build_networks(cfg)
         self.objective = build_objective(cfg.objective, self.networks.schedule)
@@ -176,15 +184,13 @@ class Trainer:
         self.teacher = self.networks.teacher
         self.ema = EMA(self.generator.inner)
         self.device = self.backend.device
-        if tr.batch_size % self.backend.world_size:
-            raise ValueError(f"train.batch_size={tr.batch_size} is not divisible by the world size "
-                             f"{self.backend.world_size}; choose a multiple of it")
         self.local_batch = tr.batch_size // self.backend.world_size
         self.sample_prompts = cfg.eval.sample_prompts or list(self.networks.vocabulary or [])
         self.stream = self._build_stream()
         self.step = 0
         self.nimg = 0
         self.skipped = {"nan_samples": 0, "nonfinite_steps": 0}
+        self.consecutive_skips = 0
         self.teacher_samples = None  # the teacher sampler's toy samples never change: computed once
         self.last_eval: dict = {}
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -256,6 +262,7 @@ class Trainer:
         self.skipped["nonfinite_steps"] += int(not applied)
         out = {k: v[torch.isfinite(v)].mean() for k, v in metrics.items()}
         out[f"{name}/grad_norm"] = norm.detach()
+        out[f"{name}/applied"] = torch.tensor(float(applied))
         return out
 
     def train_step(self) -> dict[str, torch.Tensor]:
@@ -265,6 +272,8 @@ class Trainer:
         metrics |= self.generator_phase()
         self.nimg += self.cfg.train.batch_size
         self.step += 1
+        all_applied = all(bool(v) for k, v in metrics.items() if k.endswith("/applied"))
+        self.consecutive_skips = 0 if all_applied else self.consecutive_skips + 1
         tr = self.cfg.train
         self.ema.update(self.generator.inner, EMA.beta(tr.batch_size, self.nimg, tr.ema_halflife_nimg, tr.ema_rampup))
         return metrics
@@ -300,6 +309,12 @@ class Trainer:
         tr = self.cfg.train
         while self.step < total_steps:
             metrics = self.train_step()
+            if self.consecutive_skips >= tr.max_consecutive_skips:
+                folder = self.save_checkpoint()
+                raise TrainingError(
+                    f"{self.consecutive_skips} steps in a row had non-finite gradients; stopped at step {self.step} "
+                    f"with the last good weights in {folder}. Lower the learning rates, set optim.grad_clip, use "
+                    "train.precision=fp32, or check the teacher and the prompts")
             if bar is not None:
                 bar.update(1)
             if tr.log_every and self.step % tr.log_every == 0:

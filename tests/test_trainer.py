@@ -161,3 +161,27 @@ def test_preemption_signal_checkpoints_then_resume_matches(tmp_path):
     for va, vb in zip(full.generator.module.state_dict().values(), resumed.generator.module.state_dict().values()):
         assert torch.equal(va, vb)
     assert PREEMPTED_EXIT == 75
+
+
+def test_consecutive_nonfinite_steps_stop_the_run_on_its_last_good_state(tmp_path):
+    import pytest
+
+    from bigsid.trainer import TrainingError
+
+    tr = make(tmp_path, "train.max_consecutive_skips=3", "train.checkpoint_every=0")
+    inner = tr.objective.generator_loss
+    good = {}
+
+    def poisoned(*a, **k):
+        if tr.step == 2 and not good:
+            good.update(snapshot(tr.generator.module))
+        loss, metrics = inner(*a, **k)
+        return (loss * float("nan") if tr.step >= 2 else loss), metrics
+
+    tr.objective.generator_loss = poisoned
+    with pytest.raises(TrainingError, match="3 steps in a row"):
+        tr.run()
+    assert tr.step == 5 and tr.skipped["nonfinite_steps"] == 3
+    saved = make(tmp_path, "train.max_consecutive_skips=3", "train.checkpoint_every=0")
+    assert saved.step == 5
+    assert not changed(good, saved.generator.module)
