@@ -50,6 +50,10 @@ class GeneratorConfig:
     # The generator sees sqrt(1 - abar_t_init) * z at t_init and returns its x0-prediction (SiD-LSG: 625,
     # where the VE sigma of the SD schedule is 2.5, EDM's sigma_init).
     t_init: int = 625
+    # LoRA: train a peft adapter of this rank on the generator's UNet instead of all its weights (0: full).
+    lora_rank: int = 0
+    lora_alpha: float = 0.0  # 0: the rank
+    lora_target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
 
 
 @dataclass
@@ -246,6 +250,10 @@ def validate(cfg: Config) -> Config:
     o, t, tr, g = cfg.objective, cfg.teacher, cfg.train, cfg.teacher.gmm
     _check(0 <= o.t_min < o.t_max <= 999, "objective.t_min/t_max", "0 <= t_min < t_max <= 999",
            (o.t_min, o.t_max))
+    _check(cfg.generator.lora_rank >= 0 and cfg.generator.lora_alpha >= 0, "generator.lora_rank/lora_alpha",
+           ">= 0 (rank 0: train the full generator)", (cfg.generator.lora_rank, cfg.generator.lora_alpha))
+    if cfg.generator.lora_rank and cfg.teacher.kind != "diffusers":
+        raise ConfigError("generator.lora_rank > 0 needs a diffusers UNet teacher (teacher.kind=diffusers)")
     _check(0 < cfg.generator.t_init <= 999, "generator.t_init", "1..999", cfg.generator.t_init)
     for k in ("kappa1", "kappa2", "kappa3", "kappa4"):
         _check(getattr(o, k) >= 1.0, f"objective.{k}", ">= 1 (1 disables guidance)", getattr(o, k))

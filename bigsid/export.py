@@ -114,7 +114,7 @@ def lora_config(config: dict):
     except ImportError:
         raise ExportError("this generator is a LoRA adapter and needs peft: pip install 'bigsid[lora]'") from None
     return LoraConfig(r=g["lora_rank"], lora_alpha=g.get("lora_alpha") or g["lora_rank"],
-                      target_modules=g["lora_target_modules"])
+                      target_modules=list(g["lora_target_modules"]))
 
 
 def one_step_scheduler(teacher_scheduler_config: dict, t_init: int, prediction_type: str):

@@ -175,6 +175,13 @@ def build_networks(cfg: Config) -> Networks:
     teacher.requires_grad_(False).eval()
     for net in (generator_net, fake_score):
         net.requires_grad_(True).train()
+    if cfg.generator.lora_rank:
+        from dataclasses import asdict
+
+        from bigsid.export import lora_config
+
+        generator_net.unet.requires_grad_(False)
+        generator_net.unet.add_adapter(lora_config(asdict(cfg)))  # only the adapter's weights train
     for name, net in (("generator", generator_net), ("fake_score", fake_score), ("teacher", teacher)):
         unet = getattr(net, "unet", None)
         if unet is None:  # the toy networks are too small to need either

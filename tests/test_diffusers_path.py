@@ -105,3 +105,16 @@ def test_cli_refuses_bad_config_with_exit_2_and_the_key(tmp_path, capsys):
         assert main(["train", "-", bad]) == 2
         assert key in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_lora_generator_trains_only_its_adapter(teacher_dir, tmp_path):
+    pytest.importorskip("peft")
+    tr = Trainer(load_config(None, overrides(teacher_dir, tmp_path, "generator.lora_rank=4")))
+    unet = tr.generator.inner.net.unet
+    trained = {n for n, p in unet.named_parameters() if p.requires_grad}
+    assert trained and all("lora" in n for n in trained)
+    before = {n: p.detach().clone() for n, p in unet.named_parameters()}
+    tr.run()
+    moved = {n for n, p in unet.named_parameters() if not torch.equal(before[n], p)}
+    assert moved and moved <= trained
+    assert {n for n in tr.ema.names} == {f"net.unet.{n}" for n in trained}
