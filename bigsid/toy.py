@@ -12,6 +12,7 @@ The same truth scores one-step samples (Frechet distance, mode frequencies) and 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import tempfile
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from bigsid.diffusion import SD_SCHEDULER_CONFIG, VPSchedule
 from bigsid.models import Cond, predict
 
 TRUTH_FILE = "bigsid_toy.json"
+log = logging.getLogger("bigsid.toy")
 
 
 @dataclass
@@ -178,7 +180,7 @@ def fit_denoiser(net: nn.Module, encoder: nn.Module, truth: GMM, schedule: VPSch
         opt.step()
         sched.step()
         if log_every and step % log_every == 0:
-            print(f"fit step {step}/{steps}: eps mse {loss.item():.5f}", flush=True)
+            log.info("fit step %d/%d: eps mse %.5f", step, steps, loss.item())
     return loss.item()
 
 
@@ -315,7 +317,7 @@ def prepare_toy_teacher(folder: str | Path, gmm: GMMConfig, fit_steps: int = 300
     pipe.save_pretrained(partial, safe_serialization=True)
     truth.save(partial)
     partial.rename(folder)  # a teacher folder exists only once it is complete
-    print(f"toy teacher saved to {folder} (final eps mse {loss:.5f})")
+    log.info("toy teacher saved to %s (final eps mse %.5f)", folder, loss)
     return folder
 
 
