@@ -303,7 +303,7 @@ class Trainer:
         if not (tr.eval_every and self.step % tr.eval_every == 0):
             self.last_eval = self.evaluate()
         self.log.close()
-        return self.last_eval
+        return self.last_eval if self.backend.is_main else {}  # one rank reports
 
     def _loop(self, total_steps, bar, last_time, last_nimg, flag: PreemptionFlag) -> None:
         tr = self.cfg.train

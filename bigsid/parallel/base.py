@@ -16,6 +16,10 @@ from torch import nn
 from bigsid.config import Config
 
 
+class BackendError(ValueError):
+    """A parallel set-up that cannot run as configured; the message says what to change."""
+
+
 class Trainable:
     """One trained network with its optimizer.
 

@@ -10,11 +10,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from bigsid.parallel.base import BackendError
 from bigsid.parallel.local import pick_device
-
-
-class BackendError(ValueError):
-    """A parallel set-up that cannot run as configured; the message says what to change."""
 
 
 def init_process_group(device_name: str) -> tuple[int, int, torch.device]:

@@ -15,8 +15,8 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from bigsid.parallel.base import Backend, Trainable
-from bigsid.parallel.dist import BackendError, Collectives, init_process_group
+from bigsid.parallel.base import Backend, BackendError, Trainable
+from bigsid.parallel.dist import Collectives, init_process_group
 from bigsid.parallel.local import _save_tensors
 
 

@@ -4,12 +4,13 @@ Full (unsharded) state: safetensors for weights and EMA, weights_only torch file
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from bigsid.parallel.base import Backend, Trainable
+from bigsid.parallel.base import Backend, BackendError, Trainable
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
@@ -26,6 +27,10 @@ class LocalBackend(Backend):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.device = pick_device(cfg.train.device)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if type(self) is LocalBackend and world > 1:  # N independent trainers would share one run directory
+            raise BackendError(f"parallel.backend=local runs one process, but torchrun started WORLD_SIZE={world}: "
+                               "set parallel.backend=ddp or fsdp2, or launch one process")
 
     def place(self, networks) -> None:
         for net in (networks.teacher, networks.generator, networks.fake_score, networks.encoder, networks.vae):
