@@ -2,9 +2,11 @@
 
 For each objective, runs configs/toy_<objective>.yaml (plus overrides), and records fd_generator and
 mode_coverage_tv against training images, the teacher's own 25-step sampler FD, and the images needed to
-reach it. Writes benchmarks/results/toy.{json,md,png} with the machine it ran on.
+reach it. Each objective's result goes to benchmarks/results/toy_<objective>.json with the machine it ran on;
+toy.md and toy.png are then rebuilt from every toy_*.json there, so objectives can run separately.
 
     python benchmarks/bench_toy.py                       # all three, 2,000 iterations each
+    OMP_NUM_THREADS=1 python benchmarks/bench_toy.py --objectives dmd   # one, beside others
     python benchmarks/bench_toy.py --objectives sid --set train.total_nimg=128000
 """
 
@@ -54,15 +56,15 @@ def machine() -> str:
             f"Python {platform.python_version()}, torch {torch.__version__}")
 
 
-def write(results: list[dict], out: Path) -> None:
+def write(out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": machine(), "date": datetime.date.today().isoformat(), "results": results}
-    (out / "toy.json").write_text(json.dumps(meta, indent=1))
+    metas = [json.loads(p.read_text()) for p in sorted(out.glob("toy_*.json"))]
+    results = [m["result"] for m in metas]
+    machines = sorted({f"{m['machine']} ({m['date']})" for m in metas})
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in results:
         ax.plot([c[0] for c in r["curve"]], [c[1] for c in r["curve"]], "o-", ms=3, label=r["objective"])
@@ -72,7 +74,7 @@ def write(results: list[dict], out: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "toy.png", dpi=100)
-    lines = [f"# Toy ground-truth benchmark\n", f"Machine: {meta['machine']}. Date: {meta['date']}.\n",
+    lines = ["# Toy ground-truth benchmark\n", f"Machine: {'; '.join(machines)}.\n",
              "Analytic GMM teacher (configs/toy_*.yaml): FD of one-step samples to exact samples, mean over prompts. "
              "Target: fd_generator <= the teacher's 25-step FD with mode_coverage_tv <= 0.02.\n",
              "| objective | overrides | iterations | FD init | FD final | FD best | TV final | teacher FD (TV) | "
@@ -93,12 +95,14 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--work", default="runs/bench_toy")
     args = parser.parse_args()
-    results = []
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     for objective in args.objectives:
         result = run(objective, args.set, Path(args.work) / objective)
         print(json.dumps({k: v for k, v in result.items() if k != "curve"}), flush=True)
-        results.append(result)
-    write(results, Path(args.out))
+        meta = {"machine": machine(), "date": datetime.date.today().isoformat(), "result": result}
+        (out / f"toy_{objective}.json").write_text(json.dumps(meta, indent=1))
+    write(out)
 
 
 if __name__ == "__main__":

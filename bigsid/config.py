@@ -84,6 +84,9 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     grad_clip: float = 0.0  # 0 disables clipping
+    # constant (the papers), or cosine decay of both learning rates to lr_min_ratio * lr over train.total_nimg
+    lr_schedule: str = "constant"
+    lr_min_ratio: float = 0.0
 
 
 @dataclass
@@ -157,6 +160,7 @@ CHOICES = {
     "objective.sim_distance": ("pseudo_huber", "l2"),
     "objective.sim_c_units": ("x0", "score"),
     "objective.sim_weighting": ("adaptive", "uniform"),
+    "optim.lr_schedule": ("constant", "cosine"),
     "train.precision": ("fp32", "bf16"),
     "train.attention": ("sdpa", "xformers"),
     "data.source": ("vocab", "text", "webdataset"),
@@ -264,6 +268,7 @@ def validate(cfg: Config) -> Config:
         _check(getattr(cfg.optim, k) > 0, f"optim.{k}", "> 0", getattr(cfg.optim, k))
     _check(0 <= cfg.optim.beta1 < 1 and 0 <= cfg.optim.beta2 < 1, "optim.beta1/beta2", "in [0, 1)",
            (cfg.optim.beta1, cfg.optim.beta2))
+    _check(0 <= cfg.optim.lr_min_ratio <= 1, "optim.lr_min_ratio", "in [0, 1]", cfg.optim.lr_min_ratio)
     _check(cfg.optim.grad_clip >= 0, "optim.grad_clip", ">= 0 (0 disables)", cfg.optim.grad_clip)
     _check(tr.batch_size >= 1, "train.batch_size", ">= 1", tr.batch_size)
     _check(tr.total_nimg >= tr.batch_size, "train.total_nimg", ">= train.batch_size", tr.total_nimg)

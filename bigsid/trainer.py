@@ -265,8 +265,20 @@ class Trainer:
         out[f"{name}/applied"] = torch.tensor(float(applied))
         return out
 
+    def lr_factor(self) -> float:
+        """Learning-rate multiplier at the current nimg: a pure function of nimg, so resume needs no state."""
+        o, progress = self.cfg.optim, min(1.0, self.nimg / self.cfg.train.total_nimg)
+        if o.lr_schedule == "constant":
+            return 1.0
+        return o.lr_min_ratio + (1 - o.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
     def train_step(self) -> dict[str, torch.Tensor]:
-        metrics = {}
+        factor = self.lr_factor()
+        for trainable, lr in ((self.generator, self.cfg.optim.lr_generator),
+                              (self.fake_score, self.cfg.optim.lr_fake_score)):
+            for group in trainable.optimizer.param_groups:
+                group["lr"] = lr * factor
+        metrics = {"lr_factor": torch.tensor(factor)}
         for _ in range(self.cfg.train.fake_steps):
             metrics |= self.fake_score_phase()
         metrics |= self.generator_phase()

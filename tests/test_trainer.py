@@ -185,3 +185,15 @@ def test_consecutive_nonfinite_steps_stop_the_run_on_its_last_good_state(tmp_pat
     saved = make(tmp_path, "train.max_consecutive_skips=3", "train.checkpoint_every=0")
     assert saved.step == 5
     assert not changed(good, saved.generator.module)
+
+
+def test_cosine_schedule_decays_both_learning_rates_from_nimg(tmp_path):
+    tr = make(tmp_path, "optim.lr_schedule=cosine", "optim.lr_min_ratio=0.1")
+    tr.train_step()
+    assert tr.fake_score.optimizer.param_groups[0]["lr"] == 1e-4  # factor 1 at nimg 0
+    tr.nimg = tr.cfg.train.total_nimg // 2
+    assert tr.lr_factor() == 0.1 + 0.9 * 0.5
+    tr.train_step()
+    assert tr.generator.optimizer.param_groups[0]["lr"] == 1e-4 * (0.1 + 0.9 * 0.5)
+    tr.nimg = tr.cfg.train.total_nimg
+    assert abs(tr.lr_factor() - 0.1) < 1e-12
