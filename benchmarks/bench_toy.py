@@ -26,9 +26,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(objective: str, overrides: list[str], run_dir: Path) -> dict:
+    import shutil
+
     from bigsid.config import load_config
     from bigsid.trainer import Trainer
 
+    shutil.rmtree(run_dir, ignore_errors=True)  # the benchmark's scratch: never resume an earlier measurement
     cfg = load_config(ROOT / "configs" / f"toy_{objective}.yaml",
                       [f"train.run_dir={run_dir}", "train.progress=false", "train.sample_every=0",
                        "train.checkpoint_every=0", *overrides])

@@ -119,6 +119,16 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from bigsid.plan import format_plan, load_model, plan
+
+    cfg = load_config(None if args.config == "-" else args.config, args.overrides)
+    model = load_model(args.unet, cfg, args.resolution)
+    rows = plan(model, cfg, args.gpus, args.gpu_mem, shard_size=args.shard_size, batch=args.batch)
+    print(format_plan(model, cfg, args.gpus, args.gpu_mem, rows))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bigsid", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -168,6 +178,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("plan", help="memory per GPU for each backend and checkpointing setting; the batch that fits")
+    p.add_argument("config", help="YAML config, or - for the defaults")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, before the options")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs the run uses")
+    p.add_argument("--gpu-mem", type=float, default=80.0, help="memory per GPU in GiB (default 80)")
+    p.add_argument("--unet", default=None, help="sd15 | sd21 | sdxl | tiny | a UNet config.json or folder "
+                   "(default: the config's teacher)")
+    p.add_argument("--resolution", type=int, default=None, help="image size in pixels (default: the UNet's)")
+    p.add_argument("--batch", type=int, default=None, help="per-GPU batch (default: train.batch_size / GPUs)")
+    p.add_argument("--shard-size", type=int, default=None, help="also plan fsdp2 sharded within groups of this "
+                   "many GPUs (default: parallel.shard_size)")
+    p.set_defaults(func=cmd_plan)
 
     from bigsid import data
 

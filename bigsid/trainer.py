@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from bigsid import checkpoint
 from bigsid.config import Config, save_config, to_dict
@@ -70,6 +71,15 @@ def _local(tensors):
     return [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
 
 
+def _trained_params(module: nn.Module) -> list[torch.Tensor]:
+    # FSDP2 registers the gathered tensors as a module's parameters while it is unsharded (a root can stay
+    # so after a no-grad forward): reshard first, so EMA shards pair with parameter shards.
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+    return [p for p in module.parameters() if p.requires_grad]
+
+
 class EMA:
     """Exponential moving average of the generator's weights, with its half-life counted in images.
 
@@ -88,13 +98,13 @@ class EMA:
 
     @torch.no_grad()
     def update(self, module: nn.Module, beta: float) -> None:
-        params = [p.detach() for p in module.parameters() if p.requires_grad]
+        params = [p.detach() for p in _trained_params(module)]
         torch._foreach_lerp_(_local(self.shadow), _local(params), 1.0 - beta)
 
     @contextlib.contextmanager
     def applied(self, module: nn.Module):
         """Temporarily load the EMA weights into `module`."""
-        params = _local(p for p in module.parameters() if p.requires_grad)
+        params = _local(_trained_params(module))
         with torch.no_grad():
             backup = [p.clone() for p in params]
             torch._foreach_copy_(params, _local(self.shadow))

@@ -72,3 +72,17 @@ def test_fsdp2_checkpoint_resumes_on_another_world_size(tmp_path, local_run):
     torch.testing.assert_close(losses(run_dir), losses(local_run), rtol=1e-4, atol=1e-5)
     final = latest_checkpoint(run_dir)
     assert final.name == "step-000000004" and (final / "dcp").is_dir()
+
+
+def test_fsdp2_on_a_diffusers_unet_matches_local(tmp_path_factory, tmp_path):
+    """The UNet path: per-resnet/attention units inside per-block units, teacher sharded too."""
+    from bigsid.config import GMMConfig
+    from bigsid.toy import prepare_toy_teacher
+
+    teacher = prepare_toy_teacher(tmp_path_factory.mktemp("t") / "teacher",
+                                  GMMConfig(num_prompts=1, modes_per_prompt=2, latent_shape=[4, 4, 4]), fit_steps=2)
+    args = [*PARITY, "teacher.kind=diffusers", f"teacher.path={teacher}", "train.total_nimg=16",
+            "eval.num_samples=8", "objective.kappa4=2"]
+    Trainer(load_config(None, [*args, f"train.run_dir={tmp_path / 'local'}"])).run()
+    launch(2, [*args, f"train.run_dir={tmp_path / 'fsdp2'}", "parallel.backend=fsdp2"])
+    torch.testing.assert_close(losses(tmp_path / "fsdp2"), losses(tmp_path / "local"), rtol=1e-4, atol=1e-4)

@@ -23,7 +23,8 @@ class DDPBackend(Collectives, LocalBackend):
         ids = [self.device.index] if self.device.type == "cuda" else None
         trainables = []
         for net, lr in ((networks.generator, o.lr_generator), (networks.fake_score, o.lr_fake_score)):
-            wrapped = DistributedDataParallel(net, device_ids=ids)  # broadcasts rank 0's weights
+            # broadcasts rank 0's weights; gradients live in the all-reduce buckets instead of beside them
+            wrapped = DistributedDataParallel(net, device_ids=ids, gradient_as_bucket_view=True)
             # objectives read how a denoiser parameterises its output from the module they are handed
             wrapped.prediction_type = getattr(net, "prediction_type", None)
             trainables.append(Trainable(wrapped, self.make_optimizer(net, lr), o.grad_clip, inner=net))

@@ -21,11 +21,15 @@ from bigsid.parallel.local import _save_tensors
 
 
 def blocks(net: nn.Module) -> list[nn.Module]:
-    """The units to shard one by one: a diffusers UNet's down/mid/up blocks, or the toy MLP's layers."""
+    """The units to shard, innermost first: each resnet and attention module of a diffusers UNet, then its
+    down/mid/up blocks (a whole SDXL up-block is ~1.2 B parameters, too large to gather at once); for the toy
+    MLP, its layers."""
     unet = getattr(net, "unet", None)
-    if unet is not None:
-        return [*unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else []), *unet.up_blocks]
-    return [m for m in getattr(net, "body", []) if any(True for _ in m.parameters())]
+    if unet is None:
+        return [m for m in getattr(net, "body", []) if any(True for _ in m.parameters())]
+    outer = [*unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else []), *unet.up_blocks]
+    inner = [m for block in outer for m in (*getattr(block, "resnets", []), *(getattr(block, "attentions", None) or []))]
+    return inner + outer
 
 
 class FSDP2Backend(Collectives, Backend):

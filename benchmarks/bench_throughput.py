@@ -1,0 +1,267 @@
+"""Throughput and memory of bigsid's training step on real-size UNets with random weights.
+
+Builds teacher, generator and fake score from a UNet config shipped in bigsid/unet_configs/ (SD1.5 at 512 px, SDXL
+at 1024 px), random weights, and times Trainer.train_step: the fake-score phase, the generator phase (SiD-LSG,
+kappa = 1.5: guided teacher and fake-score calls at twice the batch), both Adam steps and the EMA update, for each
+activation-checkpointing setting. Reports seconds per step, images/s, peak memory beside what `bigsid plan`
+estimates for the same run, and MFU: model FLOPs of the step (counted on the meta device by bigsid.plan, without
+recomputation, so checkpointing shows as lower MFU) over time, against the GPU's dense bf16 peak.
+
+Results go to benchmarks/results/throughput_<device>.{json,md}; rows from earlier runs on the same device are kept
+unless the same setting is measured again.
+
+    python benchmarks/bench_throughput.py --model sd15 --batch 8                    # one GPU, local backend
+    python benchmarks/bench_throughput.py --model sdxl --batch 1 --checkpointing all
+    torchrun --nproc_per_node=8 benchmarks/bench_throughput.py --model sdxl --batch 4 --backend fsdp2
+    python benchmarks/bench_throughput.py --tiny                                    # CPU smoke test, tiny UNet
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import datetime
+import gc
+import json
+import os
+import platform
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bigsid import plan
+from bigsid.config import load_config
+from bigsid.diffusion import SD_SCHEDULER_CONFIG, VPSchedule
+from bigsid.models import Cond, Networks, OneStepGenerator, UNetDenoiser
+from bigsid.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+# Dense bf16 tensor-core peaks (TFLOP/s) by device-name fragment; H200 has H100's compute.
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "GH200": 989.4, "A100": 312.0, "L40S": 362.0}
+
+
+class AddedCondDenoiser(UNetDenoiser):
+    """UNetDenoiser for UNets with SDXL's added conditions (pooled text embedding, size/crop ids): constant ones,
+    which cost what real ones do."""
+
+    def forward(self, x_t, t, emb):
+        cfg = self.unet.config
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        added = {"text_embeds": emb.new_zeros(x_t.shape[0], pooled), "time_ids": emb.new_zeros(x_t.shape[0], 6)}
+        return self.unet(x_t, t, encoder_hidden_states=emb, added_cond_kwargs=added, return_dict=False)[0]
+
+
+class RandomPromptEncoder(nn.Module):
+    """Every prompt encodes to one fixed random embedding: the text encoder is not what is being timed."""
+
+    def __init__(self, tokens: int, dim: int):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.register_buffer("emb", torch.randn(1, tokens, dim, generator=gen))
+        self.register_buffer("uncond", torch.zeros(1, tokens, dim))
+
+    def forward(self, prompts: list[str]) -> Cond:
+        return Cond(self.emb.expand(len(prompts), -1, -1), self.uncond)
+
+
+def random_networks(model: plan.ModelSpec, checkpointing: tuple[str, ...], t_init: int,
+                    device: torch.device) -> Networks:
+    """What models.build_networks makes from a pipeline folder, from a UNet config and random weights instead."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    with torch.device(device):  # initialised where it runs: seconds on a GPU for SDXL, not minutes on the host
+        unet = UNet2DConditionModel.from_config(model.unet_config)
+    unet.set_attn_processor(AttnProcessor2_0())
+    wrapper = AddedCondDenoiser if model.unet_config.get("addition_embed_type") == "text_time" else UNetDenoiser
+    teacher = wrapper(unet, "epsilon")
+    generator_net, fake_score = copy.deepcopy(teacher), copy.deepcopy(teacher)
+    teacher.requires_grad_(False).eval()
+    for name, net in (("generator", generator_net), ("fake_score", fake_score), ("teacher", teacher)):
+        if net is not teacher:
+            net.requires_grad_(True).train()
+        if name in checkpointing:
+            net.unet.enable_gradient_checkpointing()
+    schedule = VPSchedule.from_scheduler_config(SD_SCHEDULER_CONFIG)
+    encoder = RandomPromptEncoder(model.text_tokens, model.unet_config["cross_attention_dim"])
+    shape = (model.unet_config["in_channels"], model.latent_size, model.latent_size)
+    return Networks(teacher, OneStepGenerator(generator_net, schedule, t_init), fake_score, schedule, encoder, shape,
+                    dict(SD_SCHEDULER_CONFIG), vocabulary=["a benchmark prompt"])
+
+
+def resident_bytes(trainer) -> int:
+    """Bytes of the tensors a step starts from: weights, buffers, optimizer states, EMA (each storage once)."""
+    nets = (trainer.teacher, trainer.generator.inner, trainer.fake_score.inner, trainer.networks.encoder)
+    tensors = [t for n in nets for t in (*n.parameters(), *n.buffers())]
+    tensors += [v for tr in (trainer.generator, trainer.fake_score) for s in tr.optimizer.state.values()
+                for v in s.values() if torch.is_tensor(v)]
+    tensors += trainer.ema.shadow
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+    return sum({id(t.untyped_storage()): t.untyped_storage().nbytes() for t in local}.values())
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(model: plan.ModelSpec, args, device: torch.device, checkpointing: tuple[str, ...]) -> dict:
+    """One setting: warm-up steps, timed steps, peak memory; the planner's estimate beside them."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    cfg = load_config(None, [
+        f"train.run_dir={tempfile.mkdtemp(prefix='bench_throughput_')}", "train.progress=false",
+        "train.log_every=0", "train.sample_every=0", "train.checkpoint_every=0", "train.total_nimg=100000000",
+        f"train.batch_size={args.batch * world}", f"train.precision={args.precision}", f"train.device={device}",
+        f"parallel.backend={args.backend}", f"train.activation_checkpointing=[{','.join(checkpointing)}]",
+        "objective.name=sid", *(f"objective.kappa{i}=1.5" for i in range(1, 5)), *args.overrides])
+    backend = plan.Backend(args.backend, world, (cfg.parallel.shard_size or world) if args.backend == "fsdp2" else 1)
+    estimate = plan.estimate(model, cfg, backend, checkpointing, args.batch, args.gpu_mem, device.type)
+    row = {"date": datetime.date.today().isoformat(), "model": model.name, "resolution": model.latent_size * 8,
+           "backend": backend.label, "gpus": world, "checkpointing": plan.checkpoint_label(checkpointing),
+           "batch_per_gpu": args.batch, "precision": args.precision, "planned_gib": estimate.allocated / plan.GiB,
+           "planned_resident_gib": sum(estimate.bytes[k] for k in plan.RESIDENT) / plan.GiB,
+           "planned_phase": estimate.phase, "planned_fits": estimate.fits}
+    trainer = None
+    try:
+        trainer = Trainer(cfg, networks=random_networks(model, checkpointing, cfg.generator.t_init, device))
+        applied = []
+        for _ in range(args.warmup):
+            trainer.train_step()
+        synchronize(device)
+        if device.type == "cuda":
+            state = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        else:
+            state = resident_bytes(trainer)
+        start = time.perf_counter()
+        for _ in range(args.iters):
+            metrics = trainer.train_step()
+            applied.append(all(bool(v) for k, v in metrics.items() if k.endswith("/applied")))
+        synchronize(device)
+        seconds = (time.perf_counter() - start) / args.iters
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device)
+        else:  # no allocator statistics on the host: follow every storage of one more step
+            live = plan.LiveMemory()
+            with live:
+                trainer.train_step()
+            peak = state + live.peak
+    except torch.OutOfMemoryError:
+        return row | {"status": "out of memory"}
+    finally:
+        del trainer
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    flops = plan.iteration_flops(model, cfg, args.batch)
+    peak_tflops = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in device_name(device)), None)
+    return row | {
+        "status": "ok" if all(applied) else f"{applied.count(False)} of {len(applied)} steps skipped (non-finite)",
+        "seconds_per_step": seconds, "images_per_s": cfg.train.batch_size / seconds,
+        "images_per_s_per_gpu": args.batch / seconds, "model_tflop_per_step_per_gpu": flops / 1e12,
+        "achieved_tflops_per_gpu": flops / seconds / 1e12,
+        "mfu": flops / seconds / (peak_tflops * 1e12) if peak_tflops else None, "peak_tflops": peak_tflops,
+        "peak_gib": peak / plan.GiB, "resident_gib": state / plan.GiB}
+
+
+def write(rows: list[dict], device: str, machine: str) -> Path:
+    """Merge rows into throughput_<device>.json (same setting: replaced) and render the Markdown table."""
+    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+    path = RESULTS / f"throughput_{slug}.json"
+    key = ("model", "resolution", "backend", "gpus", "checkpointing", "batch_per_gpu", "precision")
+    old = json.loads(path.read_text())["rows"] if path.is_file() else []
+    merged = {tuple(r[k] for k in key): r for r in old + rows}
+    ordered = sorted(merged.values(), key=lambda r: tuple(str(r[k]) for k in key))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"device": device, "machine": machine, "rows": ordered}, indent=1) + "\n")
+
+    def num(value, fmt):
+        return format(value, fmt) if isinstance(value, (int, float)) else "-"
+
+    lines = [f"# Training-step throughput and memory: {device}\n", f"Machine: {machine}.\n",
+             "`python benchmarks/bench_throughput.py` (module docstring): random-weight UNets from "
+             "bigsid/unet_configs/, SiD-LSG (kappa 1.5: guided teacher and fake-score calls at twice the batch), "
+             "Trainer.train_step = fake-score phase + generator phase + both Adam steps + EMA. MFU: model FLOPs "
+             "(no recomputation) over time, against the dense bf16 peak. planned: `bigsid plan`'s allocated bytes "
+             "for the same setting (peak: torch.cuda.max_memory_allocated; on a CPU, every storage followed).\n",
+             "| date | model | px | backend | GPUs | ckpt | batch/GPU | precision | s/step | images/s | images/s/GPU "
+             "| TFLOP/s/GPU | MFU | peak GiB | planned GiB | resident GiB | planned resident GiB | status |",
+             "|" + " --- |" * 18]
+    for r in ordered:
+        lines.append("| " + " | ".join([
+            r["date"], r["model"], str(r["resolution"]), r["backend"], str(r["gpus"]), r["checkpointing"],
+            str(r["batch_per_gpu"]), r["precision"], num(r.get("seconds_per_step"), ".3f"),
+            num(r.get("images_per_s"), ".2f"), num(r.get("images_per_s_per_gpu"), ".2f"),
+            num(r.get("achieved_tflops_per_gpu"), ".3g"),
+            num(r["mfu"] * 100, ".1f") + "%" if r.get("mfu") is not None else "-", num(r.get("peak_gib"), ".3g"),
+            num(r["planned_gib"], ".3g"), num(r.get("resident_gib"), ".3g"), num(r["planned_resident_gib"], ".3g"),
+            r["status"]]) + " |")
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return path.with_suffix(".md")
+
+
+def parse_checkpointing(value: str) -> tuple[str, ...]:
+    if value in ("none", "all"):
+        return () if value == "none" else plan.NETWORKS
+    names = tuple(value.split(","))
+    if not set(names) <= set(plan.NETWORKS):
+        raise argparse.ArgumentTypeError(f"{value!r}: none, all or a comma list of {', '.join(plan.NETWORKS)}")
+    return names
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="sd15", help="a preset of bigsid/unet_configs (sd15, sd21, sdxl, tiny) "
+                        "or a UNet config.json")
+    parser.add_argument("--resolution", type=int, default=None, help="pixels (default: the UNet's own)")
+    parser.add_argument("--batch", type=int, default=8, help="per-GPU batch")
+    parser.add_argument("--checkpointing", nargs="+", type=parse_checkpointing, default=[(), plan.NETWORKS],
+                        help="settings to measure: none, all, or e.g. generator,fake_score (default: none all)")
+    parser.add_argument("--backend", default="local", choices=("local", "ddp", "fsdp2"))
+    parser.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--gpu-mem", type=float, default=None, help="GiB for the planner (default: the device's)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak (default: by GPU name)")
+    parser.add_argument("--tiny", action="store_true", help="smoke test: tiny UNet on the CPU, a few steps")
+    parser.add_argument("--no-write", action="store_true", help="print the rows, write no results")
+    parser.add_argument("overrides", nargs="*", help="bigsid config overrides, e.g. objective.name=dmd")
+    args = parser.parse_args()
+    if args.tiny:
+        args.model, args.device, args.batch, args.warmup, args.iters = "tiny", "cpu", 2, 1, 3
+    use_cuda = torch.cuda.is_available() and args.device != "cpu"
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
+    if args.gpu_mem is None:
+        args.gpu_mem = torch.cuda.get_device_properties(device).total_memory / plan.GiB if use_cuda else 80.0
+    # no text encoder or VAE here: the planner must not count them either
+    model = dataclasses.replace(plan.load_model(args.model, resolution=args.resolution), encoder_params=0)
+    load = os.getloadavg()[0]  # other work on the host slows the CPU smoke test
+    rows = []
+    for checkpointing in args.checkpointing:
+        row = measure(model, args, device, checkpointing)
+        rows.append(row)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(json.dumps(row), flush=True)
+    if int(os.environ.get("RANK", 0)) == 0 and not args.no_write:
+        machine = (f"{platform.platform()}, {os.cpu_count()} CPU cores (1-minute load average {load:.1f} when the "
+                   f"run began), Python {platform.python_version()}, torch {torch.__version__}"
+                   + (f", CUDA {torch.version.cuda}, {torch.cuda.device_count()} x {device_name(device)}"
+                      if use_cuda else ""))
+        print(f"wrote {write(rows, device_name(device), machine)}")
+
+
+if __name__ == "__main__":
+    main()
