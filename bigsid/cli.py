@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output folder; refused if it exists, unless --force")
     p.add_argument("--raw", action="store_true", help="the raw generator weights instead of their EMA")
     p.add_argument("--teacher", default=None, help="the teacher pipeline, if not at the run's teacher.path")
-    p.add_argument("--steps", type=int, default=1, help="steps in the model card's call (a few-step run's count)")
+    p.add_argument("--steps", type=int, default=None, help="steps in the model card's call (default: the run's "
+                   "generator.steps)")
     p.add_argument("--fuse-lora", action="store_true", help="a LoRA generator as a full pipeline, adapter fused")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_export)
@@ -172,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="samples")
     p.add_argument("--seeds", type=int, default=4, help="images per prompt (noise seeds seed..seed+seeds-1)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=1, help="generator steps (more only for runs trained for them)")
+    p.add_argument("--steps", type=int, default=None, help="generator steps (default: an export's 1, a run's "
+                   "generator.steps)")
     p.add_argument("--raw", action="store_true", help="checkpoints: the raw weights instead of their EMA")
     p.add_argument("--teacher", default=None, help="checkpoints: the teacher, if not at the run's teacher.path")
     p.add_argument("--device", default="auto")

@@ -50,6 +50,7 @@ class GeneratorConfig:
     # The generator sees sqrt(1 - abar_t_init) * z at t_init and returns its x0-prediction (SiD-LSG: 625,
     # where the VE sigma of the SD schedule is 2.5, EDM's sigma_init).
     t_init: int = 625
+    steps: int = 1  # > 1: a few-step generator (see models.OneStepGenerator); each iteration trains a random prefix
     # LoRA: train a peft adapter of this rank on the generator's UNet instead of all its weights (0: full).
     lora_rank: int = 0
     lora_alpha: float = 0.0  # 0: the rank
@@ -258,6 +259,8 @@ def validate(cfg: Config) -> Config:
            ">= 0 (rank 0: train the full generator)", (cfg.generator.lora_rank, cfg.generator.lora_alpha))
     if cfg.generator.lora_rank and cfg.teacher.kind != "diffusers":
         raise ConfigError("generator.lora_rank > 0 needs a diffusers UNet teacher (teacher.kind=diffusers)")
+    _check(1 <= cfg.generator.steps <= cfg.generator.t_init, "generator.steps", "1..generator.t_init",
+           cfg.generator.steps)
     _check(0 < cfg.generator.t_init <= 999, "generator.t_init", "1..999", cfg.generator.t_init)
     for k in ("kappa1", "kappa2", "kappa3", "kappa4"):
         _check(getattr(o, k) >= 1.0, f"objective.{k}", ">= 1 (1 disables guidance)", getattr(o, k))

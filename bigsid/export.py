@@ -140,20 +140,10 @@ def sampling_timesteps(scheduler, steps: int) -> list[int]:
 @torch.no_grad()
 def sample_latents(generator: OneStepGenerator, z: torch.Tensor, emb: torch.Tensor,
                    timesteps: list[int]) -> torch.Tensor:
-    """bigsid's sampler. One timestep (t_init) is exactly generator(z, emb). With more, each x0 is re-noised to the
-    next timestep with the noise that the generator's prediction implies, eps = (x_t - a_t x0) / s_t, and denoised
-    again: a chain that stays a deterministic function of z, which a training run for k steps must simulate."""
-    if timesteps[0] != generator.t_init:
-        raise ExportError(f"sampling must start at the generator's t_init={generator.t_init}, not {timesteps[0]}")
-    schedule, net = generator.schedule, generator.net
-    x_t = schedule.s[generator.t_init] * z
-    for i, step_t in enumerate(timesteps):
-        t = torch.full((z.shape[0],), step_t, device=z.device, dtype=torch.long)
-        x0 = schedule.convert(net(x_t, t, emb), x_t, t, net.prediction_type, "sample")
-        if i + 1 < len(timesteps):
-            eps = schedule.convert(x0, x_t, t, "sample", "epsilon")
-            x_t = schedule.add_noise(x0, eps, torch.full_like(t, timesteps[i + 1]))
-    return x0
+    """bigsid's sampler at the exported scheduler's timesteps: the generator's own chain (OneStepGenerator)."""
+    if timesteps != generator.timesteps(len(timesteps)):
+        raise ExportError(f"timesteps {timesteps} are not the generator's chain {generator.timesteps(len(timesteps))}")
+    return generator(z, emb, chain=len(timesteps))
 
 
 @dataclass
@@ -219,7 +209,7 @@ def load_distilled(source: str | Path, ema: bool = True, teacher: str | None = N
     lora = lora_config(config)
     if lora is not None:
         net.unet.add_adapter(lora)
-    generator = OneStepGenerator(net, schedule, config["generator"]["t_init"])
+    generator = OneStepGenerator(net, schedule, config["generator"]["t_init"], config["generator"].get("steps", 1))
     expected = generator.state_dict()
     _check_fit(weights, expected, path)
     # Compared before loading, while the network still holds the teacher's weights.
@@ -255,18 +245,18 @@ def _replace(partial: Path, out: Path) -> None:
     partial.rename(out)
 
 
-def export(source: str | Path, out: str | Path, ema: bool = True, teacher: str | None = None, steps: int = 1,
+def export(source: str | Path, out: str | Path, ema: bool = True, teacher: str | None = None, steps: int | None = None,
            fuse_lora: bool = False, force: bool = False) -> Path:
     """Write `source`'s generator as a diffusers pipeline folder (safetensors) with a model card; a LoRA generator
     as pytorch_lora_weights.safetensors over its teacher, or fused into a full pipeline with fuse_lora=True.
 
-    `steps` is the step count the model card's call uses (the run's, for a generator trained for few steps)."""
+    `steps` is the step count the model card's call uses; by default the run's generator.steps."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
 
     out = Path(out)
     d = load_distilled(source, ema, teacher)
-    timesteps = sampling_timesteps(d.scheduler, steps)
+    timesteps = sampling_timesteps(d.scheduler, d.generator.steps if steps is None else steps)
     as_lora = d.lora is not None and not fuse_lora
     if as_lora and not d.lora_on_teacher:
         raise ExportError(f"{d.folder}: weights outside the LoRA adapter differ from the teacher's, so the adapter "
@@ -431,7 +421,8 @@ def is_export(model: Path) -> bool:
 
 
 @torch.no_grad()
-def sample(model: str | Path, prompts: list[str], out: str | Path, seeds: int = 4, seed: int = 0, steps: int = 1,
+def sample(model: str | Path, prompts: list[str], out: str | Path, seeds: int = 4, seed: int = 0,
+           steps: int | None = None,
            ema: bool = True, teacher: str | None = None, device: str = "auto", force: bool = False) -> list[Path]:
     """Images of `prompts` (seeds each; image j of every prompt uses noise seed + j) from an export, run by the stock
     pipeline, or from a run directory or checkpoint, run by `sample_latents`; the same noise gives the same image
@@ -448,6 +439,7 @@ def sample(model: str | Path, prompts: list[str], out: str | Path, seeds: int = 
     partial = _output_folder(out, force, [model])
     if is_export(model):
         pipe = _stock_pipeline(model).to(device)
+        steps = 1 if steps is None else steps
         sampling_timesteps(pipe.scheduler, steps)
         unet = pipe.unet
 
@@ -457,7 +449,7 @@ def sample(model: str | Path, prompts: list[str], out: str | Path, seeds: int = 
         d = load_distilled(model, ema, teacher)
         for module in (d.generator, d.encoder, d.vae):
             module.to(device)
-        timesteps = sampling_timesteps(d.scheduler, steps)
+        timesteps = sampling_timesteps(d.scheduler, d.generator.steps if steps is None else steps)
         unet = d.generator.net.unet
 
         def generate(batch: list[str], z: torch.Tensor) -> list:

@@ -63,18 +63,38 @@ class UNetDenoiser(nn.Module):
 
 
 class OneStepGenerator(nn.Module):
-    """G(z, c): the denoiser's x0-prediction from sqrt(1 - abar_t_init) * z at t_init, i.e. from pure noise."""
+    """G(z, c): the denoiser's x0-prediction from sqrt(1 - abar_t_init) * z at t_init, i.e. from pure noise.
 
-    def __init__(self, net: nn.Module, schedule: VPSchedule, t_init: int):
+    A few-step generator (`steps` = K > 1) chains K such predictions at the trailing timesteps t_init > t_1 > ...
+    of [0, t_init], re-noising each x0 with the noise it implies, eps = (x_t - a_t x0) / s_t (DDIM, eta = 0): the
+    chain stays a function of z, and the exported scheduler reproduces it exactly."""
+
+    def __init__(self, net: nn.Module, schedule: VPSchedule, t_init: int, steps: int = 1):
         super().__init__()
         self.net = net
         self.schedule = schedule
         self.t_init = t_init
+        self.steps = steps
 
-    def forward(self, z: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        t = torch.full((z.shape[0],), self.t_init, device=z.device, dtype=torch.long)
+    def timesteps(self, chain: int) -> list[int]:
+        """diffusers' "trailing" spacing of `chain` steps over the schedule cut at t_init; t_init first."""
+        n = self.t_init + 1
+        return [round(n - i * n / chain) - 1 for i in range(chain)]
+
+    def forward(self, z: torch.Tensor, emb: torch.Tensor, k: int | None = None, chain: int | None = None):
+        """x0 after the first k steps (default all) of a `chain`-step chain (default self.steps). Only the last
+        step keeps the graph: training a few-step generator at a random k trains every step of the chain."""
+        timesteps = self.timesteps(chain or self.steps)[:k]
         x_t = self.schedule.s[self.t_init] * z
-        return self.schedule.convert(self.net(x_t, t, emb), x_t, t, self.net.prediction_type, "sample")
+        for i, step_t in enumerate(timesteps):
+            t = torch.full((z.shape[0],), step_t, device=z.device, dtype=torch.long)
+            last = i == len(timesteps) - 1
+            with torch.set_grad_enabled(torch.is_grad_enabled() and last):
+                x0 = self.schedule.convert(self.net(x_t, t, emb), x_t, t, self.net.prediction_type, "sample")
+            if not last:
+                eps = self.schedule.convert(x0, x_t, t, "sample", "epsilon")
+                x_t = self.schedule.add_noise(x0, eps, torch.full_like(t, timesteps[i + 1]))
+        return x0
 
 
 class CLIPPromptEncoder(nn.Module):
@@ -194,5 +214,5 @@ def build_networks(cfg: Config) -> Networks:
             from diffusers.models.attention_processor import AttnProcessor2_0
 
             unet.set_attn_processor(AttnProcessor2_0())
-    generator = OneStepGenerator(generator_net, schedule, cfg.generator.t_init)
+    generator = OneStepGenerator(generator_net, schedule, cfg.generator.t_init, cfg.generator.steps)
     return Networks(teacher, generator, fake_score, schedule, encoder, shape, scheduler_config, vae, truth, vocabulary)

@@ -201,6 +201,7 @@ class Trainer:
         self.nimg = 0
         self.skipped = {"nan_samples": 0, "nonfinite_steps": 0}
         self.consecutive_skips = 0
+        self.k = None  # steps of a few-step generator's chain trained this iteration (None: all)
         self.teacher_samples = None  # the teacher sampler's toy samples never change: computed once
         self.last_eval: dict = {}
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -249,7 +250,7 @@ class Trainer:
         z, t, eps = self._noise()
         with self.backend.autocast():
             with torch.no_grad():
-                x_gen = self.generator.inner(z, cond.emb)
+                x_gen = self.generator.inner(z, cond.emb, self.k)
             loss, metrics = self.objective.fake_score_loss(self.fake_score.module, x_gen, cond, t, eps)
             total, nan = self._masked_mean(loss)
         self.fake_score.backward(total)
@@ -260,7 +261,7 @@ class Trainer:
         cond = self.networks.encoder(self.stream.next_batch(self.local_batch))
         z, t, eps = self._noise()
         with self.fake_score.frozen() as fake_score, self.backend.autocast():
-            x_gen = self.generator.module(z, cond.emb)
+            x_gen = self.generator.module(z, cond.emb, self.k)
             loss, metrics = self.objective.generator_loss(self.teacher, fake_score, x_gen, cond, t, eps)
             total, nan = self._masked_mean(loss)
             self.generator.backward(total)
@@ -283,6 +284,9 @@ class Trainer:
         return o.lr_min_ratio + (1 - o.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def train_step(self) -> dict[str, torch.Tensor]:
+        steps = self.cfg.generator.steps
+        # a few-step generator trains a random prefix of its chain, the same for both phases and all ranks
+        self.k = None if steps == 1 else int(torch.randint(1, steps + 1, (1,), generator=self.rng, device=self.device))
         factor = self.lr_factor()
         for trainable, lr in ((self.generator, self.cfg.optim.lr_generator),
                               (self.fake_score, self.cfg.optim.lr_fake_score)):

@@ -295,3 +295,32 @@ def test_sharded_checkpoint_exports_as_the_same_weights_on_one_process(run_dir, 
     a = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
     b = load_file(exported / "unet" / "diffusion_pytorch_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_a_few_step_run_trains_its_chain_and_exports_with_its_step_count(teacher_dir, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from bigsid.trainer import Trainer
+
+    run = tmp_path / "run"
+    tr = Trainer(load_config(None, overrides(teacher_dir, run, "train.total_nimg=24", "generator.steps=3")))
+    ks = []
+    inner = tr.train_step
+
+    def record():
+        metrics = inner()
+        ks.append(tr.k)
+        return metrics
+
+    tr.train_step = record
+    tr.run()
+    assert set(ks) <= {1, 2, 3} and len(set(ks)) > 1  # random prefixes of the 3-step chain
+    out = export(run, tmp_path / "export")
+    card = (out / "README.md").read_text()
+    assert "num_inference_steps=3" in card
+    d = load_distilled(run)
+    z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    emb = d.encoder(["toy prompt 0"]).emb
+    pipe = DiffusionPipeline.from_pretrained(out)
+    stock = pipe("toy prompt 0", latents=z * 1.0, num_inference_steps=3, guidance_scale=0, output_type="latent").images
+    torch.testing.assert_close(stock, sample_latents(d.generator, z, emb, d.generator.timesteps(3)), rtol=0, atol=1e-5)
