@@ -36,16 +36,14 @@ def run(objective: str, overrides: list[str], run_dir: Path) -> dict:
                       [f"train.run_dir={run_dir}", "train.progress=false", "train.sample_every=0",
                        "train.checkpoint_every=0", *overrides])
     start = time.perf_counter()
-    trainer = Trainer(cfg)
-    init = trainer.evaluate()
-    final = trainer.run()
+    final = Trainer(cfg).run()  # evaluates at step 0 too
     seconds = time.perf_counter() - start
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     curve = [(r["nimg"], r["eval/fd_generator"], r["eval/mode_coverage_tv"]) for r in rows if "eval/fd_generator" in r]
     target = final["fd_teacher_sampler"]
     reached = next((n for n, fd, tv in curve if fd <= target and tv <= 0.02), None)
     return {"objective": objective, "overrides": overrides, "batch_size": cfg.train.batch_size,
-            "iterations": trainer.step, "seconds": round(seconds, 1), "fd_init": init["fd_generator"],
+            "iterations": curve[-1][0] // cfg.train.batch_size, "seconds": round(seconds, 1), "fd_init": curve[0][1],
             "fd_final": final["fd_generator"], "fd_best": min(fd for _, fd, _ in curve),
             "mode_coverage_tv_final": final["mode_coverage_tv"], "fd_teacher_sampler": target,
             "mode_coverage_tv_teacher_sampler": final["mode_coverage_tv_teacher_sampler"],

@@ -314,6 +314,8 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=total_steps, initial=self.step, unit="it", dynamic_ncols=True)
+        if tr.eval_every and self.step == 0:
+            self.evaluate()  # the starting point of the FD curve
         last_time, last_nimg = time.perf_counter(), self.nimg
         flag = PreemptionFlag()
         try:

@@ -74,8 +74,9 @@ def test_fsdp2_checkpoint_resumes_on_another_world_size(tmp_path, local_run):
     assert final.name == "step-000000004" and (final / "dcp").is_dir()
 
 
-def test_fsdp2_on_a_diffusers_unet_matches_local(tmp_path_factory, tmp_path):
-    """The UNet path: per-resnet/attention units inside per-block units, teacher sharded too."""
+def test_fsdp2_on_a_diffusers_unet_matches_local_and_exports(tmp_path_factory, tmp_path):
+    """The UNet path: per-resnet/attention units inside per-block units, teacher sharded too; its DCP checkpoint
+    exports the weights the one-process run holds."""
     from bigsid.config import GMMConfig
     from bigsid.toy import prepare_toy_teacher
 
@@ -86,3 +87,16 @@ def test_fsdp2_on_a_diffusers_unet_matches_local(tmp_path_factory, tmp_path):
     Trainer(load_config(None, [*args, f"train.run_dir={tmp_path / 'local'}"])).run()
     launch(2, [*args, f"train.run_dir={tmp_path / 'fsdp2'}", "parallel.backend=fsdp2"])
     torch.testing.assert_close(losses(tmp_path / "fsdp2"), losses(tmp_path / "local"), rtol=1e-4, atol=1e-4)
+    # The sharded checkpoint exports what the one-process run holds (same training, up to reduction order).
+    from bigsid.export import export, load_generator_state
+
+    for ema in (True, False):
+        sharded = load_generator_state(latest_checkpoint(tmp_path / "fsdp2"), ema=ema)
+        full = load_generator_state(latest_checkpoint(tmp_path / "local"), ema=ema)
+        assert sharded.keys() == full.keys()
+        for k in full:
+            # Adam's first steps move a weight by ~lr * sign(grad): where a gradient is ~0, reduction order can
+            # flip the sign, so a weight may differ by up to 2 * lr * steps = 4e-4.
+            torch.testing.assert_close(sharded[k], full[k], rtol=1e-4, atol=4e-4)
+    out = export(tmp_path / "fsdp2", tmp_path / "export")
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
