@@ -5,7 +5,6 @@ and the (exact) fake score are closed-form x0-predictions. This is the SiD paper
 in a few dimensions.
 """
 
-import math
 
 import pytest
 import torch

@@ -6,7 +6,6 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
-from safetensors.torch import load_file
 
 import dist_worker
 from bigsid.checkpoint import latest_checkpoint

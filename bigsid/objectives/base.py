@@ -65,15 +65,13 @@ class Objective:
         raise NotImplementedError
 
     def scores(self, teacher, fake_score, x_t, t, cond):
-        """f_phi^kappa4, f_psi^kappa2 and f_psi^kappa3 (the last two one call when kappa2 == kappa3).
+        """f_phi^kappa4 and f_psi^kappa2.
 
         Parameters of both networks are frozen by the caller; their inputs keep the graph, so the generator
         gradient flows through x_t into both, as SiD and SIM require."""
-        c = self.cfg
-        f_phi = predict(teacher, self.schedule, x_t, t, cond, c.kappa4)
-        f_psi = predict(fake_score, self.schedule, x_t, t, cond, c.kappa2)
-        f_psi3 = f_psi if c.kappa3 == c.kappa2 else predict(fake_score, self.schedule, x_t, t, cond, c.kappa3)
-        return upcast(f_phi), upcast(f_psi), upcast(f_psi3)
+        f_phi = predict(teacher, self.schedule, x_t, t, cond, self.cfg.kappa4)
+        f_psi = predict(fake_score, self.schedule, x_t, t, cond, self.cfg.kappa2)
+        return upcast(f_phi), upcast(f_psi)
 
     @staticmethod
     def sid_weight(x_gen: torch.Tensor, f_phi: torch.Tensor) -> torch.Tensor:

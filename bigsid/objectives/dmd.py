@@ -16,7 +16,7 @@ class DMD(Objective):
     def generator_loss(self, teacher, fake_score, x_gen, cond, t=None, eps=None):
         with torch.no_grad():
             t, eps, x_t = self.noise(x_gen.detach(), t, eps)
-            f_phi, f_psi, _ = self.scores(teacher, fake_score, x_t, t, cond)
+            f_phi, f_psi = self.scores(teacher, fake_score, x_t, t, cond)
             w = self.sid_weight(upcast(x_gen.detach()), f_phi)
             grad = (f_psi - f_phi) * w.view((-1,) + (1,) * (x_gen.ndim - 1))
             target = upcast(x_gen.detach()) - grad

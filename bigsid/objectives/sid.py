@@ -9,15 +9,18 @@ with w = 1 / stopgrad(mean |x_gen - f_phi|). Only w is detached.
 
 from __future__ import annotations
 
-import torch
 
+from bigsid.models import predict
 from bigsid.objectives.base import Objective, per_sample_sum, upcast
 
 
 class SiD(Objective):
     def generator_loss(self, teacher, fake_score, x_gen, cond, t=None, eps=None):
         t, eps, x_t = self.noise(x_gen, t, eps)
-        f_phi, f_psi, f_psi3 = self.scores(teacher, fake_score, x_t, t, cond)
+        f_phi, f_psi = self.scores(teacher, fake_score, x_t, t, cond)
+        # kappa3 guides f_psi in the alpha term; one more call only when it differs from kappa2
+        f_psi3 = f_psi if self.cfg.kappa3 == self.cfg.kappa2 else upcast(
+            predict(fake_score, self.schedule, x_t, t, cond, self.cfg.kappa3))
         x_gen = upcast(x_gen)
         w = self.sid_weight(x_gen, f_phi)
         # kappa2 guides f_psi in delta, kappa3 in the alpha term (equal in every released model).

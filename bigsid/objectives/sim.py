@@ -33,7 +33,7 @@ class SIM(Objective):
     def generator_loss(self, teacher, fake_score, x_gen, cond, t=None, eps=None):
         c = self.cfg
         t, eps, x_t = self.noise(x_gen, t, eps)
-        f_phi, f_psi, _ = self.scores(teacher, fake_score, x_t, t, cond)
+        f_phi, f_psi = self.scores(teacher, fake_score, x_t, t, cond)
         x_gen = upcast(x_gen)
         a, s = self.schedule.coeffs(t, x_gen.ndim)
         k = a / s.square()  # [B, 1, ...]: score = k * x0-prediction + (terms that cancel in differences)
