@@ -9,7 +9,6 @@ with w = 1 / stopgrad(mean |x_gen - f_phi|). Only w is detached.
 
 from __future__ import annotations
 
-
 from bigsid.models import predict
 from bigsid.objectives.base import Objective, per_sample_sum, upcast
 
