@@ -197,3 +197,17 @@ def test_cosine_schedule_decays_both_learning_rates_from_nimg(tmp_path):
     assert tr.generator.optimizer.param_groups[0]["lr"] == 1e-4 * (0.1 + 0.9 * 0.5)
     tr.nimg = tr.cfg.train.total_nimg
     assert abs(tr.lr_factor() - 0.1) < 1e-12
+
+
+def test_eval_command_writes_the_ground_truth_report(tmp_path, capsys):
+    from bigsid.cli import main
+
+    run = tmp_path / "run"
+    assert main(["eval", str(run)]) == 2  # not a run directory
+    assert "config.yaml" in capsys.readouterr().err
+    assert main(["train", "-", *TINY_TOY, f"train.run_dir={run}", "train.eval_every=5"]) == 0
+    assert main(["eval", str(run)]) == 0
+    report = json.loads((run / "eval" / "toy_metrics.json").read_text())
+    assert report["step"] == 10 and report["teacher_sampler_steps"] == 5
+    assert {"fd_generator", "fd_teacher_sampler", "fd_reference", "mode_coverage_tv", "num_samples"} <= set(report)
+    assert (run / "eval" / "fd_generator.png").stat().st_size > 0
