@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from bigsid import checkpoint
-from bigsid.models import CLIPPromptEncoder, OneStepGenerator, load_diffusers_teacher
+from bigsid.models import CLIPPromptEncoder, OneStepGenerator, load_diffusers_teacher, lora_config
 
 STOCK_PIPELINES = ("StableDiffusionPipeline",)  # SD 1.x / 2.x: the teachers bigsid distills
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name load_lora_weights looks for
@@ -99,23 +99,6 @@ def find_checkpoint(source: str | Path) -> Path:
 
 
 # ---- the generator as trained, and the scheduler that reproduces it ----
-
-def lora_config(config: dict):
-    """The run's LoRA adapter as a peft LoraConfig, or None for a generator trained in full.
-
-    The contract with training: generator.lora_rank > 0 means the generator's UNet carries a peft LoRA adapter
-    named "default" (what unet.add_adapter makes) of that rank, with lora_alpha = generator.lora_alpha (the rank
-    when unset) on the modules listed in generator.lora_target_modules."""
-    g = config["generator"]
-    if not g.get("lora_rank"):
-        return None
-    try:
-        from peft import LoraConfig
-    except ImportError:
-        raise ExportError("this generator is a LoRA adapter and needs peft: pip install 'bigsid[lora]'") from None
-    return LoraConfig(r=g["lora_rank"], lora_alpha=g.get("lora_alpha") or g["lora_rank"],
-                      target_modules=list(g["lora_target_modules"]))
-
 
 def one_step_scheduler(teacher_scheduler_config: dict, t_init: int, prediction_type: str):
     """EulerDiscreteScheduler on the teacher's schedule cut at t_init: num_inference_steps=k reproduces

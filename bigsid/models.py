@@ -115,7 +115,10 @@ class CLIPPromptEncoder(nn.Module):
     def _encode(self, prompts: list[str]) -> torch.Tensor:
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
                              return_overflowing_tokens=False, return_tensors="pt").input_ids
-        if not self.warned_truncation and any(self.token_count(p) > self.max_length for p in prompts):
+        # Byte-level BPE spends at least one byte per token, so only prompts with more UTF-8 bytes than the
+        # limit (less the two special tokens) can be too long: tokenize again just those, until said once.
+        maybe_long = [p for p in prompts if len(p.encode()) + 2 > self.max_length]
+        if not self.warned_truncation and any(self.token_count(p) > self.max_length for p in maybe_long):
             log.warning("prompts longer than %d tokens are truncated to the text encoder's limit", self.max_length)
             self.warned_truncation = True
         device = next(self.text_encoder.parameters()).device
@@ -139,6 +142,23 @@ class Networks:
     vae: nn.Module | None = None  # latents -> images, for sample grids
     truth: object | None = None  # toy.GMM when the teacher has an analytic ground truth
     vocabulary: list[str] | None = None  # the toy prompts
+
+
+def lora_config(config: dict):
+    """The run's LoRA adapter as a peft LoraConfig, or None for a generator trained in full.
+
+    The contract between training and export: generator.lora_rank > 0 means the generator's UNet carries a peft
+    LoRA adapter named "default" (what unet.add_adapter makes) of that rank, with lora_alpha = generator.lora_alpha
+    (the rank when unset) on the modules listed in generator.lora_target_modules."""
+    g = config["generator"]
+    if not g.get("lora_rank"):
+        return None
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        raise TeacherError("this generator is a LoRA adapter and needs peft: pip install 'bigsid[lora]'") from None
+    return LoraConfig(r=g["lora_rank"], lora_alpha=g.get("lora_alpha") or g["lora_rank"],
+                      target_modules=list(g["lora_target_modules"]))
 
 
 def _load(load, path: str, subfolder: str, revision: str, what: str):
@@ -197,8 +217,6 @@ def build_networks(cfg: Config) -> Networks:
         net.requires_grad_(True).train()
     if cfg.generator.lora_rank:
         from dataclasses import asdict
-
-        from bigsid.export import lora_config
 
         generator_net.unet.requires_grad_(False)
         generator_net.unet.add_adapter(lora_config(asdict(cfg)))  # only the adapter's weights train

@@ -203,7 +203,7 @@ def test_lora_generator_exports_as_lora_and_fused(teacher_dir, tmp_path):
 
     config = to_dict(load_config(None, overrides(teacher_dir, tmp_path / "run")))
     targets = ["to_q", "to_k", "to_v", "to_out.0"]
-    # The LoRA settings training records (see bigsid.export.lora_config); alpha != rank, so the scale must travel.
+    # The LoRA settings training records (see bigsid.models.lora_config); alpha != rank, so the scale must travel.
     config["generator"] |= {"lora_rank": 4, "lora_alpha": 8, "lora_target_modules": targets}
     net, schedule, *_ = load_diffusers_teacher(str(teacher_dir))
     net.requires_grad_(False)
