@@ -7,6 +7,7 @@ dotted key and what was expected; the CLI turns it into exit status 2.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import types
 import typing
@@ -138,8 +139,10 @@ class EvalConfig:
 
 @dataclass
 class ParallelConfig:
-    backend: str = "local"  # local | ddp | fsdp2 (ddp and fsdp2 under torchrun)
+    backend: str = "local"  # local | ddp | fsdp2 | deepspeed (all but local under torchrun)
     shard_size: int = 0  # fsdp2: shard within groups of this many ranks, replicate across (0: all ranks)
+    zero_stage: int = 3  # deepspeed: 2 partitions gradients and optimizer states, 3 parameters too
+    deepspeed_config: str = ""  # deepspeed: a JSON file of extra DeepSpeed settings (buckets, offload, ...)
 
 
 @dataclass
@@ -165,7 +168,7 @@ CHOICES = {
     "train.precision": ("fp32", "bf16"),
     "train.attention": ("sdpa", "xformers"),
     "data.source": ("vocab", "text", "webdataset"),
-    "parallel.backend": ("local", "ddp", "fsdp2"),
+    "parallel.backend": ("local", "ddp", "fsdp2", "deepspeed"),
 }
 
 
@@ -284,8 +287,6 @@ def validate(cfg: Config) -> Config:
            "train.activation_checkpointing", "a list of generator, fake_score, teacher", tr.activation_checkpointing)
     _check(tr.max_consecutive_skips >= 1, "train.max_consecutive_skips", ">= 1", tr.max_consecutive_skips)
     if tr.attention == "xformers":
-        import importlib.util
-
         if importlib.util.find_spec("xformers") is None:
             raise ConfigError("train.attention = 'xformers' but xformers is not installed: "
                               "pip install 'bigsid[xformers]', or use train.attention=sdpa")
@@ -300,6 +301,8 @@ def validate(cfg: Config) -> Config:
            (t.student_width, t.student_depth))
     _check(cfg.parallel.shard_size >= 0, "parallel.shard_size", ">= 0 (0: shard over all ranks)",
            cfg.parallel.shard_size)
+    if cfg.parallel.backend == "deepspeed":
+        _check_deepspeed(cfg)
     _check(cfg.eval.num_samples >= 2, "eval.num_samples", ">= 2", cfg.eval.num_samples)
     _check(cfg.eval.teacher_sampler_steps >= 1, "eval.teacher_sampler_steps", ">= 1", cfg.eval.teacher_sampler_steps)
     if t.kind == "diffusers":
@@ -316,6 +319,20 @@ def validate(cfg: Config) -> Config:
     _check(cfg.data.num_workers >= 0, "data.num_workers", ">= 0 (0 reads in the trainer's process)",
            cfg.data.num_workers)
     return cfg
+
+
+def _check_deepspeed(cfg: Config) -> None:
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("parallel.backend = 'deepspeed' but DeepSpeed is not installed: "
+                          "pip install 'bigsid[deepspeed]', or use parallel.backend=fsdp2")
+    _check(cfg.parallel.zero_stage in (2, 3), "parallel.zero_stage", "2 or 3", cfg.parallel.zero_stage)
+    from bigsid.parallel.deepspeed import engine_config, read_user_config
+
+    # contradictions that do not depend on the world size, before anything starts
+    try:
+        engine_config(cfg, 1, read_user_config(cfg.parallel.deepspeed_config))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 
 from bigsid import checkpoint
 from bigsid.models import CLIPPromptEncoder, OneStepGenerator, load_diffusers_teacher, lora_config
+from bigsid.parallel import deepspeed as deepspeed_layout
 
 STOCK_PIPELINES = ("StableDiffusionPipeline",)  # SD 1.x / 2.x: the teachers bigsid distills
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name load_lora_weights looks for
@@ -62,7 +63,8 @@ def _read_dcp(folder: Path) -> tuple[dict, dict]:
 
 # Checkpoint layouts by the file that marks them, each read into full (state, EMA) dicts on the CPU: a sharded
 # backend adds its marker and a reader that gathers its shards.
-CHECKPOINT_READERS = {"generator.safetensors": _read_local, "dcp": _read_dcp}
+CHECKPOINT_READERS = {"generator.safetensors": _read_local, "dcp": _read_dcp,
+                      deepspeed_layout.WEIGHTS.format(rank=0): deepspeed_layout.read_weights}
 
 
 def load_generator_state(checkpoint_dir: str | Path, ema: bool = True) -> dict[str, torch.Tensor]:

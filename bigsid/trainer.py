@@ -21,14 +21,12 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from torch import nn
-from torch.distributed.fsdp import FSDPModule
 
 from bigsid import checkpoint
 from bigsid.config import Config, save_config, to_dict
 from bigsid.models import Networks, build_networks
 from bigsid.objectives import build_objective
-from bigsid.parallel import build_backend
+from bigsid.parallel import Trainable, build_backend
 
 log = logging.getLogger("bigsid.trainer")
 
@@ -71,24 +69,15 @@ def _local(tensors):
     return [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
 
 
-def _trained_params(module: nn.Module) -> list[torch.Tensor]:
-    # FSDP2 registers the gathered tensors as a module's parameters while it is unsharded (a root can stay
-    # so after a no-grad forward): reshard first, so EMA shards pair with parameter shards.
-    for m in module.modules():
-        if isinstance(m, FSDPModule):
-            m.reshard()
-    return [p for p in module.parameters() if p.requires_grad]
-
-
 class EMA:
     """Exponential moving average of the generator's weights, with its half-life counted in images.
 
-    Kept as tensors shaped like the parameters (sharded where they are), never as a module copy: a sharded
-    module cannot be deep-copied, and swapping weights in place works for every backend."""
+    Kept as tensors in the form the backend stores the parameters (sharded where they are), never as a module
+    copy: a sharded module cannot be deep-copied, and swapping weights in place works for every backend."""
 
-    def __init__(self, module: nn.Module):
-        self.names = [n for n, p in module.named_parameters() if p.requires_grad]
-        self.shadow = [p.detach().clone() for p in module.parameters() if p.requires_grad]
+    def __init__(self, trainable: Trainable):
+        self.names = [n for n, p in trainable.inner.named_parameters() if p.requires_grad]
+        self.shadow = [p.clone() for p in trainable.stored_params()]
 
     @staticmethod
     def beta(batch: int, nimg: int, halflife_nimg: float, rampup: float) -> float:
@@ -97,19 +86,18 @@ class EMA:
         return 0.5 ** (batch / max(halflife_nimg, 1e-8))
 
     @torch.no_grad()
-    def update(self, module: nn.Module, beta: float) -> None:
-        params = [p.detach() for p in _trained_params(module)]
-        torch._foreach_lerp_(_local(self.shadow), _local(params), 1.0 - beta)
+    def update(self, trainable: Trainable, beta: float) -> None:
+        torch._foreach_lerp_(_local(self.shadow), _local(trainable.stored_params()), 1.0 - beta)
 
     @contextlib.contextmanager
-    def applied(self, module: nn.Module):
-        """Temporarily load the EMA weights into `module`."""
-        params = _local(_trained_params(module))
+    def applied(self, trainable: Trainable):
+        """Temporarily load the EMA weights into the trained network; yields the network to call."""
+        params = _local(trainable.stored_params())
         with torch.no_grad():
             backup = [p.clone() for p in params]
             torch._foreach_copy_(params, _local(self.shadow))
         try:
-            yield module
+            yield trainable.inner
         finally:
             with torch.no_grad():
                 torch._foreach_copy_(params, backup)
@@ -192,7 +180,7 @@ class Trainer:
         self.objective = build_objective(cfg.objective, self.networks.schedule)
         self.generator, self.fake_score = self.backend.prepare(self.networks)
         self.teacher = self.networks.teacher
-        self.ema = EMA(self.generator.inner)
+        self.ema = EMA(self.generator)
         self.device = self.backend.device
         self.local_batch = tr.batch_size // self.backend.world_size
         self.sample_prompts = cfg.eval.sample_prompts or list(self.networks.vocabulary or [])
@@ -301,7 +289,7 @@ class Trainer:
         all_applied = all(bool(v) for k, v in metrics.items() if k.endswith("/applied"))
         self.consecutive_skips = 0 if all_applied else self.consecutive_skips + 1
         tr = self.cfg.train
-        self.ema.update(self.generator.inner, EMA.beta(tr.batch_size, self.nimg, tr.ema_halflife_nimg, tr.ema_rampup))
+        self.ema.update(self.generator, EMA.beta(tr.batch_size, self.nimg, tr.ema_halflife_nimg, tr.ema_rampup))
         return metrics
 
     # ---- the run ----
@@ -375,7 +363,7 @@ class Trainer:
         prompts = [p for p in self.sample_prompts for _ in range(seeds)]
         gen = torch.Generator().manual_seed(0)
         z = torch.randn(len(prompts), *self.networks.latent_shape, generator=gen).to(self.device)
-        with self.ema.applied(self.generator.inner) as g:
+        with self.ema.applied(self.generator) as g:
             latents = g(z, self.networks.encoder(prompts).emb)
         images = to_images(latents, self.networks)
         path = self.run_dir / "samples" / f"step-{self.step:09d}.png"
@@ -397,7 +385,7 @@ class Trainer:
                                                           ev.num_samples, truth.latent_shape,
                                                           ev.teacher_sampler_steps, seed=10_000 + i)
                                     for i, p in enumerate(truth.prompts)}
-        with self.ema.applied(self.generator.inner) as g:
+        with self.ema.applied(self.generator) as g:
             g.eval()
             metrics = toy.evaluate(g, self.networks.encoder, truth, ev.num_samples, teacher_samples=self.teacher_samples)
             g.train()

@@ -5,7 +5,10 @@ import os
 import sys
 
 
-def run(rank: int, world: int, port: int, overrides: list[str], report: str | None) -> None:
+def run(rank: int, world: int, port: int, overrides: list[str], report: str | None,
+        poison: tuple[int, int] | None = None) -> None:
+    """`report`: write this rank's parameter and optimizer bytes and skip counts to {report}.rank{rank}.json.
+    `poison` = (rank, step): that rank's generator loss is NaN at that step, on no other rank."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
     import torch
@@ -17,14 +20,24 @@ def run(rank: int, world: int, port: int, overrides: list[str], report: str | No
     from bigsid.trainer import Trainer
 
     trainer = Trainer(load_config(None, overrides))
+    if poison is not None and poison[0] == rank:
+        inner = trainer.objective.generator_loss
+
+        def poisoned(*a, **k):
+            loss, metrics = inner(*a, **k)
+            return (loss * float("nan") if trainer.step == poison[1] else loss), metrics
+
+        trainer.objective.generator_loss = poisoned
     trainer.run()
     if report:
         def local_bytes(tensors):
             return sum((t.to_local() if hasattr(t, "to_local") else t).numel() * t.element_size() for t in tensors)
 
-        params = [p for tr in (trainer.generator, trainer.fake_score) for p in tr.params]
-        states = [v for tr in (trainer.generator, trainer.fake_score) for s in tr.optimizer.state.values()
+        trainables = (trainer.generator, trainer.fake_score)
+        params = [p for tr in trainables for p in tr.stored_params()]
+        states = [v for tr in trainables for s in tr.optimizer.state.values()
                   for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
         with open(f"{report}.rank{rank}.json", "w") as f:
-            json.dump({"param_bytes": local_bytes(params), "optim_bytes": local_bytes(states)}, f)
+            json.dump({"param_bytes": local_bytes(params), "optim_bytes": local_bytes(states),
+                       "skipped": trainer.skipped}, f)
     dist.destroy_process_group()

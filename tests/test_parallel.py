@@ -1,5 +1,6 @@
 """Backends against each other on 2 gloo ranks: same losses, sharded memory, resume on another world size."""
 
+import importlib.util
 import json
 import socket
 
@@ -25,9 +26,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(world: int, overrides: list[str], report: str | None = None) -> None:
-    mp.start_processes(dist_worker.run, args=(world, free_port(), overrides, report), nprocs=world,
+def launch(world: int, overrides: list[str], report: str | None = None, poison=None) -> None:
+    mp.start_processes(dist_worker.run, args=(world, free_port(), overrides, report, poison), nprocs=world,
                        start_method="spawn")
+
+
+# name -> overrides; DeepSpeed at both ZeRO stages
+BACKENDS = {"ddp": ["parallel.backend=ddp"], "fsdp2": ["parallel.backend=fsdp2"],
+            "zero2": ["parallel.backend=deepspeed", "parallel.zero_stage=2"],
+            "zero3": ["parallel.backend=deepspeed", "parallel.zero_stage=3"]}
+SHARDED = ["fsdp2", "zero3"]
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="pip install deepspeed")
+
+
+def backend(name: str):
+    return pytest.param(name, marks=[needs_deepspeed] if name.startswith("zero") else [])
 
 
 def losses(run_dir):
@@ -42,25 +55,56 @@ def local_run(tmp_path_factory):
     return run_dir
 
 
-@pytest.mark.parametrize("backend", ["ddp", "fsdp2"])
-def test_backends_match_the_local_reference(backend, local_run, tmp_path):
-    launch(2, [*PARITY, f"train.run_dir={tmp_path}", f"parallel.backend={backend}"])
+@pytest.mark.parametrize("name", [backend(n) for n in BACKENDS])
+def test_backends_match_the_local_reference(name, local_run, tmp_path):
+    launch(2, [*PARITY, f"train.run_dir={tmp_path}", *BACKENDS[name]])
     expected = losses(local_run)
     assert expected.shape == (4, 2)
     # fp32 on CPU; only the order of the gradient reduction differs
     torch.testing.assert_close(losses(tmp_path), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_fsdp2_shards_parameters_and_optimizer_states(tmp_path):
+@pytest.mark.parametrize("name", [backend(n) for n in SHARDED])
+def test_sharded_backends_shard_parameters_and_optimizer_states(name, tmp_path):
     sizes = {}
     for world in (1, 2):
-        launch(world, [*PARITY, f"train.run_dir={tmp_path / str(world)}", "parallel.backend=fsdp2",
+        launch(world, [*PARITY, f"train.run_dir={tmp_path / str(world)}", *BACKENDS[name],
                        "train.total_nimg=8"], report=str(tmp_path / f"w{world}"))
         sizes[world] = [json.loads((tmp_path / f"w{world}.rank{r}.json").read_text()) for r in range(world)]
     for key in ("param_bytes", "optim_bytes"):
         full = sizes[1][0][key]
+        assert full > 0
         for rank in sizes[2]:
             assert rank[key] <= full / 2 * 1.05, (key, rank[key], full)  # padding of uneven shards only
+
+
+@pytest.mark.parametrize("name", [backend(n) for n in BACKENDS])
+def test_a_nan_on_one_rank_is_skipped_by_every_rank(name, tmp_path):
+    """Rank 1's generator loss is NaN at step 1: both ranks skip that update and train on, in step."""
+    run_dir = tmp_path / "run"
+    launch(2, [*PARITY, f"train.run_dir={run_dir}", *BACKENDS[name]], report=str(tmp_path / "r"), poison=(1, 1))
+    for rank in range(2):
+        skipped = json.loads((tmp_path / f"r.rank{rank}.json").read_text())["skipped"]
+        assert skipped["nonfinite_steps"] == 1, (rank, skipped)
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    applied = [r["generator/applied"] for r in rows if "generator/applied" in r]
+    assert applied == [1.0, 0.0, 1.0, 1.0]  # the mean over ranks: 0 means both skipped
+    from bigsid.export import load_generator_state
+
+    state = load_generator_state(latest_checkpoint(run_dir))
+    assert all(torch.isfinite(v).all() for v in state.values())
+
+
+@pytest.mark.parametrize("name", [backend(n) for n in ("zero2", "zero3")])
+def test_deepspeed_checkpoint_resumes_exactly_on_the_same_world_size_only(name, tmp_path, local_run):
+    run_dir = tmp_path / "run"
+    launch(2, [*PARITY, f"train.run_dir={run_dir}", *BACKENDS[name], "train.total_nimg=16"])
+    assert latest_checkpoint(run_dir).name == "step-000000002"
+    with pytest.raises(Exception, match="resume on the same number of ranks: relaunch with 2"):
+        launch(1, [*PARITY, f"train.run_dir={run_dir}", *BACKENDS[name]])
+    launch(2, [*PARITY, f"train.run_dir={run_dir}", *BACKENDS[name]])
+    torch.testing.assert_close(losses(run_dir), losses(local_run), rtol=1e-4, atol=1e-5)
+    assert latest_checkpoint(run_dir).name == "step-000000004"
 
 
 def test_fsdp2_checkpoint_resumes_on_another_world_size(tmp_path, local_run):
@@ -73,9 +117,11 @@ def test_fsdp2_checkpoint_resumes_on_another_world_size(tmp_path, local_run):
     assert final.name == "step-000000004" and (final / "dcp").is_dir()
 
 
-def test_fsdp2_on_a_diffusers_unet_matches_local_and_exports(tmp_path_factory, tmp_path):
-    """The UNet path: per-resnet/attention units inside per-block units, teacher sharded too; its DCP checkpoint
-    exports the weights the one-process run holds."""
+@pytest.mark.parametrize("name", [backend(n) for n in SHARDED])
+def test_sharded_backends_on_a_diffusers_unet_match_local_and_export(name, tmp_path_factory, tmp_path):
+    """The UNet path with guidance, the teacher sharded too (fsdp2: per-resnet/attention units inside per-block
+    units; ZeRO-3: the teacher in an engine of its own): the sharded checkpoint exports the weights the
+    one-process run holds."""
     from bigsid.config import GMMConfig
     from bigsid.toy import prepare_toy_teacher
 
@@ -84,18 +130,46 @@ def test_fsdp2_on_a_diffusers_unet_matches_local_and_exports(tmp_path_factory, t
     args = [*PARITY, "teacher.kind=diffusers", f"teacher.path={teacher}", "train.total_nimg=16",
             "eval.num_samples=8", "objective.kappa4=2"]
     Trainer(load_config(None, [*args, f"train.run_dir={tmp_path / 'local'}"])).run()
-    launch(2, [*args, f"train.run_dir={tmp_path / 'fsdp2'}", "parallel.backend=fsdp2"])
-    torch.testing.assert_close(losses(tmp_path / "fsdp2"), losses(tmp_path / "local"), rtol=1e-4, atol=1e-4)
+    launch(2, [*args, f"train.run_dir={tmp_path / 'sharded'}", *BACKENDS[name]])
+    torch.testing.assert_close(losses(tmp_path / "sharded"), losses(tmp_path / "local"), rtol=1e-4, atol=1e-4)
     # The sharded checkpoint exports what the one-process run holds (same training, up to reduction order).
     from bigsid.export import export, load_generator_state
 
     for ema in (True, False):
-        sharded = load_generator_state(latest_checkpoint(tmp_path / "fsdp2"), ema=ema)
+        sharded = load_generator_state(latest_checkpoint(tmp_path / "sharded"), ema=ema)
         full = load_generator_state(latest_checkpoint(tmp_path / "local"), ema=ema)
         assert sharded.keys() == full.keys()
         for k in full:
             # Adam's first steps move a weight by ~lr * sign(grad): where a gradient is ~0, reduction order can
             # flip the sign, so a weight may differ by up to 2 * lr * steps = 4e-4.
             torch.testing.assert_close(sharded[k], full[k], rtol=1e-4, atol=4e-4)
-    out = export(tmp_path / "fsdp2", tmp_path / "export")
+    out = export(tmp_path / "sharded", tmp_path / "export")
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+@needs_deepspeed
+def test_deepspeed_settings_that_contradict_bigsid_are_refused_before_training(tmp_path):
+    from bigsid.config import ConfigError
+
+    def config(user: dict, *extra):
+        path = tmp_path / "ds.json"
+        path.write_text(json.dumps(user))
+        return load_config(None, [*PARITY, "parallel.backend=deepspeed", f"parallel.deepspeed_config={path}", *extra])
+
+    merged = config({"zero_optimization": {"reduce_bucket_size": 5e7}, "gradient_clipping": 0.0})
+    assert merged.parallel.zero_stage == 3
+    with pytest.raises(ConfigError, match="gradient_clipping = 1.0.*from optim.grad_clip"):
+        config({"gradient_clipping": 1.0})
+    with pytest.raises(ConfigError, match="zero_optimization.stage = 2.*parallel.zero_stage"):
+        config({"zero_optimization": {"stage": 2}})
+    with pytest.raises(ConfigError, match="train_batch_size = 64.*train.batch_size"):
+        config({"train_batch_size": 64})
+    with pytest.raises(ConfigError, match="remove the 'optimizer' section; set optim"):
+        config({"optimizer": {"type": "AdamW"}})
+    with pytest.raises(ConfigError, match="remove the 'bf16' section; use train.precision=bf16"):
+        config({"bf16": {"enabled": True}})
+    with pytest.raises(ConfigError, match="parallel.zero_stage"):
+        config({}, "parallel.zero_stage=1")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="is not valid JSON"):
+        load_config(None, [*PARITY, "parallel.backend=deepspeed", f"parallel.deepspeed_config={tmp_path / 'bad.json'}"])

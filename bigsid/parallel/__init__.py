@@ -14,6 +14,10 @@ def build_backend(cfg: Config) -> Backend:
         from bigsid.parallel.ddp import DDPBackend
 
         return DDPBackend(cfg)
+    if name == "deepspeed":
+        from bigsid.parallel.deepspeed import DeepSpeedBackend
+
+        return DeepSpeedBackend(cfg)
     from bigsid.parallel.fsdp2 import FSDP2Backend
 
     return FSDP2Backend(cfg)

@@ -37,6 +37,11 @@ class Trainable:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
+    def stored_params(self) -> list[torch.Tensor]:
+        """The trained parameters as the backend stores them (sharded tensors where sharded), in `params` order,
+        detached: the EMA is kept in the same form and swapped into them in place."""
+        return [p.detach() for p in self.params]
+
     def grad_norm(self) -> torch.Tensor:
         norm = nn.utils.clip_grad_norm_(self.params, self.grad_clip if self.grad_clip > 0 else float("inf"))
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # sharded: the global norm

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from bigsid.parallel.base import Backend, BackendError, Trainable
 from bigsid.parallel.dist import Collectives, init_process_group
@@ -30,6 +30,16 @@ def blocks(net: nn.Module) -> list[nn.Module]:
     outer = [*unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else []), *unet.up_blocks]
     inner = [m for block in outer for m in (*getattr(block, "resnets", []), *(getattr(block, "attentions", None) or []))]
     return inner + outer
+
+
+class FSDP2Trainable(Trainable):
+    def stored_params(self):
+        # While a module is unsharded (a root can stay so after a no-grad forward), FSDP2 computes with the
+        # gathered copies: reshard, so EMA weights swapped into the shards are what the next forward uses.
+        for m in self.inner.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
+        return super().stored_params()
 
 
 class FSDP2Backend(Collectives, Backend):
@@ -63,9 +73,8 @@ class FSDP2Backend(Collectives, Backend):
         self.shard(networks.generator, networks.generator.net)
         self.shard(networks.fake_score, networks.fake_score)
         o = self.cfg.optim
-        return (Trainable(networks.generator, self.make_optimizer(networks.generator, o.lr_generator), o.grad_clip),
-                Trainable(networks.fake_score, self.make_optimizer(networks.fake_score, o.lr_fake_score),
-                          o.grad_clip))
+        return tuple(FSDP2Trainable(net, self.make_optimizer(net, lr), o.grad_clip)
+                     for net, lr in ((networks.generator, o.lr_generator), (networks.fake_score, o.lr_fake_score)))
 
     def _state(self, trainables, ema):
         state = {"ema": ema}

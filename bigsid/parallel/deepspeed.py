@@ -1,0 +1,248 @@
+"""DeepSpeed ZeRO stage 2 or 3: one engine per trained network, the frozen teacher held by ZeRO-3 too.
+
+Stage 2 partitions gradients and optimizer states over ranks; stage 3 partitions the parameters as well and
+gathers each module's just before it runs. bigsid keeps its own mixed-precision recipe on every backend: fp32
+parameters and optimizer states (the master weights), bf16 compute under the trainer's autocast, so losses
+and checkpoints mean the same thing whichever backend wrote them. The optimizer is bigsid's torch Adam handed
+to the engine (DeepSpeed's own would compile FusedAdam and take its betas from elsewhere).
+
+Each engine checkpoints into its own folder (two engines in one folder overwrite each other's files). Beside
+them, every rank writes the generator's weights and EMA it holds (its partitions under stage 3) as
+safetensors, so `bigsid export` reads a DeepSpeed run without DeepSpeed or unpickling. DeepSpeed's own files
+are read back with weights_only loading.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from bigsid.parallel.base import Backend, BackendError, Trainable
+from bigsid.parallel.dist import Collectives, init_process_group
+
+TAG = "state"  # one tag per checkpoint folder; bigsid's step-N folders do the versioning
+WEIGHTS = "weights.rank{rank}.safetensors"
+
+# Keys bigsid sets from its own config; a user DeepSpeed file may repeat them only with the same value.
+OWNED = {
+    "train_batch_size": "train.batch_size",
+    "train_micro_batch_size_per_gpu": "train.batch_size / world size",
+    "gradient_accumulation_steps": "1 (bigsid takes one optimizer step per batch)",
+    "gradient_clipping": "optim.grad_clip",
+    "zero_optimization.stage": "parallel.zero_stage",
+}
+# Sections whose job bigsid does itself; naming them in the user file would silently train something else.
+REFUSED = {
+    "optimizer": "set optim.* (bigsid builds Adam with the papers' betas)",
+    "scheduler": "set optim.lr_schedule",
+    "fp16": "use train.precision=bf16 (fp16 loss scaling is not supported)",
+    "bf16": "use train.precision=bf16 (compute in bf16, fp32 master weights)",
+    "torch_autocast": "use train.precision=bf16",
+}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out |= _flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def read_user_config(path: str) -> dict:
+    """The user's DeepSpeed JSON file (communication buckets, offload, ...), checked against what bigsid owns."""
+    if not path:
+        return {}
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise BackendError(f"parallel.deepspeed_config = {path!r}: no such file")
+    try:
+        user = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise BackendError(f"parallel.deepspeed_config = {path!r} is not valid JSON: {err}") from None
+    if not isinstance(user, dict):
+        raise BackendError(f"parallel.deepspeed_config = {path!r} must hold a JSON object")
+    for key, fix in REFUSED.items():
+        if key in user:
+            raise BackendError(f"parallel.deepspeed_config: remove the '{key}' section; {fix}")
+    return user
+
+
+def engine_config(cfg, world_size: int, user: dict) -> dict:
+    """bigsid's DeepSpeed config, with the user's extra keys merged in; a contradiction is refused."""
+    stage = cfg.parallel.zero_stage
+    ours = {
+        "train_batch_size": cfg.train.batch_size,
+        "train_micro_batch_size_per_gpu": cfg.train.batch_size // world_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,  # bigsid's torch.optim.Adam, partitioned by ZeRO
+        "steps_per_print": 2**62,  # bigsid logs its own metrics
+    }
+    if stage == 3:
+        # Every parameter partitioned, none kept whole: the EMA lives on the partitions, and a whole copy
+        # would go stale when EMA weights are swapped in for sampling.
+        ours["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    flat_ours, flat_user = _flatten(ours), _flatten(user)
+    for key, value in flat_user.items():
+        if key in flat_ours and flat_ours[key] != value:
+            owner = OWNED.get(key, "bigsid")
+            raise BackendError(f"parallel.deepspeed_config sets {key} = {value!r}, but bigsid sets it to "
+                               f"{flat_ours[key]!r} from {owner}: remove the key or change {owner}")
+    merged = json.loads(json.dumps(user))
+    for key, value in flat_ours.items():
+        node = merged
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return merged
+
+
+def _safe_checkpoint_engine(config):
+    """DeepSpeed's torch checkpoint engine, reading with weights_only=True: a checkpoint cannot run code. Its
+    optimizer files hold three plain-data DeepSpeed types besides tensors; exactly those are allowed."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path, map_location=None):
+            with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    return SafeTorchCheckpointEngine(config)
+
+
+def _partitioned(p: torch.Tensor) -> bool:
+    return hasattr(p, "ds_tensor")
+
+
+class DeepSpeedTrainable(Trainable):
+    """A trained network inside its engine: the engine does backward, reduction, clipping and the step, and
+    skips a step whose global gradient norm is not finite (on every rank alike)."""
+
+    def __init__(self, engine, grad_clip: float):
+        super().__init__(engine, engine.optimizer, grad_clip, inner=engine.module)
+        self.engine = engine
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> tuple[torch.Tensor, bool]:
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        norm = torch.tensor(float("nan") if norm is None else float(norm))
+        return norm, bool(torch.isfinite(norm))
+
+    def stored_params(self) -> list[torch.Tensor]:
+        # stage 3: each parameter's own partition (flat, padded); stage 2: the whole parameter
+        return [p.ds_tensor if _partitioned(p) else p.detach() for p in self.params]
+
+
+class DeepSpeedBackend(Collectives, Backend):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        try:
+            import deepspeed
+        except ImportError:
+            raise BackendError("parallel.backend=deepspeed needs DeepSpeed: pip install 'bigsid[deepspeed]'") \
+                from None
+        self.deepspeed = deepspeed
+        self.rank, self.world_size, self.device = init_process_group(cfg.train.device)
+        deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts the process group made above
+        self.config = engine_config(cfg, self.world_size, read_user_config(cfg.parallel.deepspeed_config))
+        self.stage = cfg.parallel.zero_stage
+
+    def _engine(self, module: nn.Module, optimizer: torch.optim.Optimizer | None):
+        engine, *_ = self.deepspeed.initialize(model=module, optimizer=optimizer, config=self.config)
+        engine.checkpoint_engine = _safe_checkpoint_engine(engine._config)
+        return engine
+
+    def prepare(self, networks):
+        for net in (networks.teacher, networks.generator, networks.fake_score, networks.encoder, networks.vae):
+            if net is not None:
+                net.to(self.device)
+        if self.stage == 3 and any(True for _ in networks.teacher.parameters()):
+            # an engine without optimizer: partitioned and gathered per module, never updated
+            self.teacher_engine = self._engine(networks.teacher, None)
+        o = self.cfg.optim
+        trainables = []
+        for net, lr in ((networks.generator, o.lr_generator), (networks.fake_score, o.lr_fake_score)):
+            engine = self._engine(net, self.make_optimizer(net, lr))
+            trainables.append(DeepSpeedTrainable(engine, o.grad_clip))
+        return tuple(trainables)
+
+    def _weights(self, tr: Trainable, ema: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+        """The generator's parameters, buffers and EMA as this rank holds them, and the layout to reassemble
+        them: stage 3 partitions are flat slices, padded at the end, of rank-ordered parameters."""
+        tensors, shapes = {}, {}
+        for name, p in tr.inner.named_parameters():
+            tensors[f"model.{name}"] = p.ds_tensor if _partitioned(p) else p
+            shapes[f"model.{name}"] = list(p.ds_shape if _partitioned(p) else p.shape)
+        saved = tr.inner.state_dict().keys()  # the persistent buffers: what a one-process checkpoint holds
+        for name, b in tr.inner.named_buffers():
+            if name in saved:
+                tensors[f"model.{name}"], shapes[f"model.{name}"] = b, list(b.shape)
+        for name, v in ema.items():
+            tensors[f"ema.{name}"], shapes[f"ema.{name}"] = v, shapes[f"model.{name}"]
+        meta = {"world_size": str(self.world_size), "partitioned": str(self.stage == 3), "shapes": json.dumps(shapes)}
+        return tensors, meta
+
+    def save(self, folder, trainables, ema, rank_state):
+        for name, tr in trainables.items():
+            tr.engine.save_checkpoint(str(folder / name), tag=TAG, save_latest=False)
+        if self.stage == 3 or self.is_main:  # stage 2 holds whole weights, the same on every rank
+            tensors, meta = self._weights(trainables["generator"], ema)
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                      folder / WEIGHTS.format(rank=self.rank), metadata=meta)
+        save_file({k: v.detach().contiguous().cpu() for k, v in rank_state.items()},
+                  folder / f"rank{self.rank}.safetensors")
+
+    def load(self, folder, trainables, ema):
+        written = read_world_size(folder)
+        if written != self.world_size:
+            raise BackendError(f"{folder} was written by {written} DeepSpeed ranks; ZeRO checkpoints resume on the "
+                               f"same number of ranks: relaunch with {written}")
+        for name, tr in trainables.items():
+            tr.engine.load_checkpoint(str(folder / name), tag=TAG, load_optimizer_states=True,
+                                      load_lr_scheduler_states=False)
+        mine = load_file(folder / WEIGHTS.format(rank=self.rank if self.stage == 3 else 0), device=str(self.device))
+        with torch.no_grad():
+            for k, v in ema.items():
+                v.copy_(mine[f"ema.{k}"])
+        return load_file(folder / f"rank{self.rank}.safetensors")
+
+
+def read_world_size(folder: Path) -> int:
+    with safe_open(folder / WEIGHTS.format(rank=0), framework="pt") as f:
+        return int(f.metadata()["world_size"])
+
+
+def read_weights(folder: Path) -> tuple[dict, dict]:
+    """Whole (state, EMA) dicts on the CPU from a DeepSpeed checkpoint folder, for export."""
+    with safe_open(folder / WEIGHTS.format(rank=0), framework="pt") as f:
+        meta = f.metadata()
+    world, shapes = int(meta["world_size"]), json.loads(meta["shapes"])
+    if meta["partitioned"] == "True":
+        parts = [load_file(folder / WEIGHTS.format(rank=r)) for r in range(world)]
+        whole = {}
+        for key, shape in shapes.items():
+            if parts[0][key].shape != torch.Size(shape):  # a flat partition: join ranks, drop the padding
+                whole[key] = torch.cat([p[key] for p in parts])[:math.prod(shape)].reshape(shape)
+            else:
+                whole[key] = parts[0][key]
+    else:
+        whole = load_file(folder / WEIGHTS.format(rank=0))
+    return tuple({k.removeprefix(p): v for k, v in whole.items() if k.startswith(p)} for p in ("model.", "ema."))
