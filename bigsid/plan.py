@@ -18,8 +18,9 @@ free), S the ranks a network is sharded over (1 for local and ddp), N the GPUs, 
                         and R the root parameters (kept unsharded from forward to backward), plus (c + 4) L1 during a
                         trained unit's backward (its unsharded gradients and their fp32 reduce-scatter copy)
   activations    -      measured per sample (below), times each call's batch
-DeepSpeed ZeRO (zero2/zero3, not in bigsid yet) follows ZeRO's mixed-precision layout: working weights and the
-teacher in the compute dtype, whole for ZeRO-2 and /N for ZeRO-3; fp32 master weights, grads, Adam and EMA /N.
+DeepSpeed ZeRO (zero2/zero3) keeps bigsid's precision recipe (parallel/deepspeed.py): fp32 weights and teacher,
+whole for ZeRO-2 and /N for ZeRO-3, plus each engine's fp32 master partition; grads, Adam and EMA /N; ZeRO-3
+gathers fp32 units and autocast casts them as it goes.
 
 The step's peak is the largest of these moments (g = 2 for a guided call, 1 otherwise; trainer.py, objectives/):
   fake_score  the generator's no-grad forward (b); the fake score's forward end (g1 b), autocast still caching
@@ -103,8 +104,13 @@ class ModelSpec:
 
         unet = meta_unet(self.config_json)
         total = sum(p.numel() for p in unet.parameters())
-        units = sorted((sum(p.numel() for p in b.parameters()) for b in blocks(_Wrapped(unet))), reverse=True)
-        return total, units, total - sum(units)
+        # units nest (resnets inside blocks): a unit gathers only the parameters no inner unit holds
+        seen, units = set(), []
+        for block in blocks(_Wrapped(unet)):
+            own = [p for p in block.parameters() if id(p) not in seen]
+            seen.update(id(p) for p in own)
+            units.append(sum(p.numel() for p in own))
+        return total, sorted(units, reverse=True), total - sum(units)
 
     @property
     def params(self) -> int:
@@ -456,7 +462,7 @@ class Backend:
     def label(self) -> str:
         if self.name == "fsdp2" and self.shard < self.gpus:
             return f"fsdp2 hybrid {self.shard}"
-        return self.name + (" (planned)" if self.name.startswith("zero") else "")
+        return self.name
 
 
 CATEGORIES = ("teacher", "weights", "optimizer", "ema", "encoders", "ddp_buckets", "grads", "weight_copies",
@@ -467,8 +473,8 @@ RESIDENT = CATEGORIES[:6]  # held from one step to the next
 def state_bytes(backend: Backend, model: ModelSpec, bf16: bool, foreach_adam: bool = True) -> dict[str, float]:
     """Bytes per GPU held all run long, and those of the phases' grads and optimizer temporaries (see module doc).
 
-    DeepSpeed (planned): ZeRO's mixed-precision layout, working weights and the teacher in the compute dtype,
-    fp32 master weights, Adam and EMA partitioned; ZeRO-2 keeps working weights and teacher whole."""
+    DeepSpeed: fp32 weights and teacher, whole for ZeRO-2 and partitioned for ZeRO-3, each engine's fp32 master
+    partition beside its weights; gradients, Adam and EMA partitioned."""
     p, s, n = model.params, backend.shard, backend.gpus
     out = dict.fromkeys(CATEGORIES, 0.0)
     out["encoders"] = 4 * model.encoder_params
@@ -478,10 +484,8 @@ def state_bytes(backend: Backend, model: ModelSpec, bf16: bool, foreach_adam: bo
         if backend.name == "ddp":
             out["ddp_buckets"] = 8 * p
     else:
-        c = 2 if bf16 else 4
         working = 1 if backend.name == "zero2" else n
-        master = 4 * p / n if bf16 else 0.0
-        out |= {"teacher": c * p / working, "weights": 2 * (c * p / working + master), "optimizer": 16 * p / n,
+        out |= {"teacher": 4 * p / working, "weights": 2 * (4 * p / working + 4 * p / n), "optimizer": 16 * p / n,
                 "ema": 4 * p / n, "grads": 4 * p / n}
     out["temporaries"] = 4 * p / (s if backend.name in ("local", "ddp", "fsdp2") else n) if foreach_adam else 0.0
     return out
@@ -491,7 +495,7 @@ def gathered_bytes(backend: Backend, model: ModelSpec, bf16: bool, trained: bool
     """Unsharded parameters (and a trained unit's gradients) in flight on a sharded backend."""
     if backend.name not in ("fsdp2", "zero3") or backend.shard == 1:
         return 0.0
-    c = 2 if bf16 else 4
+    c = 2 if bf16 and backend.name == "fsdp2" else 4  # ZeRO-3 gathers the fp32 weights
     _, units, root = model.counts
     l1, l2 = units[0], units[1] if len(units) > 1 else 0
     return c * (2 * l1 + l2 + 3 * root) + ((c + 4) * l1 if trained else 0)
@@ -526,8 +530,8 @@ def peak_terms(model: ModelSpec, cfg: Config, backend: Backend, checkpointing: t
     state = state_bytes(backend, model, bf16, foreach_adam=device_type == "cuda")
     held = {k: state[k] for k in RESIDENT}
     grads, temporaries = state["grads"], state["temporaries"]
-    # Sharded and ZeRO backends compute with bf16 weights: no autocast copies of fp32 ones.
-    copies_apply = bf16 and backend.name in ("local", "ddp")
+    # fsdp2 computes with bf16 weights and ZeRO-3 casts units it frees again: no autocast copies of whole weights.
+    copies_apply = bf16 and backend.name in ("local", "ddp", "zero2")
 
     def memory(call: Call) -> CallMemory:
         return measure_call(model.config_json, model.latent_size, model.text_tokens, call.kind,
@@ -678,7 +682,7 @@ def format_plan(model: ModelSpec, cfg: Config, gpus: int, gpu_mem_gib: float, ro
         "",
         "GiB per GPU at the step's peak (phase). allocated: comparable to torch.cuda.max_memory_allocated; needed: "
         "+5% allocator fragmentation + 2 GiB CUDA context, NCCL and workspaces. ckpt: the networks whose activations "
-        "are recomputed. zero2/zero3: DeepSpeed, not in bigsid yet. Model of memory: bigsid/plan.py.",
+        "are recomputed. zero2/zero3: DeepSpeed ZeRO. Model of memory: bigsid/plan.py.",
         "",
     ]
     head = ["backend", "ckpt", "phase", *CATEGORIES, "allocated", "needed", "fits", "max batch"]
