@@ -98,7 +98,8 @@ def random_networks(model: plan.ModelSpec, checkpointing: tuple[str, ...], t_ini
 def resident_bytes(trainer) -> int:
     """Bytes of the tensors a step starts from: weights, buffers, optimizer states, EMA (each storage once)."""
     nets = (trainer.teacher, trainer.generator.inner, trainer.fake_score.inner, trainer.networks.encoder)
-    tensors = [t for n in nets for t in (*n.parameters(), *n.buffers())]
+    # ZeRO-3 parameters are empty placeholders; their partitions (ds_tensor) hold the bytes
+    tensors = [getattr(t, "ds_tensor", t) for n in nets for t in (*n.parameters(), *n.buffers())]
     tensors += [v for tr in (trainer.generator, trainer.fake_score) for s in tr.optimizer.state.values()
                 for v in s.values() if torch.is_tensor(v)]
     tensors += trainer.ema.shadow
@@ -124,9 +125,11 @@ def measure(model: plan.ModelSpec, args, device: torch.device, checkpointing: tu
         f"train.run_dir={tempfile.mkdtemp(prefix='bench_throughput_')}", "train.progress=false",
         "train.log_every=0", "train.sample_every=0", "train.checkpoint_every=0", "train.total_nimg=100000000",
         f"train.batch_size={args.batch * world}", f"train.precision={args.precision}", f"train.device={device}",
-        f"parallel.backend={args.backend}", f"train.activation_checkpointing=[{','.join(checkpointing)}]",
+        *(["parallel.backend=deepspeed", f"parallel.zero_stage={args.backend[-1]}"] if args.backend.startswith("zero")
+          else [f"parallel.backend={args.backend}"]), f"train.activation_checkpointing=[{','.join(checkpointing)}]",
         "objective.name=sid", *(f"objective.kappa{i}=1.5" for i in range(1, 5)), *args.overrides])
-    backend = plan.Backend(args.backend, world, (cfg.parallel.shard_size or world) if args.backend == "fsdp2" else 1)
+    shard = {"fsdp2": cfg.parallel.shard_size or world, "zero2": world, "zero3": world}.get(args.backend, 1)
+    backend = plan.Backend(args.backend, world, shard)
     estimate = plan.estimate(model, cfg, backend, checkpointing, args.batch, args.gpu_mem, device.type)
     row = {"date": datetime.date.today().isoformat(), "model": model.name, "resolution": model.latent_size * 8,
            "backend": backend.label, "gpus": world, "checkpointing": plan.checkpoint_label(checkpointing),
@@ -229,7 +232,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="per-GPU batch")
     parser.add_argument("--checkpointing", nargs="+", type=parse_checkpointing, default=[(), plan.NETWORKS],
                         help="settings to measure: none, all, or e.g. generator,fake_score (default: none all)")
-    parser.add_argument("--backend", default="local", choices=("local", "ddp", "fsdp2"))
+    parser.add_argument("--backend", default="local", choices=("local", "ddp", "fsdp2", "zero2", "zero3"),
+                        help="zero2/zero3: parallel.backend=deepspeed at that ZeRO stage")
     parser.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)

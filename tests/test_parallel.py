@@ -130,7 +130,9 @@ def test_sharded_backends_on_a_diffusers_unet_match_local_and_export(name, tmp_p
     args = [*PARITY, "teacher.kind=diffusers", f"teacher.path={teacher}", "train.total_nimg=16",
             "eval.num_samples=8", "objective.kappa4=2"]
     Trainer(load_config(None, [*args, f"train.run_dir={tmp_path / 'local'}"])).run()
-    launch(2, [*args, f"train.run_dir={tmp_path / 'sharded'}", *BACKENDS[name]])
+    # activation checkpointing of all three networks on top of sharding changes no value
+    launch(2, [*args, f"train.run_dir={tmp_path / 'sharded'}", *BACKENDS[name],
+               "train.activation_checkpointing=[generator,fake_score,teacher]"])
     torch.testing.assert_close(losses(tmp_path / "sharded"), losses(tmp_path / "local"), rtol=1e-4, atol=1e-4)
     # The sharded checkpoint exports what the one-process run holds (same training, up to reduction order).
     from bigsid.export import export, load_generator_state
