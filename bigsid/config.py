@@ -107,6 +107,9 @@ class TrainConfig:
     checkpoint_every: int = 500
     eval_every: int = 0  # toy ground-truth metrics during training; 0: only at the end
     keep_checkpoints: int = 3
+    # Periodic checkpoints copied to host memory at the step, written while training goes on, and made visible
+    # once every rank's writes are done (local, ddp, fsdp2; preemption and final checkpoints are synchronous).
+    async_checkpoint: bool = False
     max_consecutive_skips: int = 20  # non-finite steps in a row before the run stops on its last good state
     # Recompute activations in the backward pass of these networks (any of generator, fake_score, teacher):
     # the generator phase keeps activations of all three, so the teacher's count as much as the others'.
@@ -325,6 +328,8 @@ def _check_deepspeed(cfg: Config) -> None:
     if importlib.util.find_spec("deepspeed") is None:
         raise ConfigError("parallel.backend = 'deepspeed' but DeepSpeed is not installed: "
                           "pip install 'bigsid[deepspeed]', or use parallel.backend=fsdp2")
+    _check(not cfg.train.async_checkpoint, "train.async_checkpoint",
+           "false with parallel.backend=deepspeed (its engines write synchronously)", cfg.train.async_checkpoint)
     _check(cfg.parallel.zero_stage in (2, 3), "parallel.zero_stage", "2 or 3", cfg.parallel.zero_stage)
     from bigsid.parallel.deepspeed import engine_config, read_user_config
 

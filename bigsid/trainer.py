@@ -191,6 +191,7 @@ class Trainer:
         self.consecutive_skips = 0
         self.k = None  # steps of a few-step generator's chain trained this iteration (None: all)
         self.teacher_samples = None  # the teacher sampler's toy samples never change: computed once
+        self.pending = None  # (folder, train state, this rank's write Future) of a checkpoint being written
         self.last_eval: dict = {}
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log = MetricLog(self.run_dir, self.backend.is_main)
@@ -314,6 +315,7 @@ class Trainer:
                 bar.close()
         if not (tr.checkpoint_every and self.step % tr.checkpoint_every == 0):
             self.save_checkpoint()
+        self.finish_checkpoint()
         if not (tr.sample_every and self.step % tr.sample_every == 0):
             self.save_samples()
         if not (tr.eval_every and self.step % tr.eval_every == 0):
@@ -351,8 +353,10 @@ class Trainer:
                 log.warning("signal %s: checkpoint %s written at step %d; exiting for requeue", flag.signum,
                             folder, self.step)
                 raise Preempted(folder)
+            if self.pending is not None and self.backend.all(self.pending[2] is None or self.pending[2].done()):
+                self.finish_checkpoint()
             if tr.checkpoint_every and self.step % tr.checkpoint_every == 0:
-                self.save_checkpoint()
+                self.save_checkpoint(asynchronous=tr.async_checkpoint)
 
     @torch.no_grad()
     def save_samples(self) -> Path | None:
@@ -397,19 +401,33 @@ class Trainer:
 
     # ---- checkpoints ----
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self, asynchronous: bool = False) -> Path:
+        """Write a checkpoint of this step; visible (committed) now, or for an asynchronous one, at the first step
+        boundary where every rank's writes are done."""
+        self.finish_checkpoint()  # one write in flight at a time
         folder = checkpoint.checkpoint_dir(self.run_dir, self.step).with_suffix(".partial")
         if self.backend.is_main:
             checkpoint.begin(self.run_dir, self.step)
         self.backend.barrier()
         rank_state = {"rng": self.rng.get_state()}
-        self.backend.save(folder, self._trainables(), self.ema.state_dict(), rank_state)
+        written = self.backend.save(folder, self._trainables(), self.ema.state_dict(), rank_state, asynchronous)
         data = self.backend.gather(self.stream.state_dict())  # every rank has its own stream position
+        state = {"step": self.step, "nimg": self.nimg, "world_size": self.backend.world_size,
+                 "skipped": dict(self.skipped), "data": data, "config": to_dict(self.cfg)}
+        self.pending = (folder, state, written)
+        return folder.with_suffix("") if asynchronous else self.finish_checkpoint()
+
+    def finish_checkpoint(self) -> Path | None:
+        """Wait for this rank's writes of the pending checkpoint, then rank 0 commits it once all ranks are done."""
+        if self.pending is None:
+            return None
+        folder, state, written = self.pending
+        self.pending = None
+        if written is not None:
+            written.result()  # re-raises a failed write
         self.backend.barrier()
         if not self.backend.is_main:
             return folder.with_suffix("")
-        state = {"step": self.step, "nimg": self.nimg, "world_size": self.backend.world_size,
-                 "skipped": self.skipped, "data": data, "config": to_dict(self.cfg)}
         return checkpoint.commit(folder, state, self.cfg.train.keep_checkpoints)
 
     def _trainables(self):

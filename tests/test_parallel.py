@@ -107,9 +107,11 @@ def test_deepspeed_checkpoint_resumes_exactly_on_the_same_world_size_only(name, 
     assert latest_checkpoint(run_dir).name == "step-000000004"
 
 
-def test_fsdp2_checkpoint_resumes_on_another_world_size(tmp_path, local_run):
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_fsdp2_checkpoint_resumes_on_another_world_size(asynchronous, tmp_path, local_run):
     run_dir = tmp_path / "run"
-    launch(2, [*PARITY, f"train.run_dir={run_dir}", "parallel.backend=fsdp2", "train.total_nimg=16"])
+    launch(2, [*PARITY, f"train.run_dir={run_dir}", "parallel.backend=fsdp2", "train.total_nimg=16",
+               f"train.async_checkpoint={str(asynchronous).lower()}"])
     assert latest_checkpoint(run_dir).name == "step-000000002"
     launch(1, [*PARITY, f"train.run_dir={run_dir}", "parallel.backend=fsdp2"])
     torch.testing.assert_close(losses(run_dir), losses(local_run), rtol=1e-4, atol=1e-5)

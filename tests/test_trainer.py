@@ -68,6 +68,27 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     assert full_result["fd_generator"] == resumed.last_eval["fd_generator"]
 
 
+def test_asynchronous_checkpoint_holds_its_own_step_while_training_goes_on(tmp_path):
+    """Written in the background while steps 6..10 change the weights, step 5's checkpoint still resumes into
+    the uninterrupted run."""
+    import shutil
+
+    full = make(tmp_path / "full", "train.async_checkpoint=true")
+    full.run()
+    assert [p.name for p in complete_checkpoints(tmp_path / "full")] == ["step-000000005", "step-000000010"]
+    (tmp_path / "again" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step-000000005",
+                    tmp_path / "again" / "checkpoints" / "step-000000005")
+    resumed = make(tmp_path / "again")
+    assert resumed.step == 5
+    resumed.run()
+    for a, b in ((full.generator.module, resumed.generator.module), (full.fake_score.module, resumed.fake_score.module)):
+        for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(va, vb), k
+    for va, vb in zip(full.ema.shadow, resumed.ema.shadow):
+        assert torch.equal(va, vb)
+
+
 def test_half_written_checkpoint_is_ignored(tmp_path):
     tr = make(tmp_path, "train.total_nimg=160")
     tr.run()

@@ -8,6 +8,7 @@ collectives stay inside the backend module that implements them.
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -104,6 +105,10 @@ class Backend:
         """True on every rank if `flag` is true on any rank (preemption, stop requests)."""
         return flag
 
+    def all(self, flag: bool) -> bool:
+        """True on every rank if `flag` is true on every rank."""
+        return not self.any(not flag)
+
     def gather(self, obj) -> list:
         """Every rank's `obj`, in rank order (on every rank)."""
         return [obj]
@@ -112,8 +117,11 @@ class Backend:
         pass
 
     def save(self, folder: Path, trainables: dict[str, Trainable], ema: dict[str, torch.Tensor],
-             rank_state: dict[str, torch.Tensor]) -> None:
-        """Write weights, optimizer states and EMA (however sharded) and this rank's own tensors."""
+             rank_state: dict[str, torch.Tensor], asynchronous: bool = False) -> Future | None:
+        """Write weights, optimizer states and EMA (however sharded) and this rank's own tensors.
+
+        asynchronous: copy the state to host memory now and return a Future of the writes, so training goes on
+        while they run; the caller commits the checkpoint once every rank's Future is done."""
         raise NotImplementedError
 
     def load(self, folder: Path, trainables: dict[str, Trainable], ema: dict[str, torch.Tensor]) \

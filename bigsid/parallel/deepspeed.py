@@ -200,7 +200,7 @@ class DeepSpeedBackend(Collectives, Backend):
         meta = {"world_size": str(self.world_size), "partitioned": str(self.stage == 3), "shapes": json.dumps(shapes)}
         return tensors, meta
 
-    def save(self, folder, trainables, ema, rank_state):
+    def save(self, folder, trainables, ema, rank_state, asynchronous=False):  # config refuses asynchronous
         for name, tr in trainables.items():
             tr.engine.save_checkpoint(str(folder / name), tag=TAG, save_latest=False)
         if self.stage == 3 or self.is_main:  # stage 2 holds whole weights, the same on every rank

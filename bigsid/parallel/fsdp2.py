@@ -8,6 +8,7 @@ inside a node). Checkpoints go through torch.distributed.checkpoint, so they loa
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 from torch import nn
@@ -43,6 +44,8 @@ class FSDP2Trainable(Trainable):
 
 
 class FSDP2Backend(Collectives, Backend):
+    checkpoint_group = None
+
     def __init__(self, cfg):
         super().__init__(cfg)
         self.rank, self.world_size, self.device = init_process_group(cfg.train.device)
@@ -83,9 +86,16 @@ class FSDP2Backend(Collectives, Backend):
             state[name] = {"model": model, "optim": optim}
         return state
 
-    def save(self, folder, trainables, ema, rank_state):
-        dcp.save(self._state(trainables, ema), checkpoint_id=str(folder / "dcp"))
+    def save(self, folder, trainables, ema, rank_state, asynchronous=False):
         _save_tensors(rank_state, folder / f"rank{self.rank}.safetensors")
+        if not asynchronous:
+            dcp.save(self._state(trainables, ema), checkpoint_id=str(folder / "dcp"))
+            return None
+        if self.checkpoint_group is None:  # the background writer's collectives run on host memory: gloo
+            self.checkpoint_group = dist.new_group(backend="gloo")
+        # stages a host copy before it returns, then writes in a thread
+        return dcp.async_save(self._state(trainables, ema), checkpoint_id=str(folder / "dcp"),
+                              process_group=self.checkpoint_group)
 
     def load(self, folder, trainables, ema):
         state = self._state(trainables, ema)

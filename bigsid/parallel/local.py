@@ -5,6 +5,7 @@ Full (unsharded) state: safetensors for weights and EMA, weights_only torch file
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -23,7 +24,20 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path)
 
 
+def _host_copy(tree):
+    """Tensors of a nested dict/list copied to host memory, everything else as it is."""
+    if torch.is_tensor(tree):
+        return tree.detach().to("cpu", copy=True)
+    if isinstance(tree, dict):
+        return {k: _host_copy(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_host_copy(v) for v in tree)
+    return tree
+
+
 class LocalBackend(Backend):
+    _writer: ThreadPoolExecutor | None = None
+
     def __init__(self, cfg):
         super().__init__(cfg)
         self.device = pick_device(cfg.train.device)
@@ -44,13 +58,26 @@ class LocalBackend(Backend):
                 Trainable(networks.fake_score, self.make_optimizer(networks.fake_score, o.lr_fake_score),
                           o.grad_clip))
 
-    def save(self, folder, trainables, ema, rank_state):
-        if self.is_main:  # full state is the same on every rank: one writer
-            for name, tr in trainables.items():
-                _save_tensors(tr.inner.state_dict(), folder / f"{name}.safetensors")
-                torch.save(tr.optimizer.state_dict(), folder / f"{name}.optim.pt")
-            _save_tensors(ema, folder / "ema.safetensors")
+    def save(self, folder, trainables, ema, rank_state, asynchronous=False):
         _save_tensors(rank_state, folder / f"rank{self.rank}.safetensors")
+        if not self.is_main:  # full state is the same on every rank: one writer
+            return None
+        states = {name: (tr.inner.state_dict(), tr.optimizer.state_dict()) for name, tr in trainables.items()}
+        ema = dict(ema)
+        if asynchronous:  # a host copy now; training may change the originals while the writer runs
+            states, ema = _host_copy(states), _host_copy(ema)
+
+        def write():
+            for name, (weights, optim) in states.items():
+                _save_tensors(weights, folder / f"{name}.safetensors")
+                torch.save(optim, folder / f"{name}.optim.pt")
+            _save_tensors(ema, folder / "ema.safetensors")
+
+        if not asynchronous:
+            return write()
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        return self._writer.submit(write)
 
     def load(self, folder, trainables, ema):
         device = str(self.device)
