@@ -59,7 +59,9 @@ class UNetDenoiser(nn.Module):
         self.prediction_type = prediction_type
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        return self.unet(x_t, t, encoder_hidden_states=emb, return_dict=False)[0]
+        # a teacher stored in bf16 is also called outside autocast (its evaluation sampler): inputs follow it
+        dtype = self.unet.dtype
+        return self.unet(x_t.to(dtype), t, encoder_hidden_states=emb.to(dtype), return_dict=False)[0]
 
 
 class OneStepGenerator(nn.Module):
@@ -213,6 +215,10 @@ def build_networks(cfg: Config) -> Networks:
     generator_net = copy.deepcopy(student)
     fake_score = copy.deepcopy(student)
     teacher.requires_grad_(False).eval()
+    if cfg.train.precision == "bf16" and cfg.teacher.kind == "diffusers":
+        # Frozen and computed in bf16 anyway: stored in bf16 it takes half the memory and autocast has no copies
+        # of it to cast and keep for the backward through its input. (The toy teacher is exact arithmetic.)
+        teacher.to(torch.bfloat16)
     for net in (generator_net, fake_score):
         net.requires_grad_(True).train()
     if cfg.generator.lora_rank:

@@ -4,7 +4,7 @@
 free), S the ranks a network is sharded over (1 for local and ddp), N the GPUs, c the bytes of the compute dtype
 (2 for bf16, 4 for fp32), b the per-GPU batch. What each GPU holds:
 
-  teacher        4P/S   fp32, as loaded (bigsid does not cast it)
+  teacher        cP/S   frozen, stored in the compute dtype (models.build_networks)
   weights        8P/S   generator and fake_score fp32 master weights
   optimizer     16P/S   Adam exp_avg and exp_avg_sq of both networks
   EMA            4P/S   the generator's
@@ -18,8 +18,8 @@ free), S the ranks a network is sharded over (1 for local and ddp), N the GPUs, 
                         and R the root parameters (kept unsharded from forward to backward), plus (c + 4) L1 during a
                         trained unit's backward (its unsharded gradients and their fp32 reduce-scatter copy)
   activations    -      measured per sample (below), times each call's batch
-DeepSpeed ZeRO (zero2/zero3) keeps bigsid's precision recipe (parallel/deepspeed.py): fp32 weights and teacher,
-whole for ZeRO-2 and /N for ZeRO-3, plus each engine's fp32 master partition; grads, Adam and EMA /N; ZeRO-3
+DeepSpeed ZeRO (zero2/zero3) keeps bigsid's precision recipe (parallel/deepspeed.py): fp32 weights, whole for
+ZeRO-2 and /N for ZeRO-3 (the teacher too), plus each engine's fp32 master partition; grads, Adam and EMA /N; ZeRO-3
 gathers fp32 units and autocast casts them as it goes.
 
 The step's peak is the largest of these moments (g = 2 for a guided call, 1 otherwise; trainer.py, objectives/):
@@ -473,19 +473,20 @@ RESIDENT = CATEGORIES[:6]  # held from one step to the next
 def state_bytes(backend: Backend, model: ModelSpec, bf16: bool, foreach_adam: bool = True) -> dict[str, float]:
     """Bytes per GPU held all run long, and those of the phases' grads and optimizer temporaries (see module doc).
 
-    DeepSpeed: fp32 weights and teacher, whole for ZeRO-2 and partitioned for ZeRO-3, each engine's fp32 master
-    partition beside its weights; gradients, Adam and EMA partitioned."""
+    DeepSpeed: fp32 weights, whole for ZeRO-2 and partitioned for ZeRO-3 (the teacher too), each engine's fp32
+    master partition beside its weights; gradients, Adam and EMA partitioned."""
     p, s, n = model.params, backend.shard, backend.gpus
+    c = 2 if bf16 else 4
     out = dict.fromkeys(CATEGORIES, 0.0)
     out["encoders"] = 4 * model.encoder_params
     if backend.name in ("local", "ddp", "fsdp2"):
-        out |= {"teacher": 4 * p / s, "weights": 8 * p / s, "optimizer": 16 * p / s, "ema": 4 * p / s,
+        out |= {"teacher": c * p / s, "weights": 8 * p / s, "optimizer": 16 * p / s, "ema": 4 * p / s,
                 "grads": 4 * p / s}
         if backend.name == "ddp":
             out["ddp_buckets"] = 8 * p
     else:
         working = 1 if backend.name == "zero2" else n
-        out |= {"teacher": 4 * p / working, "weights": 2 * (4 * p / working + 4 * p / n), "optimizer": 16 * p / n,
+        out |= {"teacher": c * p / working, "weights": 2 * (4 * p / working + 4 * p / n), "optimizer": 16 * p / n,
                 "ema": 4 * p / n, "grads": 4 * p / n}
     out["temporaries"] = 4 * p / (s if backend.name in ("local", "ddp", "fsdp2") else n) if foreach_adam else 0.0
     return out
@@ -540,7 +541,7 @@ def peak_terms(model: ModelSpec, cfg: Config, backend: Backend, checkpointing: t
     def copies(call: Call, autocast_open: bool) -> float:
         # Autocast's cache keeps the casts of weights that require grad (the generator's even in its no-grad call),
         # the graph those an input-gradient backward needs; a frozen no-grad call's casts die with each op.
-        held_copies = call.kind != "no_grad" or call.network == "generator"
+        held_copies = call.network != "teacher" and (call.kind != "no_grad" or call.network == "generator")
         if not (copies_apply and held_copies):
             return 0.0
         return memory(call).weight_copies if autocast_open else memory(call).graph_copies

@@ -41,6 +41,9 @@ def test_teacher_loads_with_from_pretrained_and_keeps_its_truth(teacher_dir):
 def test_distillation_steps_run_on_the_diffusers_path_in_bf16(teacher_dir, tmp_path):
     tr = Trainer(load_config(None, overrides(teacher_dir, tmp_path, "train.precision=bf16", "objective.kappa4=2",
                                               "objective.kappa2=2", "objective.kappa3=2", "objective.kappa1=2")))
+    # the frozen teacher is stored in the compute dtype; the trained networks keep fp32 master weights
+    assert {p.dtype for p in tr.teacher.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in tr.generator.inner.parameters()} == {torch.float32}
     result = tr.run()
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(r["generator/loss"])) for r in rows if "generator/loss" in r)
