@@ -40,4 +40,5 @@ def run(rank: int, world: int, port: int, overrides: list[str], report: str | No
         with open(f"{report}.rank{rank}.json", "w") as f:
             json.dump({"param_bytes": local_bytes(params), "optim_bytes": local_bytes(states),
                        "skipped": trainer.skipped}, f)
+    dist.barrier()  # rank 0 hosts the rendezvous store: no rank leaves while another still uses it
     dist.destroy_process_group()
