@@ -18,9 +18,9 @@ free), S the ranks a network is sharded over (1 for local and ddp), N the GPUs, 
                         and R the root parameters (kept unsharded from forward to backward), plus (c + 4) L1 during a
                         trained unit's backward (its unsharded gradients and their fp32 reduce-scatter copy)
   activations    -      measured per sample (below), times each call's batch
-DeepSpeed ZeRO (zero2/zero3) keeps bigsid's precision recipe (parallel/deepspeed.py): fp32 weights, whole for
-ZeRO-2 and /N for ZeRO-3 (the teacher too), plus each engine's fp32 master partition; grads, Adam and EMA /N; ZeRO-3
-gathers fp32 units and autocast casts them as it goes.
+DeepSpeed ZeRO (zero2/zero3) keeps bigsid's precision recipe (parallel/deepspeed.py): fp32 weights and EMA, whole
+for ZeRO-2 (plus a partitioned fp32 copy its optimizer steps) and /N for ZeRO-3 (the teacher too); grads and Adam
+/N; ZeRO-3 gathers fp32 units and autocast casts them as it goes. Checked against 2 CPU ranks (test_parallel.py).
 
 The step's peak is the largest of these moments (g = 2 for a guided call, 1 otherwise; trainer.py, objectives/):
   fake_score  the generator's no-grad forward (b); the fake score's forward end (g1 b), autocast still caching
@@ -473,8 +473,9 @@ RESIDENT = CATEGORIES[:6]  # held from one step to the next
 def state_bytes(backend: Backend, model: ModelSpec, bf16: bool, foreach_adam: bool = True) -> dict[str, float]:
     """Bytes per GPU held all run long, and those of the phases' grads and optimizer temporaries (see module doc).
 
-    DeepSpeed: fp32 weights, whole for ZeRO-2 and partitioned for ZeRO-3 (the teacher too), each engine's fp32
-    master partition beside its weights; gradients, Adam and EMA partitioned."""
+    DeepSpeed: fp32 weights and EMA, whole for ZeRO-2 (plus a partitioned fp32 copy the optimizer steps) and
+    partitioned for ZeRO-3 (the teacher too, the optimizer stepping the partitions in place); gradients and Adam
+    partitioned."""
     p, s, n = model.params, backend.shard, backend.gpus
     c = 2 if bf16 else 4
     out = dict.fromkeys(CATEGORIES, 0.0)
@@ -486,8 +487,10 @@ def state_bytes(backend: Backend, model: ModelSpec, bf16: bool, foreach_adam: bo
             out["ddp_buckets"] = 8 * p
     else:
         working = 1 if backend.name == "zero2" else n
-        out |= {"teacher": c * p / working, "weights": 2 * (4 * p / working + 4 * p / n), "optimizer": 16 * p / n,
-                "ema": 4 * p / n, "grads": 4 * p / n}
+        # ZeRO-2 steps a partitioned fp32 copy beside the whole weights; ZeRO-3 steps the fp32 partitions in place
+        master = 4 * p / n if backend.name == "zero2" else 0.0
+        out |= {"teacher": c * p / working, "weights": 2 * (4 * p / working + master), "optimizer": 16 * p / n,
+                "ema": 4 * p / working, "grads": 4 * p / n}
     out["temporaries"] = 4 * p / (s if backend.name in ("local", "ddp", "fsdp2") else n) if foreach_adam else 0.0
     return out
 

@@ -37,8 +37,16 @@ def run(rank: int, world: int, port: int, overrides: list[str], report: str | No
         params = [p for tr in trainables for p in tr.stored_params()]
         states = [v for tr in trainables for s in tr.optimizer.state.values()
                   for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
+        # ZeRO's optimizer steps fp32 master partitions (its wrapped optimizer's parameters): under ZeRO-2 a copy
+        # beside the whole weights, under ZeRO-3 the weights' own partitions; counted once per storage
+        masters = [p for tr in trainables for g in getattr(tr.optimizer, "optimizer", tr.optimizer).param_groups
+                   for p in g["params"] if getattr(tr.optimizer, "optimizer", None) is not None]
+        teacher = [getattr(p, "ds_tensor", p) for p in trainer.teacher.parameters()]
+        local = [t.to_local() if hasattr(t, "to_local") else t for t in params + masters]
+        weight_bytes = sum({id(t.untyped_storage()): t.untyped_storage().nbytes() for t in local}.values())
         with open(f"{report}.rank{rank}.json", "w") as f:
             json.dump({"param_bytes": local_bytes(params), "optim_bytes": local_bytes(states),
-                       "skipped": trainer.skipped}, f)
+                       "weight_bytes": weight_bytes, "teacher_bytes": local_bytes(teacher),
+                       "ema_bytes": local_bytes(trainer.ema.shadow), "skipped": trainer.skipped}, f)
     dist.barrier()  # rank 0 hosts the rendezvous store: no rank leaves while another still uses it
     dist.destroy_process_group()

@@ -78,6 +78,29 @@ def test_sharded_backends_shard_parameters_and_optimizer_states(name, tmp_path):
             assert rank[key] <= full / 2 * 1.05, (key, rank[key], full)  # padding of uneven shards only
 
 
+@pytest.mark.parametrize("name", [backend(n) for n in ("fsdp2", "zero2", "zero3")])
+def test_planner_state_bytes_match_each_rank(name, tmp_path_factory, tmp_path):
+    """What `bigsid plan` says a rank holds (teacher, weights with ZeRO's master partitions, Adam, EMA) against
+    what each of 2 ranks holds after a step on a diffusers UNet."""
+    from bigsid import plan
+    from bigsid.config import GMMConfig
+    from bigsid.toy import prepare_toy_teacher
+
+    teacher = prepare_toy_teacher(tmp_path_factory.mktemp("t") / "teacher",
+                                  GMMConfig(num_prompts=1, modes_per_prompt=2, latent_shape=[4, 8, 8]), fit_steps=1)
+    args = [*PARITY, "teacher.kind=diffusers", f"teacher.path={teacher}", "train.total_nimg=8", "eval.num_samples=8",
+            f"train.run_dir={tmp_path / 'run'}", *BACKENDS[name]]
+    launch(2, args, report=str(tmp_path / "r"))
+    model = plan.load_model(cfg=load_config(None, args))
+    state = plan.state_bytes(plan.Backend(name, 2, 2), model, bf16=False)
+    for rank in range(2):
+        held = json.loads((tmp_path / f"r.rank{rank}.json").read_text())
+        # per-parameter padding of uneven shards only
+        for key in ("teacher", "weight", "optim", "ema"):
+            planned = state[{"weight": "weights", "optim": "optimizer"}.get(key, key)]
+            assert held[f"{key}_bytes"] == pytest.approx(planned, rel=0.05), (key, held, state)
+
+
 @pytest.mark.parametrize("name", [backend(n) for n in BACKENDS])
 def test_a_nan_on_one_rank_is_skipped_by_every_rank(name, tmp_path):
     """Rank 1's generator loss is NaN at step 1: both ranks skip that update and train on, in step."""
