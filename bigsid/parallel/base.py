@@ -70,7 +70,7 @@ class Trainable:
 
 
 class Backend:
-    """Single-process defaults for everything but placement and checkpoint format."""
+    """Single-process defaults for everything but wrapping and checkpoint format."""
 
     rank: int = 0
     world_size: int = 1
@@ -82,6 +82,12 @@ class Backend:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def place(self, networks) -> None:
+        """Every network on this rank's device, before any wrapping."""
+        for net in (networks.teacher, networks.generator, networks.fake_score, networks.encoder, networks.vae):
+            if net is not None:
+                net.to(self.device)
 
     def prepare(self, networks) -> tuple[Trainable, Trainable]:
         """Place and wrap teacher, generator and fake score; return (generator, fake_score) trainables.

@@ -171,9 +171,7 @@ class DeepSpeedBackend(Collectives, Backend):
         return engine
 
     def prepare(self, networks):
-        for net in (networks.teacher, networks.generator, networks.fake_score, networks.encoder, networks.vae):
-            if net is not None:
-                net.to(self.device)
+        self.place(networks)
         if self.stage == 3 and any(True for _ in networks.teacher.parameters()):
             # an engine without optimizer: partitioned and gathered per module, never updated
             self.teacher_engine = self._engine(networks.teacher, None)

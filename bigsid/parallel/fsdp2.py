@@ -68,9 +68,7 @@ class FSDP2Backend(Collectives, Backend):
         return fully_shard(module, mesh=self.mesh, mp_policy=self.mp)
 
     def prepare(self, networks):
-        for net in (networks.teacher, networks.generator, networks.fake_score, networks.encoder, networks.vae):
-            if net is not None:
-                net.to(self.device)
+        self.place(networks)
         if any(True for _ in networks.teacher.parameters()):
             self.shard(networks.teacher, networks.teacher)
         self.shard(networks.generator, networks.generator.net)

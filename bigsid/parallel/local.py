@@ -46,11 +46,6 @@ class LocalBackend(Backend):
             raise BackendError(f"parallel.backend=local runs one process, but torchrun started WORLD_SIZE={world}: "
                                "set parallel.backend=ddp or fsdp2, or launch one process")
 
-    def place(self, networks) -> None:
-        for net in (networks.teacher, networks.generator, networks.fake_score, networks.encoder, networks.vae):
-            if net is not None:
-                net.to(self.device)
-
     def prepare(self, networks):
         self.place(networks)
         o = self.cfg.optim
