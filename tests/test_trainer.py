@@ -22,6 +22,15 @@ def changed(before, module):
     return {k for k, v in module.state_dict().items() if not torch.equal(before[k], v)}
 
 
+def assert_same_state(a: Trainer, b: Trainer) -> None:
+    """Generator, fake score and EMA bit-identical."""
+    for x, y in ((a.generator.module, b.generator.module), (a.fake_score.module, b.fake_score.module)):
+        for (k, vx), vy in zip(x.state_dict().items(), y.state_dict().values()):
+            assert torch.equal(vx, vy), k
+    for vx, vy in zip(a.ema.shadow, b.ema.shadow):
+        assert torch.equal(vx, vy)
+
+
 def test_each_phase_updates_only_its_own_network(tmp_path):
     tr = make(tmp_path)
     teacher_params = list(tr.teacher.parameters())
@@ -57,11 +66,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     resumed = make(tmp_path / "part")
     assert resumed.step == 5
     resumed.run()
-    for a, b in ((full.generator.module, resumed.generator.module), (full.fake_score.module, resumed.fake_score.module)):
-        for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
-            assert torch.equal(va, vb), k
-    for va, vb in zip(full.ema.shadow, resumed.ema.shadow):
-        assert torch.equal(va, vb)
+    assert_same_state(full, resumed)
     rows = lambda p: [json.loads(l) for l in (p / "metrics.jsonl").read_text().splitlines() if "generator/loss" in l]
     full_rows, part_rows = rows(tmp_path / "full"), rows(tmp_path / "part")
     assert [r["generator/loss"] for r in full_rows] == [r["generator/loss"] for r in part_rows]
@@ -82,11 +87,7 @@ def test_asynchronous_checkpoint_holds_its_own_step_while_training_goes_on(tmp_p
     resumed = make(tmp_path / "again")
     assert resumed.step == 5
     resumed.run()
-    for a, b in ((full.generator.module, resumed.generator.module), (full.fake_score.module, resumed.fake_score.module)):
-        for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
-            assert torch.equal(va, vb), k
-    for va, vb in zip(full.ema.shadow, resumed.ema.shadow):
-        assert torch.equal(va, vb)
+    assert_same_state(full, resumed)
 
 
 def test_half_written_checkpoint_is_ignored(tmp_path):

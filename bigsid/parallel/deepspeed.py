@@ -21,11 +21,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from bigsid.parallel.base import Backend, BackendError, Trainable
 from bigsid.parallel.dist import Collectives, init_process_group
+from bigsid.parallel.local import _save_tensors
 
 TAG = "state"  # one tag per checkpoint folder; bigsid's step-N folders do the versioning
 WEIGHTS = "weights.rank{rank}.safetensors"
@@ -182,7 +183,7 @@ class DeepSpeedBackend(Collectives, Backend):
             trainables.append(DeepSpeedTrainable(engine, o.grad_clip))
         return tuple(trainables)
 
-    def _weights(self, tr: Trainable, ema: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    def _weights(self, tr: Trainable, ema: dict[str, torch.Tensor]) -> tuple[dict, dict[str, str]]:
         """The generator's parameters, buffers and EMA as this rank holds them, and the layout to reassemble
         them: stage 3 partitions are flat slices, padded at the end, of rank-ordered parameters."""
         tensors, shapes = {}, {}
@@ -203,10 +204,8 @@ class DeepSpeedBackend(Collectives, Backend):
             tr.engine.save_checkpoint(str(folder / name), tag=TAG, save_latest=False)
         if self.stage == 3 or self.is_main:  # stage 2 holds whole weights, the same on every rank
             tensors, meta = self._weights(trainables["generator"], ema)
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-                      folder / WEIGHTS.format(rank=self.rank), metadata=meta)
-        save_file({k: v.detach().contiguous().cpu() for k, v in rank_state.items()},
-                  folder / f"rank{self.rank}.safetensors")
+            _save_tensors(tensors, folder / WEIGHTS.format(rank=self.rank), meta)
+        _save_tensors(rank_state, folder / f"rank{self.rank}.safetensors")
 
     def load(self, folder, trainables, ema):
         written = read_world_size(folder)
@@ -216,10 +215,11 @@ class DeepSpeedBackend(Collectives, Backend):
         for name, tr in trainables.items():
             tr.engine.load_checkpoint(str(folder / name), tag=TAG, load_optimizer_states=True,
                                       load_lr_scheduler_states=False)
-        mine = load_file(folder / WEIGHTS.format(rank=self.rank if self.stage == 3 else 0), device=str(self.device))
-        with torch.no_grad():
+        # the EMA only: the engines restored the weights
+        with safe_open(folder / WEIGHTS.format(rank=self.rank if self.stage == 3 else 0), framework="pt") as f, \
+                torch.no_grad():
             for k, v in ema.items():
-                v.copy_(mine[f"ema.{k}"])
+                v.copy_(f.get_tensor(f"ema.{k}"))
         return load_file(folder / f"rank{self.rank}.safetensors")
 
 
