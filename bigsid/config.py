@@ -75,6 +75,10 @@ class ObjectiveConfig:
     sim_c: float = 1.0
     sim_c_units: str = "x0"  # x0: c per element of f_psi - f_phi (scale-free over t); score: the paper's raw c
     sim_weighting: str = "adaptive"  # adaptive: SiD's 1/mean|x_gen - f_phi| over d's curvature; uniform: w(t)=1
+    # Fake-score loss weight. uniform: SiD-LSG's plain || eps_hat - eps ||^2. edm: SiD's EDM form,
+    # lambda(sigma) || f_psi - x_gen ||^2 with lambda = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2.
+    fake_score_weighting: str = "uniform"
+    sigma_data: float = 0.5
 
 
 @dataclass
@@ -167,6 +171,7 @@ CHOICES = {
     "objective.sim_distance": ("pseudo_huber", "l2"),
     "objective.sim_c_units": ("x0", "score"),
     "objective.sim_weighting": ("adaptive", "uniform"),
+    "objective.fake_score_weighting": ("uniform", "edm"),
     "optim.lr_schedule": ("constant", "cosine"),
     "train.precision": ("fp32", "bf16"),
     "train.attention": ("sdpa", "xformers"),

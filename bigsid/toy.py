@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import scipy.linalg
+import scipy.stats
 import torch
 from torch import nn
 
@@ -209,6 +210,15 @@ def mode_tv(x: torch.Tensor, truth: GMM, prompt: int) -> float:
     return 0.5 * (freq - truth.weights[prompt].double()).abs().sum().item()
 
 
+def off_mode_fraction(x: torch.Tensor, truth: GMM, prompt: int, mass: float = 0.999) -> float:
+    """Fraction of samples farther from every true mode than the radius holding `mass` of one mode's samples
+    (std * sqrt(chi2_D quantile)): the bridges between modes that a continuous one-step map leaves, which
+    dominate a small Frechet distance and which mode frequencies do not show."""
+    radius = truth.std * math.sqrt(scipy.stats.chi2.ppf(mass, truth.dim))
+    nearest = torch.cdist(x.flatten(1).double(), truth.means[prompt].double()).min(1).values
+    return (nearest > radius).double().mean().item()
+
+
 @torch.no_grad()
 def sample_generator(generator: nn.Module, encoder: nn.Module, prompt: str, n: int, shape, seed: int,
                      batch: int = 1000) -> torch.Tensor:
@@ -245,7 +255,7 @@ def evaluate(generator: nn.Module, encoder: nn.Module, truth: GMM, num_samples: 
              teacher_samples: dict[str, torch.Tensor] | None = None) -> dict:
     """Frechet distance and mode coverage of one-step samples against exact samples, per prompt and mean."""
     gen = torch.Generator().manual_seed(seed + 1)
-    fd, fd_teacher, fd_ref, tv, tv_teacher = [], [], [], [], []
+    fd, fd_teacher, fd_ref, tv, tv_teacher, off, off_teacher = [], [], [], [], [], [], []
     for p, prompt in enumerate(truth.prompts):
         index = torch.full((num_samples,), p)
         exact, _ = truth.sample(index, gen)
@@ -253,15 +263,19 @@ def evaluate(generator: nn.Module, encoder: nn.Module, truth: GMM, num_samples: 
         x = sample_generator(generator, encoder, prompt, num_samples, truth.latent_shape, seed + 100 + p)
         fd.append(frechet_distance(x, exact))
         tv.append(mode_tv(x, truth, p))
+        off.append(off_mode_fraction(x, truth, p))
         fd_ref.append(frechet_distance(exact2, exact))
         if teacher_samples is not None:
             fd_teacher.append(frechet_distance(teacher_samples[prompt], exact))
             tv_teacher.append(mode_tv(teacher_samples[prompt], truth, p))
+            off_teacher.append(off_mode_fraction(teacher_samples[prompt], truth, p))
     metrics = {"num_samples": num_samples, "fd_generator": float(np.mean(fd)), "mode_coverage_tv": float(np.mean(tv)),
+               "off_mode_fraction": float(np.mean(off)),
                "fd_reference": float(np.mean(fd_ref)), "fd_generator_per_prompt": fd}
     if fd_teacher:
         metrics |= {"fd_teacher_sampler": float(np.mean(fd_teacher)),
-                    "mode_coverage_tv_teacher_sampler": float(np.mean(tv_teacher))}
+                    "mode_coverage_tv_teacher_sampler": float(np.mean(tv_teacher)),
+                    "off_mode_fraction_teacher_sampler": float(np.mean(off_teacher))}
     return metrics
 
 

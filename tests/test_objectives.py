@@ -177,6 +177,26 @@ def test_fake_score_loss_is_zero_mean_residual_for_the_exact_score():
     assert abs(loss.mean().item() - DIM * (1 - s ** 2)) < 0.02 * DIM
 
 
+def test_edm_fake_score_loss_is_lambda_sigma_times_the_x0_error():
+    """SiD's EDM form: lambda(sigma) || f_psi - x_gen ||^2, lambda = (sigma^2 + sd^2) / (sigma sd)^2, sigma = s / a."""
+    n, sd = 64, 0.7
+    mu, sigma, z, eps, teacher, fake, gen = setup([0.3, -0.2, 0.5], 1.3, n)
+    x_gen = (mu + sigma * z).detach()
+    t = torch.randint(20, 980, (n,), generator=gen)
+    obj = objective(SiD, fake_score_weighting="edm", sigma_data=sd)
+    loss, _ = obj.fake_score_loss(teacher, x_gen, cond(n), t=t, eps=eps)
+    a, s = SCHEDULE.coeffs(t, 2)
+    edm_sigma = s / a
+    lam = (edm_sigma ** 2 + sd ** 2) / (edm_sigma * sd) ** 2
+    x_t = SCHEDULE.add_noise(x_gen, eps, t)
+    expected = (lam * (teacher(x_t, t, None) - x_gen).square()).sum(1)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)  # the schedule's a_t, s_t are float32
+    uniform, _ = objective(SiD).fake_score_loss(teacher, x_gen, cond(n), t=t, eps=eps)
+    # large t gains weight over the plain eps loss: (sigma^2 + sd^2) / sd^2 grows with t
+    ratio = loss / uniform
+    assert torch.all(ratio[t.argsort()].diff() >= -1e-9) and ratio.max() > 100
+
+
 @pytest.mark.parametrize("name", ["sid", "sim", "dmd"])
 def test_guided_scores_use_kappa4_for_the_teacher_and_kappa2_for_the_fake(name):
     calls = []

@@ -54,10 +54,15 @@ class Objective:
 
     def fake_score_loss(self, fake_score: nn.Module, x_gen: torch.Tensor, cond: Cond,
                         t: torch.Tensor | None = None, eps: torch.Tensor | None = None) -> tuple[torch.Tensor, Metrics]:
-        """|| eps_psi^kappa1(x_t, t, c) - eps ||^2 on detached generator samples, no time weight (SiD-LSG)."""
+        """|| eps_psi^kappa1(x_t, t, c) - eps ||^2 on detached generator samples: no time weight (SiD-LSG), or
+        EDM's lambda(sigma) on the x0 error, which is (sigma^2 + sigma_data^2) / sigma_data^2 on the eps error
+        (x0 error = sigma * eps error at fixed x_t, sigma = s_t / a_t)."""
         t, eps, x_t = self.noise(x_gen.detach(), t, eps)
         eps_hat = predict(fake_score, self.schedule, x_t, t, cond, self.cfg.kappa1, out="epsilon")
         loss = per_sample_sum((upcast(eps_hat) - upcast(eps)).square())
+        if self.cfg.fake_score_weighting == "edm":
+            a, s = self.schedule.coeffs(t, 1)
+            loss = loss * ((s / a).square() + self.cfg.sigma_data ** 2).flatten() / self.cfg.sigma_data ** 2
         return loss, {"fake_score/loss": loss.detach()}
 
     def generator_loss(self, teacher: nn.Module, fake_score: nn.Module, x_gen: torch.Tensor, cond: Cond,
