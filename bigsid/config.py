@@ -278,6 +278,7 @@ def validate(cfg: Config) -> Config:
     _check(0.0 <= o.prompt_drop < 1.0, "objective.prompt_drop", "a rate in [0, 1)", o.prompt_drop)
     _check(o.alpha > 0, "objective.alpha", "> 0", o.alpha)
     _check(o.sim_c > 0, "objective.sim_c", "> 0", o.sim_c)
+    _check(o.sigma_data > 0, "objective.sigma_data", "> 0 (the data's standard deviation)", o.sigma_data)
     for k in ("lr_generator", "lr_fake_score"):
         _check(getattr(cfg.optim, k) > 0, f"optim.{k}", "> 0", getattr(cfg.optim, k))
     _check(0 <= cfg.optim.beta1 < 1 and 0 <= cfg.optim.beta2 < 1, "optim.beta1/beta2", "in [0, 1)",

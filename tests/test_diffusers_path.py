@@ -104,7 +104,9 @@ def test_cli_refuses_bad_config_with_exit_2_and_the_key(tmp_path, capsys):
     assert main(["train", str(cfg).replace("c.yaml", "none.yaml")]) == 2
     for bad, key in (("objective.alpha=abc", "objective.alpha"), ("train.batch_size=0", "train.batch_size"),
                      ("objective.name=foo", "objective.name"), ("objective.t_max=1500", "t_max"),
-                     ("teacher.gmm.latent_shape=[4,4]", "latent_shape")):
+                     ("teacher.gmm.latent_shape=[4,4]", "latent_shape"),
+                     ("objective.fake_score_weighting=karras", "objective.fake_score_weighting"),
+                     ("objective.sigma_data=0", "objective.sigma_data")):
         assert main(["train", "-", bad]) == 2
         assert key in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
