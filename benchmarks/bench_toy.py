@@ -90,8 +90,9 @@ def write(out: Path) -> None:
     objectives = list(dict.fromkeys(r["objective"] for r in results))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for color, objective in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], objectives):
-        for i, r in enumerate(r for r in results if r["objective"] == objective):
-            ax.plot([c[0] for c in r["curve"]], [c[1] for c in r["curve"]], "-", c=color, lw=1, alpha=0.8,
+        for i, seed_run in enumerate(r for r in results if r["objective"] == objective):
+            curve = seed_run["curve"]
+            ax.plot([c[0] for c in curve], [c[1] for c in curve], "-", c=color, lw=1, alpha=0.8,
                     label=objective if i == 0 else None)
     ax.axhline(results[0]["fd_teacher_sampler"], ls="--", c="gray", label="teacher, 25 DDIM steps")
     ax.axhline(results[0]["fd_reference"], ls=":", c="gray", label="exact vs exact")

@@ -94,8 +94,9 @@ class GMM:
         r = torch.softmax(self.log_prior(index).to(x_t) - sq / (2 * v), dim=1)
         return s.square() / v * (r @ mu) + a * self.std ** 2 / v * x_t
 
-    def nearest_mode(self, x: torch.Tensor, prompt: int) -> torch.Tensor:
-        return torch.cdist(x.flatten(1).double(), self.means[prompt].double()).argmin(1)
+    def nearest_mode(self, x: torch.Tensor, prompt: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Distance to, and index of, the nearest of `prompt`'s modes for each sample."""
+        return torch.cdist(x.flatten(1).double(), self.means[prompt].double()).min(1)
 
 
 class GMMDenoiser(nn.Module):
@@ -203,20 +204,18 @@ def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(np.sum((mu_x - mu_y) ** 2) + np.trace(c_x + c_y - 2 * covmean))
 
 
-def mode_tv(x: torch.Tensor, truth: GMM, prompt: int) -> float:
-    """Total variation between the frequencies of the nearest true modes and the true weights."""
-    k = truth.weights.shape[1]
-    freq = torch.bincount(truth.nearest_mode(x, prompt), minlength=k).double() / len(x)
-    return 0.5 * (freq - truth.weights[prompt].double()).abs().sum().item()
+def mode_scores(x: torch.Tensor, truth: GMM, prompt: int, mass: float = 0.999) -> tuple[float, float]:
+    """(mode_coverage_tv, off_mode_fraction) of samples x of `prompt`.
 
-
-def off_mode_fraction(x: torch.Tensor, truth: GMM, prompt: int, mass: float = 0.999) -> float:
-    """Fraction of samples farther from every true mode than the radius holding `mass` of one mode's samples
+    TV: total variation between the frequencies of the nearest true modes and the true weights. Off-mode: the
+    fraction of samples farther from every true mode than the radius holding `mass` of one mode's samples
     (std * sqrt(chi2_D quantile)): the bridges between modes that a continuous one-step map leaves, which
-    dominate a small Frechet distance and which mode frequencies do not show."""
+    mode frequencies do not show and a small Frechet distance hardly sees."""
+    distance, mode = truth.nearest_mode(x, prompt)
+    freq = torch.bincount(mode, minlength=truth.weights.shape[1]).double() / len(x)
     radius = truth.std * math.sqrt(scipy.stats.chi2.ppf(mass, truth.dim))
-    nearest = torch.cdist(x.flatten(1).double(), truth.means[prompt].double()).min(1).values
-    return (nearest > radius).double().mean().item()
+    return (0.5 * (freq - truth.weights[prompt].double()).abs().sum().item(),
+            (distance > radius).double().mean().item())
 
 
 @torch.no_grad()
@@ -251,31 +250,31 @@ def sample_teacher(teacher: nn.Module, schedule: VPSchedule, scheduler_config: d
     return x0.float().cpu()
 
 
+# the metric names of toy_metrics.json: (FD, mode TV, off-mode fraction) of each sample set
+SCORE_KEYS = {"generator": ("fd_generator", "mode_coverage_tv", "off_mode_fraction"),
+              "teacher_sampler": ("fd_teacher_sampler", "mode_coverage_tv_teacher_sampler",
+                                  "off_mode_fraction_teacher_sampler")}
+
+
 def evaluate(generator: nn.Module, encoder: nn.Module, truth: GMM, num_samples: int, seed: int = 0,
              teacher_samples: dict[str, torch.Tensor] | None = None) -> dict:
     """Frechet distance and mode coverage of one-step samples against exact samples, per prompt and mean."""
     gen = torch.Generator().manual_seed(seed + 1)
-    fd, fd_teacher, fd_ref, tv, tv_teacher, off, off_teacher = [], [], [], [], [], [], []
+    rows: dict[str, list[float]] = {}
     for p, prompt in enumerate(truth.prompts):
         index = torch.full((num_samples,), p)
         exact, _ = truth.sample(index, gen)
         exact2, _ = truth.sample(index, gen)
         x = sample_generator(generator, encoder, prompt, num_samples, truth.latent_shape, seed + 100 + p)
-        fd.append(frechet_distance(x, exact))
-        tv.append(mode_tv(x, truth, p))
-        off.append(off_mode_fraction(x, truth, p))
-        fd_ref.append(frechet_distance(exact2, exact))
+        scored = [(SCORE_KEYS["generator"], x)]
         if teacher_samples is not None:
-            fd_teacher.append(frechet_distance(teacher_samples[prompt], exact))
-            tv_teacher.append(mode_tv(teacher_samples[prompt], truth, p))
-            off_teacher.append(off_mode_fraction(teacher_samples[prompt], truth, p))
-    metrics = {"num_samples": num_samples, "fd_generator": float(np.mean(fd)), "mode_coverage_tv": float(np.mean(tv)),
-               "off_mode_fraction": float(np.mean(off)),
-               "fd_reference": float(np.mean(fd_ref)), "fd_generator_per_prompt": fd}
-    if fd_teacher:
-        metrics |= {"fd_teacher_sampler": float(np.mean(fd_teacher)),
-                    "mode_coverage_tv_teacher_sampler": float(np.mean(tv_teacher)),
-                    "off_mode_fraction_teacher_sampler": float(np.mean(off_teacher))}
+            scored.append((SCORE_KEYS["teacher_sampler"], teacher_samples[prompt]))
+        for keys, samples in scored:
+            for key, value in zip(keys, (frechet_distance(samples, exact), *mode_scores(samples, truth, p))):
+                rows.setdefault(key, []).append(value)
+        rows.setdefault("fd_reference", []).append(frechet_distance(exact2, exact))
+    metrics = {"num_samples": num_samples, "fd_generator_per_prompt": rows["fd_generator"]}
+    metrics |= {key: float(np.mean(values)) for key, values in rows.items()}
     return metrics
 
 

@@ -7,7 +7,7 @@ import torch
 
 from bigsid.config import GMMConfig
 from bigsid.diffusion import SD_SCHEDULER_CONFIG, VPSchedule
-from bigsid.toy import GMM, frechet_distance, mode_tv, off_mode_fraction
+from bigsid.toy import GMM, frechet_distance, mode_scores
 
 SCHEDULE = VPSchedule.from_scheduler_config(SD_SCHEDULER_CONFIG)
 TRUTH = GMM.from_config(GMMConfig(num_prompts=2, modes_per_prompt=3, latent_shape=[4, 2, 2], mode_std=0.1, seed=0))
@@ -42,18 +42,19 @@ def test_exact_samples_score_as_exact():
     y, _ = TRUTH.sample(torch.zeros(20_000, dtype=torch.long), gen)
     assert modes.max() < 3  # prompt 0 draws only its own components
     assert frechet_distance(x, y) < 0.01
-    assert mode_tv(x, TRUTH, 0) < 0.01
-    assert off_mode_fraction(x, TRUTH, 0) == pytest.approx(0.001, abs=0.001)  # the radius holds 99.9%
+    tv, off = mode_scores(x, TRUTH, 0)
+    assert tv < 0.01
+    assert off == pytest.approx(0.001, abs=0.001)  # the radius holds 99.9%
 
 
 def test_metrics_see_lost_modes_and_bridges():
     gen = torch.Generator().manual_seed(2)
     x, modes = TRUTH.sample(torch.zeros(6000, dtype=torch.long), gen)
     one_mode = x[modes == 0]
-    assert mode_tv(one_mode, TRUTH, 0) == pytest.approx(2 / 3)
+    assert mode_scores(one_mode, TRUTH, 0)[0] == pytest.approx(2 / 3)
     # half the samples moved to midpoints between two modes: mode frequencies can stay right, bridges cannot hide
     mu = TRUTH.means[0]
     bridged = x.flatten(1).clone()
     bridged[::2] = 0.5 * (mu[modes[::2]] + mu[(modes[::2] + 1) % 3])
-    assert off_mode_fraction(bridged, TRUTH, 0) == pytest.approx(0.5, abs=0.01)
+    assert mode_scores(bridged, TRUTH, 0)[1] == pytest.approx(0.5, abs=0.01)
     assert frechet_distance(bridged, x) > 0.1
