@@ -44,18 +44,14 @@ def _report(run_dir, metrics: dict) -> None:
 
 
 def cmd_eval(args) -> int:
-    import dataclasses
-
-    from bigsid.models import build_networks
     from bigsid.trainer import Trainer
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir} is not a bigsid run directory (no config.yaml)")
     cfg = load_config(run_dir / "config.yaml", [f"train.run_dir={run_dir}", "train.progress=false", *args.overrides])
-    # The generator's weights come from the checkpoint: skip refitting the toy student they started from.
-    networks = build_networks(dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, student_fit_steps=0)))
-    trainer = Trainer(cfg, networks=networks)
+    # A toy run's fitted teacher is not in its checkpoints: building the networks refits it, with the run's seed.
+    trainer = Trainer(cfg)
     if trainer.step == 0:
         raise ConfigError(f"{run_dir} has no complete checkpoint to evaluate")
     metrics = trainer.evaluate()

@@ -193,14 +193,17 @@ def build_networks(cfg: Config) -> Networks:
     if cfg.teacher.kind == "toy_gmm":
         truth = toy.GMM.from_config(cfg.teacher.gmm)
         schedule = VPSchedule.from_scheduler_config(SD_SCHEDULER_CONFIG)
-        teacher = toy.GMMDenoiser(truth, schedule)
         encoder = toy.VocabEncoder(truth.prompts)
         # The analytic teacher has no weights to copy: fit a small student network to it once, and start both
-        # trained networks from that fit, as they would start from a pretrained teacher's weights.
-        student = toy.MLPDenoiser(truth.dim, len(truth.prompts) + 1, cfg.teacher.student_width,
-                                  cfg.teacher.student_depth)
+        # trained networks from that fit, as they would start from a pretrained teacher's weights. Seeded here,
+        # so that `bigsid eval` rebuilds the same fitted teacher the run trained against.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.train.seed)
+            student = toy.MLPDenoiser(truth.dim, len(truth.prompts) + 1, cfg.teacher.student_width,
+                                      cfg.teacher.student_depth)
         toy.fit_denoiser(student, encoder, truth, schedule, steps=cfg.teacher.student_fit_steps,
                          seed=cfg.train.seed)
+        teacher = toy.GMMDenoiser(truth, schedule) if cfg.teacher.gmm_teacher == "exact" else copy.deepcopy(student)
         vae, shape, vocabulary = None, tuple(truth.latent_shape), truth.prompts
         scheduler_config = dict(SD_SCHEDULER_CONFIG)
     else:
@@ -217,7 +220,7 @@ def build_networks(cfg: Config) -> Networks:
     teacher.requires_grad_(False).eval()
     if cfg.train.precision == "bf16" and cfg.teacher.kind == "diffusers":
         # Frozen and computed in bf16 anyway: stored in bf16 it takes half the memory and autocast has no copies
-        # of it to cast and keep for the backward through its input. (The toy teacher is exact arithmetic.)
+        # of it to cast and keep for the backward through its input. (Toy teachers are tiny.)
         teacher.to(torch.bfloat16)
     for net in (generator_net, fake_score):
         net.requires_grad_(True).train()

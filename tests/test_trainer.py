@@ -31,9 +31,22 @@ def assert_same_state(a: Trainer, b: Trainer) -> None:
         assert torch.equal(vx, vy)
 
 
+def test_toy_teacher_is_the_fitted_network_both_trained_networks_start_from(tmp_path):
+    from bigsid.toy import GMMDenoiser
+
+    tr = make(tmp_path / "fitted")
+    teacher, fake = tr.teacher.state_dict(), tr.fake_score.module.state_dict()
+    assert teacher.keys() == fake.keys() and all(torch.equal(teacher[k], fake[k]) for k in teacher)
+    torch.manual_seed(123)  # the fit is seeded by train.seed alone: `bigsid eval` rebuilds the same teacher
+    again = make(tmp_path / "again").teacher.state_dict()
+    assert all(torch.equal(teacher[k], again[k]) for k in teacher)
+    assert isinstance(make(tmp_path / "exact", "teacher.gmm_teacher=exact").teacher, GMMDenoiser)
+
+
 def test_each_phase_updates_only_its_own_network(tmp_path):
     tr = make(tmp_path)
     teacher_params = list(tr.teacher.parameters())
+    teacher0 = snapshot(tr.teacher)
     gen0, fake0 = snapshot(tr.generator.module), snapshot(tr.fake_score.module)
     tr.fake_score_phase()
     assert not changed(gen0, tr.generator.module), "fake-score phase must leave the generator untouched"
@@ -43,7 +56,8 @@ def test_each_phase_updates_only_its_own_network(tmp_path):
     assert not changed(fake1, tr.fake_score.module), "generator phase must not update the fake score"
     assert changed(gen1, tr.generator.module)
     assert all(p.grad is None for p in tr.fake_score.module.parameters())
-    assert all(p.grad is None and not p.requires_grad for p in teacher_params)
+    assert teacher_params and all(p.grad is None and not p.requires_grad for p in teacher_params)
+    assert not changed(teacher0, tr.teacher)
     assert all(p.requires_grad for p in tr.fake_score.module.parameters()), "fake score unfrozen afterwards"
 
 
@@ -228,8 +242,11 @@ def test_eval_command_writes_the_ground_truth_report(tmp_path, capsys):
     assert main(["eval", str(run)]) == 2  # not a run directory
     assert "config.yaml" in capsys.readouterr().err
     assert main(["train", "-", *TINY_TOY, f"train.run_dir={run}", "train.eval_every=5"]) == 0
+    trained = json.loads((run / "eval" / "toy_metrics.json").read_text())
     assert main(["eval", str(run)]) == 0
     report = json.loads((run / "eval" / "toy_metrics.json").read_text())
+    for key in ("fd_generator", "fd_teacher_sampler"):  # same checkpoint, same refitted teacher: same numbers
+        assert report[key] == trained[key], key
     assert report["step"] == 10 and report["teacher_sampler_steps"] == 5
     assert {"fd_generator", "fd_teacher_sampler", "fd_reference", "mode_coverage_tv", "num_samples"} <= set(report)
     assert (run / "eval" / "fd_generator.png").stat().st_size > 0
