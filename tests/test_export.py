@@ -233,7 +233,8 @@ def test_lora_generator_exports_as_lora_and_fused(teacher_dir, tmp_path):
     pipe = DiffusionPipeline.from_pretrained(fused)
     assert not [k for k in pipe.unet.state_dict() if "lora" in k or "base_layer" in k]
     stock = pipe(PROMPTS, num_inference_steps=1, guidance_scale=0, latents=z, output_type="latent").images
-    torch.testing.assert_close(stock, ours, atol=ATOL, rtol=0)
+    # W + s B A summed into one weight rounds differently in fp32 from the adapter applied beside W
+    torch.testing.assert_close(stock, ours, atol=10 * ATOL, rtol=0)
 
     # Weights outside the adapter that moved away from the teacher's cannot travel in a LoRA file.
     with torch.no_grad():
