@@ -195,15 +195,13 @@ def build_networks(cfg: Config) -> Networks:
         schedule = VPSchedule.from_scheduler_config(SD_SCHEDULER_CONFIG)
         encoder = toy.VocabEncoder(truth.prompts)
         # The analytic teacher has no weights to copy: fit a small student network to it once, and start both
-        # trained networks from that fit, as they would start from a pretrained teacher's weights. Seeded here,
-        # so that `bigsid eval` rebuilds the same fitted teacher the run trained against.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.train.seed)
-            student = toy.MLPDenoiser(truth.dim, len(truth.prompts) + 1, cfg.teacher.student_width,
-                                      cfg.teacher.student_depth)
+        # trained networks from that fit, as they would start from a pretrained teacher's weights. The Trainer
+        # seeds torch with train.seed first, so `bigsid eval` rebuilds the same fitted teacher the run trained with.
+        student = toy.MLPDenoiser(truth.dim, len(truth.prompts) + 1, cfg.teacher.student_width,
+                                  cfg.teacher.student_depth)
         toy.fit_denoiser(student, encoder, truth, schedule, steps=cfg.teacher.student_fit_steps,
                          seed=cfg.train.seed)
-        teacher = toy.GMMDenoiser(truth, schedule) if cfg.teacher.gmm_teacher == "exact" else copy.deepcopy(student)
+        teacher = toy.GMMDenoiser(truth, schedule) if cfg.teacher.gmm_teacher == "exact" else student
         vae, shape, vocabulary = None, tuple(truth.latent_shape), truth.prompts
         scheduler_config = dict(SD_SCHEDULER_CONFIG)
     else:

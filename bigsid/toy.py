@@ -188,9 +188,9 @@ def fit_denoiser(net: nn.Module, encoder: nn.Module, truth: GMM, schedule: VPSch
             target = predict(exact, schedule, x_t, t, Cond(one_hot[index], one_hot[-1:]), out="v_prediction")
         cond = Cond(table[index], table[-1:])
         loss = (predict(net, schedule, x_t, t, cond, out="v_prediction") - target).square().mean()
-        opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        opt.zero_grad(set_to_none=True)  # after the step: the fitted network leaves with no gradients
         sched.step()
         if log_every and step % log_every == 0:
             log.info("fit step %d/%d: v mse %.5f", step, steps, loss.item())
