@@ -119,7 +119,8 @@ def cmd_sample(args) -> int:
 def cmd_plan(args) -> int:
     from bigsid.plan import format_plan, load_model, plan
 
-    cfg = load_config(None if args.config == "-" else args.config, args.overrides)
+    # planning reads the teacher's UNet config, never the prompts: the shipped configs' shard paths need not exist
+    cfg = load_config(None if args.config == "-" else args.config, args.overrides, check_data=False)
     model = load_model(args.unet, cfg, args.resolution)
     rows = plan(model, cfg, args.gpus, args.gpu_mem, shard_size=args.shard_size, batch=args.batch)
     print(format_plan(model, cfg, args.gpus, args.gpu_mem, rows))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import os
 import types
 import typing
@@ -266,9 +267,24 @@ def _check(cond: bool, key: str, expected: str, value):
         raise ConfigError(f"{key} = {value!r} is out of range: expected {expected}")
 
 
-def validate(cfg: Config) -> Config:
-    flat = {f"{s.name}.{f.name}": getattr(getattr(cfg, s.name), f.name)
-            for s in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, s.name))}
+def _leaves(node, prefix: str = ""):
+    """(dotted key, value) of every setting in the dataclass tree."""
+    for f in dataclasses.fields(node):
+        key, value = f"{prefix}{f.name}", getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _leaves(value, f"{key}.")
+        else:
+            yield key, value
+
+
+def validate(cfg: Config, check_data: bool = True) -> Config:
+    flat = dict(_leaves(cfg))
+    for key, value in flat.items():
+        # An inf or NaN passes every `>` check below (or fails it with a misleading message) and trains garbage.
+        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
+            raise ConfigError(f"{key} = {value!r} is not a finite number: give a finite value")
+        if key.rpartition(".")[2] == "seed":  # numpy's generators, which draw the prompt order, refuse negatives
+            _check(value >= 0, key, "an integer >= 0", value)
     for key, choices in CHOICES.items():
         _check(flat[key] in choices, key, "one of " + ", ".join(repr(c) for c in choices), flat[key])
     o, t, tr, g = cfg.objective, cfg.teacher, cfg.train, cfg.teacher.gmm
@@ -293,6 +309,8 @@ def validate(cfg: Config) -> Config:
            (cfg.optim.beta1, cfg.optim.beta2))
     _check(0 <= cfg.optim.lr_min_ratio <= 1, "optim.lr_min_ratio", "in [0, 1]", cfg.optim.lr_min_ratio)
     _check(cfg.optim.grad_clip >= 0, "optim.grad_clip", ">= 0 (0 disables)", cfg.optim.grad_clip)
+    _check(cfg.optim.eps > 0, "optim.eps", "> 0 (Adam divides by sqrt(v) + eps)", cfg.optim.eps)
+    _check(cfg.optim.weight_decay >= 0, "optim.weight_decay", ">= 0", cfg.optim.weight_decay)
     _check(tr.batch_size >= 1, "train.batch_size", ">= 1", tr.batch_size)
     _check(tr.total_nimg >= tr.batch_size, "train.total_nimg", ">= train.batch_size", tr.total_nimg)
     _check(tr.fake_steps >= 1, "train.fake_steps", ">= 1", tr.fake_steps)
@@ -308,6 +326,7 @@ def validate(cfg: Config) -> Config:
             raise ConfigError("train.attention = 'xformers' but xformers is not installed: "
                               "pip install 'bigsid[xformers]', or use train.attention=sdpa")
     _check(tr.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1", tr.keep_checkpoints)
+    _check_device(tr.device)
     _check(bool(tr.run_dir), "train.run_dir", "a directory path", tr.run_dir)
     _check(g.num_prompts >= 1 and g.modes_per_prompt >= 1, "teacher.gmm.num_prompts/modes_per_prompt", ">= 1",
            (g.num_prompts, g.modes_per_prompt))
@@ -316,12 +335,14 @@ def validate(cfg: Config) -> Config:
     _check(g.mode_std > 0, "teacher.gmm.mode_std", "> 0", g.mode_std)
     _check(t.student_width >= 8 and t.student_depth >= 1, "teacher.student_width/depth", "width >= 8, depth >= 1",
            (t.student_width, t.student_depth))
+    _check(t.student_fit_steps >= 0, "teacher.student_fit_steps", ">= 0", t.student_fit_steps)
     _check(cfg.parallel.shard_size >= 0, "parallel.shard_size", ">= 0 (0: shard over all ranks)",
            cfg.parallel.shard_size)
     if cfg.parallel.backend == "deepspeed":
         _check_deepspeed(cfg)
     _check(cfg.eval.num_samples >= 2, "eval.num_samples", ">= 2", cfg.eval.num_samples)
     _check(cfg.eval.teacher_sampler_steps >= 1, "eval.teacher_sampler_steps", ">= 1", cfg.eval.teacher_sampler_steps)
+    _check(cfg.eval.sample_seeds >= 1, "eval.sample_seeds", ">= 1 (images per prompt)", cfg.eval.sample_seeds)
     if t.kind == "diffusers":
         _check(bool(t.path), "teacher.path", "a diffusers pipeline folder or hub id when teacher.kind=diffusers",
                t.path)
@@ -335,7 +356,40 @@ def validate(cfg: Config) -> Config:
                cfg.data.path)
     _check(cfg.data.num_workers >= 0, "data.num_workers", ">= 0 (0 reads in the trainer's process)",
            cfg.data.num_workers)
+    if check_data:
+        _check_data(cfg.data)
     return cfg
+
+
+def _check_device(name: str) -> None:
+    if name == "auto":
+        return
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index is not None):
+        raise ConfigError(f"train.device = {name!r}: expected auto, cpu, cuda or cuda:N")
+
+
+def _check_data(d: DataConfig) -> None:
+    """The prompt source's checks that need no reading, with the stream's own code: a wrong caption key or a
+    missing file is refused now, not after the networks are built."""
+    from bigsid import data  # imports this module
+
+    try:
+        data._parse_caption_key(d.caption_key)
+    except data.DataError as err:
+        raise ConfigError(f"data.caption_key: {err}") from None
+    try:
+        if d.source == "text":
+            data._check_prompt_file(d.path)
+        elif d.source == "webdataset":
+            data._expand_shards(d.path)
+    except data.DataError as err:
+        raise ConfigError(f"data.path: {err}") from None
 
 
 def _check_deepspeed(cfg: Config) -> None:
@@ -354,7 +408,9 @@ def _check_deepspeed(cfg: Config) -> None:
         raise ConfigError(str(err)) from None
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                check_data: bool = True) -> Config:
+    """check_data=False skips the checks that the prompt source exists, for commands that never read it."""
     cfg = Config()
     if path is not None:
         path = Path(path)
@@ -368,7 +424,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
         _merge(cfg, data)
     _merge(cfg, parse_overrides(overrides or []))
-    return validate(cfg)
+    return validate(cfg, check_data)
 
 
 def to_dict(cfg: Config) -> dict:

@@ -232,6 +232,12 @@ def _expand_shards(pattern: str) -> list[str]:
     return shards
 
 
+def _check_prompt_file(path: str) -> None:
+    local = _local_path(path)
+    if local is not None and not os.path.isfile(local):
+        raise DataError(f"no such prompt file {path!r}: give a text file with one prompt per line")
+
+
 def _describe(seen: list[_Sample], member: str) -> str:
     if not seen:
         return "no samples"
@@ -316,9 +322,7 @@ class _TextSource:
     kind, position_size = "text", 2
 
     def __init__(self, path: str, seed: int, num_streams: int):
-        local = _local_path(path)
-        if local is not None and not os.path.isfile(local):
-            raise DataError(f"data.path = {path!r}: no such prompt file")
+        _check_prompt_file(path)
         try:
             with contextlib.closing(gopen(path)) as stream:
                 lines = stream.read().splitlines()
@@ -502,8 +506,6 @@ def build_prompt_stream(cfg: DataConfig, *, rank: int, world_size: int, seed: in
     """
     if not 0 <= rank < world_size:
         raise DataError(f"rank {rank} is outside world_size {world_size}")
-    if seed < 0:
-        raise DataError(f"seed {seed}: expected >= 0")
     num_streams = world_size * max(1, cfg.num_workers)
     if cfg.source == "vocab":
         source = _VocabSource(vocabulary, seed)

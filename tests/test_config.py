@@ -1,0 +1,88 @@
+"""Settings are refused at load time, before any network is built, with the key named."""
+
+import dataclasses
+import re
+
+import pytest
+
+from bigsid.config import Config, ConfigError, load_config
+
+
+def float_keys(node=None, prefix=""):
+    for f in dataclasses.fields(node or Config()):
+        value = getattr(node or Config(), f.name)
+        if dataclasses.is_dataclass(value):
+            yield from float_keys(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float):
+            yield f"{prefix}{f.name}"
+
+
+FLOAT_KEYS = list(float_keys())
+
+
+def test_every_float_setting_is_found():
+    # the walk reaches nested sections, so a new float field anywhere is checked without being listed
+    assert {"optim.lr_generator", "objective.alpha", "objective.kappa4", "teacher.gmm.mode_std"} <= set(FLOAT_KEYS)
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+@pytest.mark.parametrize("value", ["inf", "-inf", ".nan"])
+def test_non_finite_numbers_are_refused_with_their_key(key, value):
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)} = .* is not a finite number"):
+        load_config(None, [f"{key}={value}"])
+
+
+@pytest.mark.parametrize("key", ["train.seed", "teacher.gmm.seed"])
+def test_negative_seeds_are_refused(key):
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)} = -1 is out of range"):
+        load_config(None, [f"{key}=-1"])
+    assert load_config(None, [f"{key}=0"])
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:x", "xla", "meta", "cpu:1", ""])
+def test_devices_other_than_cpu_and_cuda_are_refused(device):
+    with pytest.raises(ConfigError, match=r"^train\.device = .*expected auto, cpu, cuda or cuda:N"):
+        load_config(None, [f"train.device={device}"])
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:3"])
+def test_valid_devices_load_without_a_gpu(device):
+    # whether the GPU exists is the machine's business, not the config's: `bigsid plan` runs on a login node
+    assert load_config(None, [f"train.device={device}"]).train.device == device
+
+
+def test_missing_prompt_sources_and_bad_caption_keys_are_refused(tmp_path):
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    for i in range(2):
+        (tmp_path / f"shard-{i:03d}.tar").write_bytes(b"")  # existence is checked here; contents when streaming
+    shards = ["data.source=webdataset", f"data.path={tmp_path}/shard-{{000..001}}.tar"]
+    assert load_config(None, ["data.source=text", f"data.path={tmp_path / 'prompts.txt'}"])
+    assert load_config(None, shards)
+    assert load_config(None, ["data.source=webdataset", "data.path=pipe:curl -s https://example.com/a.tar"])
+
+    with pytest.raises(ConfigError, match=r"^data\.path: no such prompt file"):
+        load_config(None, ["data.source=text", f"data.path={tmp_path / 'absent.txt'}"])
+    with pytest.raises(ConfigError, match=rf"^data\.path: .*the first '{re.escape(str(tmp_path))}/shard-002.tar'"):
+        load_config(None, ["data.source=webdataset", f"data.path={tmp_path}/shard-{{000..002}}.tar"])
+    for key in ('"json:"', "jsn:caption", ":txt"):
+        with pytest.raises(ConfigError, match=r"^data\.caption_key: caption key"):
+            load_config(None, [*shards, f"data.caption_key={key}"])
+    # a command that never reads prompts can skip the source checks
+    assert load_config(None, ["data.source=text", "data.path=absent.txt"], check_data=False)
+
+
+@pytest.mark.parametrize("key,overrides", [
+    ("optim.lr_generator", ["optim.lr_generator=inf"]), ("objective.alpha", ["objective.alpha=inf"]),
+    ("train.seed", ["train.seed=-1"]), ("train.device", ["train.device=tpu"]),
+    ("data.path", ["data.source=text", "data.path=absent-prompts.txt"]),
+    ("data.caption_key", ["data.caption_key=jsn:caption"])])
+def test_cli_exits_2_naming_the_key_before_building_anything(key, overrides, monkeypatch, capsys):
+    import bigsid.trainer
+    from bigsid.cli import main
+
+    def refuse(*args, **kw):
+        raise AssertionError("the trainer started on a config that should have been refused")
+
+    monkeypatch.setattr(bigsid.trainer, "Trainer", refuse)
+    assert main(["train", "-", *overrides]) == 2
+    assert f"config error: {key}" in capsys.readouterr().err
