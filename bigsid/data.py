@@ -15,6 +15,7 @@ and a restored stream restarts its workers from there.
 Bad data is skipped (or, for over-long prompts, passed on and counted), counted per kind and per shard, and logged
 once per kind and shard. Each problem travels with a prompt (the one before it in the same epoch, else the one
 after), so stats() counts exactly the problems the trainer's prompts have passed, whatever workers read ahead.
+The counts are part of state_dict(), so they run on across resumes.
 """
 
 from __future__ import annotations
@@ -30,8 +31,7 @@ import tarfile
 import zlib
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
-from itertools import chain, groupby, islice
-from operator import itemgetter
+from itertools import chain, islice
 from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import urlparse
@@ -183,20 +183,27 @@ def _samples(url: str, member: str, field: str | None) -> Iterator[_Sample]:
     the caption member's bytes are read, so images and pickles are never loaded, let alone decoded."""
     with contextlib.closing(gopen(url)) as stream, \
             tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictTarInfo) as archive:
-
-        def entries():
+        key, members, raw = None, [], None
+        try:
             for info in archive:
                 archive.members = []  # stream mode keeps every header it reads otherwise
-                key, ext = base_plus_ext(info.name)
-                if info.isreg() and key is not None:
-                    yield key, ext.lower(), info
-
-        for key, group in groupby(entries(), key=itemgetter(0)):
-            members, raw = [], None
-            for _, ext, info in group:
-                members.append(ext)
+                name, ext = base_plus_ext(info.name)
+                if not info.isreg() or name is None:
+                    continue
+                if name != key:
+                    if key is not None:
+                        yield _Sample(key, tuple(members), *_caption(raw, field))
+                    key, members, raw = name, [], None
+                members.append(ext := ext.lower())
                 if ext == member:
                     raw = archive.extractfile(info).read()
+        except _READ_ERRORS:
+            # The sample in hand when the archive breaks off may miss members, but a caption read whole is a
+            # prompt: a shard cut right after its last member keeps that member.
+            if raw is not None:
+                yield _Sample(key, tuple(members), *_caption(raw, field))
+            raise
+        if key is not None:
             yield _Sample(key, tuple(members), *_caption(raw, field))
 
 
@@ -421,7 +428,6 @@ class PromptStream:
         self._chunks: Iterator[tuple[int, list[_Record]]] | None = None  # started on the first next_batch
         self._buffers: list[deque[_Record]] = []
         self._prompts = 0
-        self._counts: Counter[str] = Counter()
         self._by_shard: defaultdict[str, Counter[str]] = defaultdict(Counter)
         self._logged: set[tuple[str, str]] = set()
         self._tally(source.issues)
@@ -441,7 +447,9 @@ class PromptStream:
         return prompts
 
     def state_dict(self) -> dict:
-        return {**self._identity, "positions": [list(p) for p in self._positions], "next_worker": self._next_worker}
+        counts = {"prompts": self._prompts, "by_shard": {shard: dict(kinds) for shard, kinds in self._by_shard.items()}}
+        return {**self._identity, "positions": [list(p) for p in self._positions], "next_worker": self._next_worker,
+                "counts": counts}
 
     def load_state_dict(self, state: dict) -> None:
         for key, value in self._identity.items():
@@ -456,14 +464,23 @@ class PromptStream:
                        and type(next_worker) is int and 0 <= next_worker < len(positions))
         if not well_formed:
             raise DataError(f"malformed prompt-stream state: positions {positions!r}, next_worker {next_worker!r}")
+        # A state saved before counts were kept has none: counting then goes on from here.
+        counts = state.get("counts", {"prompts": self._prompts, "by_shard": self._by_shard})
+        by_shard = counts.get("by_shard") if isinstance(counts, dict) else None
+        if not (isinstance(by_shard, dict) and type(counts.get("prompts")) is int and counts["prompts"] >= 0
+                and all(isinstance(kinds, dict) and all(kind in ISSUES and type(n) is int and n >= 0
+                                                        for kind, n in kinds.items()) for kinds in by_shard.values())):
+            raise DataError(f"malformed prompt-stream state: counts should be {{'prompts': N, 'by_shard': {{shard: "
+                            f"{{kind: N}}}}}} with kinds from {', '.join(ISSUES)}; got {str(counts)[:200]}")
         self.close()  # workers have read ahead of the old position
         self._positions, self._next_worker = [tuple(p) for p in positions], next_worker
+        self._prompts = counts["prompts"]
+        self._by_shard = defaultdict(Counter, {shard: Counter(kinds) for shard, kinds in by_shard.items()})
 
     def stats(self) -> dict:
-        return {"prompts": self._prompts,
-                "skipped": {kind: n for kind, n in self._counts.items() if kind not in REPAIRED},
-                "repaired": {kind: n for kind, n in self._counts.items() if kind in REPAIRED},
-                "by_shard": {shard: dict(counts) for shard, counts in self._by_shard.items()}}
+        """{"prompts", "skipped": {kind: n}, "repaired": {kind: n}, "by_shard": {shard: {kind: n}}}, counted since
+        the run began (a restored state brings its counts along)."""
+        return _stats(self._prompts, self._by_shard)
 
     def close(self) -> None:
         """Stop the loader workers (dropping the DataLoader iterator shuts them down) and close open shards."""
@@ -487,12 +504,29 @@ class PromptStream:
 
     def _tally(self, issues: Iterable[_Issue]) -> None:
         for kind, shard, count, detail in issues:
-            self._counts[kind] += count
             self._by_shard[shard][kind] += count
             if (shard, kind) not in self._logged:
                 self._logged.add((shard, kind))
                 logger.warning("%s: %s (first: %s); further ones from this shard are counted in stats() only",
                                shard, ISSUES[kind], detail)
+
+
+def _stats(prompts: int, by_shard: dict[str, Counter[str]]) -> dict:
+    totals = sum(by_shard.values(), Counter())
+    return {"prompts": prompts,
+            "skipped": {kind: n for kind, n in totals.items() if kind not in REPAIRED},
+            "repaired": {kind: n for kind, n in totals.items() if kind in REPAIRED},
+            "by_shard": {shard: dict(kinds) for shard, kinds in by_shard.items()}}
+
+
+def merge_stats(stats: Iterable[dict]) -> dict:
+    """Several streams' stats() (every rank's, say) summed, in the same form."""
+    prompts, by_shard = 0, defaultdict(Counter)
+    for one in stats:
+        prompts += one["prompts"]
+        for shard, kinds in one["by_shard"].items():
+            by_shard[shard].update(kinds)
+    return _stats(prompts, by_shard)
 
 
 def build_prompt_stream(cfg: DataConfig, *, rank: int, world_size: int, seed: int,

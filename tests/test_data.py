@@ -11,7 +11,6 @@ import multiprocessing
 import pickle
 import re
 import tarfile
-from collections import Counter
 
 import pytest
 
@@ -186,8 +185,8 @@ def bad_data_shards(folder) -> dict[str, str]:
     with tarfile.open(whole) as tar:
         members = tar.getmembers()
     raw = whole.read_bytes()
-    # Cut at a member boundary (Python's tarfile alone takes that for a smaller, whole archive) and mid-data.
-    # The sample just before a cut may have lost members, so it is dropped too: 3 and 2 samples remain.
+    # Cut at a member boundary (Python's tarfile alone takes that for a smaller, whole archive) and mid-data:
+    # whole captions before the cut are kept, 4 and 2 samples remain.
     (folder / "cut_boundary.tar").write_bytes(raw[:members[4].offset])
     (folder / "cut_mid.tar").write_bytes(raw[:members[2].offset_data + 300])
     shards["cut_boundary"], shards["cut_mid"] = str(folder / "cut_boundary.tar"), str(folder / "cut_mid.tar")
@@ -206,10 +205,10 @@ def test_bad_data_is_skipped_counted_per_shard_and_logged_once(tmp_path, caplog)
     stream = build_prompt_stream(cfg, rank=0, world_size=1, seed=2,
                                  token_count=lambda p: len(p.split()), max_tokens=8)
     caplog.set_level(logging.WARNING, logger="bigsid.data")
-    epoch = stream.next_batch(13)  # 4 good + 4 mixed + 3 before the boundary cut + 2 before the mid-data cut
+    epoch = stream.next_batch(14)  # 4 good + 4 mixed + 4 before the boundary cut + 2 before the mid-data cut
     assert sorted(epoch) == sorted([f"good {i}" for i in range(4)] + ["mixed ok 0", "mixed ok 1", "pickle carrier",
                                    "one two three four five six seven eight nine ten"]
-                                   + [f"cut {i} {'x' * 600}" for i in (0, 1, 2, 0, 1)])
+                                   + [f"cut {i} {'x' * 600}" for i in (0, 1, 2, 3, 0, 1)])
     assert not (tmp_path / "pwned").exists()
     per_epoch = {
         shards["mixed"]: {"missing_caption": 1, "empty_caption": 1, "invalid_utf8": 1, "truncated": 1},
@@ -221,7 +220,7 @@ def test_bad_data_is_skipped_counted_per_shard_and_logged_once(tmp_path, caplog)
     assert stats["by_shard"] == per_epoch
     assert stats["skipped"] == {"missing_caption": 1, "empty_caption": 1, "invalid_utf8": 1, "bad_shard": 3}
     assert stats["repaired"] == {"truncated": 1}
-    assert sorted(stream.next_batch(26)) == sorted(epoch * 2)  # two more epochs, still counted, not logged again
+    assert sorted(stream.next_batch(28)) == sorted(epoch * 2)  # two more epochs, still counted, not logged again
     assert stream.stats()["by_shard"] == {shard: {k: 3 * n for k, n in kinds.items()}
                                           for shard, kinds in per_epoch.items()}
     logged = [(r.getMessage().split(":")[0], r.getMessage()) for r in caplog.records if r.name == "bigsid.data"]
@@ -231,6 +230,8 @@ def test_bad_data_is_skipped_counted_per_shard_and_logged_once(tmp_path, caplog)
 
 
 def test_problem_counts_survive_a_resume_without_loss_or_double_counting(tmp_path):
+    """The counts travel in the state (as the trainer's checkpoint stores it, JSON): a resumed stream goes on
+    counting from there, and ends with exactly the counts of an uninterrupted one."""
     shards = bad_data_shards(tmp_path)
     cfg = DataConfig(source="webdataset", path="::".join(shards.values()))
 
@@ -238,27 +239,51 @@ def test_problem_counts_survive_a_resume_without_loss_or_double_counting(tmp_pat
         return build_prompt_stream(cfg, rank=0, world_size=1, seed=2)
 
     whole = fresh()
-    whole.next_batch(13)
-    one_epoch = whole.stats()["skipped"]
-    for cut in range(14):
+    whole.next_batch(14 + 5)
+    expected = whole.stats()
+    assert expected["skipped"]["bad_shard"] == 4 and expected["prompts"] == 19  # one epoch and a bit
+    for cut in range(20):
         first = fresh()
         first.next_batch(cut)
         resumed = fresh()
-        resumed.load_state_dict(first.state_dict())
-        resumed.next_batch(13 - cut)
-        counted = Counter(first.stats()["skipped"]) + Counter(resumed.stats()["skipped"])
-        assert counted == one_epoch, f"cut at {cut}"
+        resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+        resumed.next_batch(19 - cut)
+        assert resumed.stats() == expected, f"cut at {cut}"
+    state = fresh().state_dict()
+    for counts in ({"prompts": -1, "by_shard": {}}, {"prompts": 0, "by_shard": {"a.tar": {"no_such_kind": 1}}}):
+        with pytest.raises(DataError, match="malformed prompt-stream state: counts"):
+            fresh().load_state_dict({**state, "counts": counts})
+
+
+def test_a_shard_cut_after_a_whole_member_keeps_it(tmp_path):
+    """A shard that breaks off keeps every sample whose caption was read whole, the last one included; the cut
+    still counts as a bad shard. A caption cut in its data is lost."""
+    whole = tmp_path / "whole.tar"
+    write_tar(whole, [(f"s{i}", {"txt": f"sample {i}".encode(), "jpg": b"\xff" * 600}) for i in range(3)])
+    with tarfile.open(whole) as tar:
+        last_txt, last_jpg = tar.getmembers()[-2:]
+    raw = whole.read_bytes()
+    # the 600-byte image fills two 512-byte blocks; after them only the end-of-archive zero blocks are cut
+    cuts = {"end_blocks": last_jpg.offset_data + 1024,
+            "mid_image": last_jpg.offset_data + 300,  # the last sample's caption is whole, its image is not
+            "mid_caption": last_txt.offset_data + 3}
+    for name, end in cuts.items():
+        (tmp_path / f"{name}.tar").write_bytes(raw[:end])
+        report = inspect(str(tmp_path / f"{name}.tar"))
+        kept = 2 if name == "mid_caption" else 3
+        assert report["prompts"] == kept and report["skipped"] == {"bad_shard": 1}, (name, report)
+        assert report["examples"] == [f"sample {i}" for i in range(kept)], name
 
 
 def test_inspect_reports_bad_items_per_kind_and_shard(tmp_path):
     shards = bad_data_shards(tmp_path)
     report = inspect("::".join(shards.values()), "txt", n=3)
-    assert report["shards"] == 5 and report["prompts"] == 13
-    assert report["samples"] == 4 + 7 + 3 + 2
+    assert report["shards"] == 5 and report["prompts"] == 14
+    assert report["samples"] == 4 + 7 + 4 + 2
     assert report["skipped"] == {"missing_caption": 1, "empty_caption": 1, "invalid_utf8": 1, "bad_shard": 3}
     assert set(report["errors"]) == {shards["cut_boundary"], shards["cut_mid"], shards["not_a_tar"]}
     assert report["examples"] == ["good 0", "good 1", "good 2"]
-    assert report["members"] == {"txt": 4 + 6 + 3 + 2, "jpg": 1, "pyd": 1}
+    assert report["members"] == {"txt": 4 + 6 + 4 + 2, "jpg": 1, "pyd": 1}
     assert not (tmp_path / "pwned").exists()
 
 
