@@ -40,24 +40,27 @@ class ExportError(ValueError):
 
 def _read_local(folder: Path) -> tuple[dict, dict]:
     """The local backend's layout: the whole generator in generator.safetensors, its EMA in ema.safetensors."""
-    ema = folder / "ema.safetensors"
-    return load_file(folder / "generator.safetensors"), (load_file(ema) if ema.is_file() else {})
+    weights, ema = folder / "generator.safetensors", folder / "ema.safetensors"
+    with checkpoint.reading(weights):
+        state = load_file(weights)
+    with checkpoint.reading(ema):
+        return state, (load_file(ema) if ema.is_file() else {})
 
 
 def _read_dcp(folder: Path) -> tuple[dict, dict]:
     """The FSDP2 backend's torch.distributed.checkpoint folder, {"generator": {"model": ...}, "ema": ...} flattened
     to dotted keys: only the generator's weights and EMA are read, each tensor whole, on one process."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    reader = dcp.FileSystemReader(folder / "dcp")
+    from bigsid.parallel.fsdp2 import load_dcp, read_dcp_metadata
+
     prefixes = ("generator.model.", "ema.")
     wanted = {k: torch.empty(m.size, dtype=m.properties.dtype)
-              for k, m in reader.read_metadata().state_dict_metadata.items()
+              for k, m in read_dcp_metadata(folder / "dcp").state_dict_metadata.items()
               if isinstance(m, TensorStorageMetadata) and k.startswith(prefixes)}
     with warnings.catch_warnings():  # reading on one process is the intent, not a mistake to warn about
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(wanted, storage_reader=reader, no_dist=True)
+        load_dcp(wanted, folder / "dcp", no_dist=True)
     return tuple({k.removeprefix(p): v for k, v in wanted.items() if k.startswith(p)} for p in prefixes)
 
 
@@ -92,7 +95,12 @@ def find_checkpoint(source: str | Path) -> Path:
     source = Path(source)
     if not source.exists():
         raise ExportError(f"{source}: no such run directory or checkpoint")
-    folder = checkpoint.latest_checkpoint(source)
+    # verified against its manifest; a damaged newest checkpoint is skipped (left in place: reading a run never
+    # changes it) and the previous intact one is used
+    try:
+        folder = checkpoint.newest_usable(source)
+    except checkpoint.CheckpointError as err:
+        raise ExportError(str(err)) from None
     if folder is None:
         raise ExportError(f"{source} has no complete checkpoint (step-N/ with a {checkpoint.MARKER} marker; "
                           "step-N.partial/ folders are interrupted saves): train until one is written, or point "

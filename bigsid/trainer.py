@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
 from bigsid import checkpoint
 from bigsid.config import Config, save_config, to_dict
@@ -426,15 +425,27 @@ class Trainer:
         if written is not None:
             written.result()  # re-raises a failed write
         self.backend.barrier()
+        # every rank hashes its share of the files, listed once by rank 0 (listings may lag on shared storage)
+        names = self.backend.gather(checkpoint.files(folder) if self.backend.is_main else None)[0]
+        share = checkpoint.digest(folder, names[self.backend.rank::self.backend.world_size])
+        digests = {k: v for part in self.backend.gather(share) for k, v in part.items()}
         if not self.backend.is_main:
             return folder.with_suffix("")
-        return checkpoint.commit(folder, state, self.cfg.train.keep_checkpoints)
+        return checkpoint.commit(folder, state, self.cfg.train.keep_checkpoints, digests)
 
     def _trainables(self):
         return {"generator": self.generator, "fake_score": self.fake_score}
 
+    def _checkpoint_problems(self, folder: Path) -> list[str]:
+        """What is wrong with a checkpoint's files, each rank verifying its share; the same list on every rank."""
+        b = self.backend
+        return [p for part in b.gather(checkpoint.verify(folder, b.rank, b.world_size)) for p in part]
+
+    def _set_aside(self, folder: Path, problems: list[str]) -> Path:
+        return self.backend.gather(checkpoint.set_aside(folder, problems) if self.backend.is_main else None)[0]
+
     def resume(self) -> None:
-        folder = checkpoint.latest_checkpoint(self.run_dir)
+        folder = checkpoint.newest_usable(self.run_dir, self._checkpoint_problems, self._set_aside)
         if folder is None:
             return
         state = checkpoint.read_state(folder)
@@ -445,7 +456,7 @@ class Trainer:
                     f"config.yaml or choose a new train.run_dir")
         rank_state = self.backend.load(folder, self._trainables(), self.ema.state_dict())
         if rank_state is None:  # more ranks than wrote the checkpoint: every rank saved the same generator state
-            rank_state = load_file(folder / "rank0.safetensors")
+            rank_state = checkpoint.read_rank_state(folder, 0)
         self.rng.set_state(rank_state["rng"])
         if state["world_size"] == self.backend.world_size:
             self.stream.load_state_dict(state["data"][self.backend.rank])

@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from bigsid.checkpoint import read_rank_state, reading
 from bigsid.parallel.base import Backend, BackendError, Trainable
 from bigsid.parallel.dist import Collectives, init_process_group
 from bigsid.parallel.local import _save_tensors
@@ -120,7 +121,7 @@ def _safe_checkpoint_engine(config):
 
     class SafeTorchCheckpointEngine(TorchCheckpointEngine):
         def load(self, path, map_location=None):
-            with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+            with reading(path), torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
                 return torch.load(path, map_location=map_location, weights_only=True)
 
     return SafeTorchCheckpointEngine(config)
@@ -216,25 +217,35 @@ class DeepSpeedBackend(Collectives, Backend):
             tr.engine.load_checkpoint(str(folder / name), tag=TAG, load_optimizer_states=True,
                                       load_lr_scheduler_states=False)
         # the EMA only: the engines restored the weights
-        with safe_open(folder / WEIGHTS.format(rank=self.rank if self.stage == 3 else 0), framework="pt") as f, \
-                torch.no_grad():
+        path = folder / WEIGHTS.format(rank=self.rank if self.stage == 3 else 0)
+        with reading(path), safe_open(path, framework="pt") as f, torch.no_grad():
             for k, v in ema.items():
                 v.copy_(f.get_tensor(f"ema.{k}"))
-        return load_file(folder / f"rank{self.rank}.safetensors")
+        return read_rank_state(folder, self.rank)
+
+
+def _layout(folder: Path) -> tuple[int, dict[str, list[int]], bool]:
+    """(world size, shapes, partitioned) as rank 0's weights file records them."""
+    path = folder / WEIGHTS.format(rank=0)
+    with reading(path), safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+        return int(meta["world_size"]), json.loads(meta["shapes"]), meta["partitioned"] == "True"
 
 
 def read_world_size(folder: Path) -> int:
-    with safe_open(folder / WEIGHTS.format(rank=0), framework="pt") as f:
-        return int(f.metadata()["world_size"])
+    return _layout(folder)[0]
+
+
+def _read(path: Path) -> dict[str, torch.Tensor]:
+    with reading(path):
+        return load_file(path)
 
 
 def read_weights(folder: Path) -> tuple[dict, dict]:
     """Whole (state, EMA) dicts on the CPU from a DeepSpeed checkpoint folder, for export."""
-    with safe_open(folder / WEIGHTS.format(rank=0), framework="pt") as f:
-        meta = f.metadata()
-    world, shapes = int(meta["world_size"]), json.loads(meta["shapes"])
-    if meta["partitioned"] == "True":
-        parts = [load_file(folder / WEIGHTS.format(rank=r)) for r in range(world)]
+    world, shapes, partitioned = _layout(folder)
+    if partitioned:
+        parts = [_read(folder / WEIGHTS.format(rank=r)) for r in range(world)]
         whole = {}
         for key, shape in shapes.items():
             if parts[0][key].shape != torch.Size(shape):  # a flat partition: join ranks, drop the padding
@@ -242,5 +253,5 @@ def read_weights(folder: Path) -> tuple[dict, dict]:
             else:
                 whole[key] = parts[0][key]
     else:
-        whole = load_file(folder / WEIGHTS.format(rank=0))
+        whole = _read(folder / WEIGHTS.format(rank=0))
     return tuple({k.removeprefix(p): v for k, v in whole.items() if k.startswith(p)} for p in ("model.", "ema."))

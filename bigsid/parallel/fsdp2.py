@@ -3,22 +3,104 @@
 Each block is its own FSDP unit (all-gathered just before use, freed after), then the root; the frozen teacher
 is sharded the same way and never gets gradients or optimizer state. With parallel.shard_size = S < world
 size, a 2-D mesh shards within groups of S ranks and replicates across them (hybrid sharding: all-gathers stay
-inside a node). Checkpoints go through torch.distributed.checkpoint, so they load on any number of ranks."""
+inside a node). Checkpoints go through torch.distributed.checkpoint, so they load on any number of ranks.
+
+DCP's own reader runs code from the checkpoint: it unpickles `.metadata`, and its default planner reads
+non-tensor items (optimizer hyper-parameters) with torch.load(weights_only=False). Checkpoints sit on shared
+cluster storage, so bigsid reads them with `load_dcp` only: the metadata through an unpickler that admits the
+plain-data classes DCP writes and nothing else, non-tensor items with weights_only loading."""
 
 from __future__ import annotations
+
+import pickle
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_file
 from torch import nn
+from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+from bigsid.checkpoint import CheckpointError, read_rank_state, reading
 from bigsid.parallel.base import Backend, BackendError, Trainable
 from bigsid.parallel.dist import Collectives, init_process_group
 from bigsid.parallel.local import _save_tensors
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Admits only the plain-data types a DCP `.metadata` file is built from; any other global (os.system, a
+    builtin, a class with side effects) is refused before it can be called."""
+
+    ALLOWED = {
+        ("torch.distributed.checkpoint.metadata", name) for name in (
+            "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+            "TensorProperties", "StorageMeta", "MetadataIndex", "_MEM_FORMAT_ENCODING")
+    } | {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),  # maps a name such as "torch.strided" to the layout object
+        ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
+        ("collections", "OrderedDict"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not a type DCP metadata is made of; refusing to load it")
+
+
+class _SafeReader(dcp.FileSystemReader):
+    """A FileSystemReader whose metadata is parsed (once, here) by the allow-listing unpickler."""
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        meta = Path(path) / ".metadata"
+        with reading(meta), open(meta, "rb") as f:
+            self.metadata = _MetadataUnpickler(f).load()
+            if not isinstance(self.metadata, dcp_metadata.Metadata):
+                raise CheckpointError(f"{meta} holds a {type(self.metadata).__name__}, not DCP metadata")
+
+    def read_metadata(self, *args, **kwargs):
+        return self.metadata
+
+    def read_data(self, plan, planner):
+        paths = sorted({str(Path(self.path) / self.storage_data[item.storage_index].relative_path)
+                        for item in plan.items})
+        with reading(" or ".join(paths)):
+            return super().read_data(plan, planner)
+
+
+class _SafePlanner(DefaultLoadPlanner):
+    """Non-tensor items (optimizer hyper-parameters) read with weights_only loading."""
+
+    def load_bytes(self, read_item, value):
+        from torch.distributed.checkpoint._traverse import set_element
+
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def read_dcp_metadata(path: Path) -> dcp_metadata.Metadata:
+    return _SafeReader(path).metadata
+
+
+def load_dcp(state: dict, path: Path, **kwargs) -> None:
+    """dcp.load into `state` in place, never running code from the checkpoint; a file that cannot be read
+    raises CheckpointError naming it (on every rank: DCP shares each rank's failure)."""
+    try:
+        dcp.load(state, storage_reader=_SafeReader(path), planner=_SafePlanner(), **kwargs)
+    except CheckpointException as err:
+        causes = [failure[0] for failure in err.failures.values()]
+        ours = [c for c in causes if isinstance(c, CheckpointError)]
+        raise (ours[0] if ours else CheckpointError(f"cannot read the checkpoint {path}: {causes[0]!r}")) from None
 
 
 def blocks(net: nn.Module) -> list[nn.Module]:
@@ -97,9 +179,8 @@ class FSDP2Backend(Collectives, Backend):
 
     def load(self, folder, trainables, ema):
         state = self._state(trainables, ema)
-        dcp.load(state, checkpoint_id=str(folder / "dcp"))  # in place, resharded to this world size
+        load_dcp(state, folder / "dcp")  # in place, resharded to this world size
         for name, tr in trainables.items():
             set_state_dict(tr.inner, tr.optimizer, model_state_dict=state[name]["model"],
                            optim_state_dict=state[name]["optim"])
-        own = folder / f"rank{self.rank}.safetensors"
-        return load_file(own) if own.is_file() else None
+        return read_rank_state(folder, self.rank)

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from bigsid.checkpoint import read_rank_state, reading
 from bigsid.parallel.base import Backend, BackendError, Trainable
 
 
@@ -77,13 +78,15 @@ class LocalBackend(Backend):
     def load(self, folder, trainables, ema):
         device = str(self.device)
         for name, tr in trainables.items():
-            tr.inner.load_state_dict(load_file(folder / f"{name}.safetensors", device=device))
-            # weights_only: loading a checkpoint never runs code from it
-            tr.optimizer.load_state_dict(torch.load(folder / f"{name}.optim.pt", map_location=device,
-                                                    weights_only=True))
-        saved = load_file(folder / "ema.safetensors", device=device)
-        with torch.no_grad():
+            path = folder / f"{name}.safetensors"
+            with reading(path):
+                tr.inner.load_state_dict(load_file(path, device=device))
+            path = folder / f"{name}.optim.pt"
+            with reading(path):  # weights_only: loading a checkpoint never runs code from it
+                tr.optimizer.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+        path = folder / "ema.safetensors"
+        with reading(path), torch.no_grad():
+            saved = load_file(path, device=device)
             for k, v in ema.items():
                 v.copy_(saved[k])
-        own = folder / f"rank{self.rank}.safetensors"
-        return load_file(own) if own.is_file() else None
+        return read_rank_state(folder, self.rank)
