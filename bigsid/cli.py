@@ -44,22 +44,9 @@ def _report(run_dir, metrics: dict) -> None:
 
 
 def cmd_eval(args) -> int:
-    from bigsid.trainer import Trainer
+    from evaluation.cli import main as evaluate
 
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir} is not a bigsid run directory (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml", [f"train.run_dir={run_dir}", "train.progress=false", *args.overrides])
-    # A toy run's fitted teacher is not in its checkpoints: building the networks refits it, with the run's seed.
-    trainer = Trainer(cfg)
-    if trainer.step == 0:
-        raise ConfigError(f"{run_dir} has no complete checkpoint to evaluate")
-    metrics = trainer.evaluate()
-    if not metrics:
-        print("this teacher has no analytic ground truth: use the evaluation/ package for CLIP, aesthetic and FID")
-        return 0
-    _report(run_dir, metrics)
-    return 0
+    return evaluate(args)
 
 
 def cmd_toy_teacher(args) -> int:
@@ -136,9 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="ground-truth metrics of a toy run's latest checkpoint")
-    p.add_argument("run_dir")
-    p.add_argument("overrides", nargs="*", help="e.g. eval.num_samples=4000")
+    p = sub.add_parser("eval", help="evaluate a run, checkpoint, export or the teacher's sampler (FID, CLIP score, "
+                       "aesthetic, rewards; ground truth for toy runs); compare evaluations")
+    p.add_argument("source", nargs="?", help="run directory, checkpoints/step-N or exported folder")
+    p.add_argument("overrides", nargs="*", help="key=value: prompts=FILE, metrics=[fid,clip,aesthetic], "
+                   "fid.inception=FILE, fid.reference=DIR, clip.weights=FILE, aesthetic.head=FILE, sampler=teacher, "
+                   "name=NAME (see evaluation/settings.py); toy runs: eval.num_samples=4000")
+    p.add_argument("--compare", nargs="+", metavar="EVAL", help="print a Markdown table of these evaluations "
+                   "(eval/NAME folders, metrics.json files, or run directories for all their evaluations)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("toy-teacher", help="fit a small diffusers SD teacher to an analytic GMM and save it")

@@ -199,13 +199,20 @@ def fit_denoiser(net: nn.Module, encoder: nn.Module, truth: GMM, schedule: VPSch
 
 # ---- ground-truth metrics ----
 
+def frechet_from_stats(mu_x: np.ndarray, c_x: np.ndarray, mu_y: np.ndarray, c_y: np.ndarray) -> float:
+    """||mu_x - mu_y||^2 + tr(C_x + C_y - 2 (C_x C_y)^(1/2)): the Frechet distance of two Gaussians, here and in
+    evaluation/'s FID. A numerically singular product gets 1e-6 added to both diagonals, as clean-fid does."""
+    covmean = scipy.linalg.sqrtm(c_x @ c_y)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(len(c_x)) * 1e-6
+        covmean = scipy.linalg.sqrtm((c_x + offset) @ (c_y + offset))
+    return float(np.sum((mu_x - mu_y) ** 2) + np.trace(c_x) + np.trace(c_y) - 2 * np.trace(covmean.real))
+
+
 def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:
-    """||mu_x - mu_y||^2 + tr(C_x + C_y - 2 (C_x C_y)^(1/2)) between two sample sets [N, ...]."""
+    """The Frechet distance between the Gaussians fitted to two sample sets [N, ...]."""
     x, y = x.flatten(1).double().cpu().numpy(), y.flatten(1).double().cpu().numpy()
-    mu_x, mu_y = x.mean(0), y.mean(0)
-    c_x, c_y = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
-    covmean = scipy.linalg.sqrtm(c_x @ c_y).real
-    return float(np.sum((mu_x - mu_y) ** 2) + np.trace(c_x + c_y - 2 * covmean))
+    return frechet_from_stats(x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False))
 
 
 def mode_scores(x: torch.Tensor, truth: GMM, prompt: int, mass: float = 0.999) -> tuple[float, float]:

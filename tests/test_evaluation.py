@@ -1,0 +1,375 @@
+"""The evaluation package on tiny random-weight stand-ins of the real networks: a scripted Inception-shaped network,
+transformers CLIP models built from tiny configs, a LAION aesthetic head of the published shape. CPU, no downloads.
+
+Where values are compared across runs they are computed by the same code on the same images and must be equal; the
+Frechet tolerance is argued where it is used."""
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import evaluation  # noqa: F401  (first: makes torchvision importable where its operators are not)
+from bigsid.cli import main
+from bigsid.config import GMMConfig
+from bigsid.toy import byte_level_clip_tokenizer, frechet_from_stats, prepare_toy_teacher
+from conftest import TINY_TOY
+from evaluation import clip, fid, generate
+from evaluation.settings import EvalError
+
+GMM_CFG = GMMConfig(num_prompts=2, modes_per_prompt=2, latent_shape=[4, 4, 4])
+FEATURES = 16  # the stand-in Inception's feature width
+
+
+class TinyInception(torch.nn.Module):
+    """clean-fid's TorchScript interface: `layers` maps (x - 128) / 128 at 299 px to pool features."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.Sequential(torch.nn.Conv2d(3, FEATURES, 7, stride=8), torch.nn.Tanh(),
+                                          torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        return self.layers((x - 128) / 128)
+
+
+def tiny_clip(folder: Path, projection: int) -> Path:
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(1)
+    config = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                         num_attention_heads=4, vocab_size=515, max_position_embeddings=32),
+                        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                           num_attention_heads=4, image_size=32, patch_size=8),
+                        projection_dim=projection)
+    CLIPModel(config).save_pretrained(folder)
+    byte_level_clip_tokenizer(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def nets(tmp_path_factory):
+    """Weights files and a reference image folder, as a user stages them."""
+    root = tmp_path_factory.mktemp("nets")
+    torch.manual_seed(0)
+    torch.jit.script(TinyInception()).save(str(root / "inception.pt"))
+    torch.save(clip.AestheticHead().state_dict(), root / "head.pth")
+    refs = root / "real"
+    refs.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (40 + 4 * i, 48, 3), dtype=np.uint8)).save(refs / f"{i:02d}.png")
+    (refs / "notes.txt").write_text("not an image")
+    (refs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return {"inception": root / "inception.pt", "head": root / "head.pth", "real": refs,
+            "clip": tiny_clip(root / "clip", 24), "clip_l14": tiny_clip(root / "clip_l14", 768),
+            "stats": root / "stats.npz"}
+
+
+def metric_args(nets, *extra):
+    return ["metrics=[fid,clip,aesthetic]", f"fid.inception={nets['inception']}", f"fid.reference={nets['real']}",
+            f"fid.reference_stats={nets['stats']}", "clip.backend=transformers", f"clip.weights={nets['clip']}",
+            "aesthetic.backend=transformers", f"aesthetic.weights={nets['clip_l14']}", f"aesthetic.head={nets['head']}",
+            "num_images=6", "batch_size=4", *extra]
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    return prepare_toy_teacher(tmp_path_factory.mktemp("t") / "teacher", GMM_CFG, fit_steps=5)
+
+
+@pytest.fixture(scope="module")
+def run_dir(teacher_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("run") / "run"
+    assert main(["train", "-", *TINY_TOY, "teacher.kind=diffusers", f"teacher.path={teacher_dir}",
+                 f"train.run_dir={run}", "train.batch_size=4", "train.total_nimg=8", "eval.num_samples=16",
+                 "train.ema_rampup=0"]) == 0
+    return run
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def evaluated(run_dir, nets):
+    """One uninterrupted evaluation; the run's files before and after it."""
+    before = snapshot(run_dir)
+    assert main(["eval", str(run_dir), *metric_args(nets, "name=full")]) == 0
+    return run_dir / "eval" / "full", before
+
+
+def values(folder: Path) -> dict:
+    return {k: v["value"] for k, v in json.loads((folder / "metrics.json").read_text())["metrics"].items()}
+
+
+# ---- the Frechet distance and the clean-fid protocol ----
+
+def _psd(rng, d):
+    a = rng.standard_normal((d, d))
+    return a @ a.T / d + 0.1 * np.eye(d)
+
+
+def _sym_sqrt(c):
+    w, v = np.linalg.eigh(c)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def test_frechet_distance_is_the_gaussians_closed_form():
+    """tr((C1 C2)^1/2) = tr((C1^1/2 C2 C1^1/2)^1/2), the latter from symmetric eigendecompositions only. In float64
+    on 8 x 8 matrices with eigenvalues >= 0.1 both sides agree to ~1e-12; 1e-8 leaves room and still catches any
+    wrong term (each is O(1))."""
+    rng = np.random.default_rng(0)
+    mu1, mu2, c1, c2 = rng.standard_normal(8), rng.standard_normal(8), _psd(rng, 8), _psd(rng, 8)
+    r = _sym_sqrt(c1)
+    closed = np.sum((mu1 - mu2) ** 2) + np.trace(c1) + np.trace(c2) - 2 * np.trace(_sym_sqrt(r @ c2 @ r))
+    assert frechet_from_stats(mu1, c1, mu2, c2) == pytest.approx(closed, abs=1e-8)
+    assert frechet_from_stats(mu1, c1, mu1, c1) == pytest.approx(0, abs=1e-8)
+
+
+def test_frechet_distance_matches_clean_fid():
+    cleanfid = pytest.importorskip("cleanfid.fid")
+    rng = np.random.default_rng(1)
+    x, y = rng.standard_normal((200, 16)), rng.standard_normal((300, 16)) * 1.3 + 0.2
+    stats = [(f.mean(0), np.cov(f, rowvar=False)) for f in (x, y)]
+    assert frechet_from_stats(*stats[0], *stats[1]) == pytest.approx(
+        cleanfid.frechet_distance(*stats[0], *stats[1]), rel=1e-10)
+
+
+def test_resize_is_a_centred_long_edge_crop_then_lanczos():
+    """A 60 x 40 image with 10-px red margins left and right: the crop keeps the 40 x 40 centre, so no red remains;
+    a uniform colour stays that colour through Lanczos and through the 299-px bicubic resize."""
+    x = np.zeros((40, 60, 3), np.uint8)
+    x[:, :10] = x[:, 50:] = (255, 0, 0)
+    x[:, 10:50] = (10, 200, 30)
+    out = np.asarray(fid.crop_resize(Image.fromarray(x), 256))
+    assert out.shape == (256, 256, 3) and (out == (10, 200, 30)).all()
+    big = fid.inception_input(Image.fromarray(out))
+    assert big.shape == (3, 299, 299) and big.dtype == np.float32
+    assert np.allclose(big, np.array([10, 200, 30], np.float32)[:, None, None], atol=1e-3)
+
+
+def test_resize_matches_clean_fid():
+    resize = pytest.importorskip("cleanfid.resize")
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, 256, (300, 420, 3), dtype=np.uint8)
+    ours = fid.inception_input(fid.crop_resize(Image.fromarray(x), 256))
+    crop = x[:, 60:360]  # the 300 x 300 centre of the long edge
+    theirs = resize.make_resizer("PIL", False, "bicubic", (299, 299))(
+        resize.make_resizer("PIL", True, "lanczos", (256, 256))(crop))
+    assert np.array_equal(ours, theirs.transpose(2, 0, 1))
+
+
+# ---- CLIP and aesthetic scores ----
+
+def test_aesthetic_head_has_the_published_layout(tmp_path):
+    head = clip.AestheticHead()
+    shapes = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+    assert shapes == {"layers.0.weight": (1024, 768), "layers.0.bias": (1024,), "layers.2.weight": (128, 1024),
+                      "layers.2.bias": (128,), "layers.4.weight": (64, 128), "layers.4.bias": (64,),
+                      "layers.6.weight": (16, 64), "layers.6.bias": (16,), "layers.7.weight": (1, 16),
+                      "layers.7.bias": (1,)}
+    assert sum(v.numel() for v in head.state_dict().values()) == 927_969  # sac+logos+ava1-l14-linearMSE.pth
+    state = {k: torch.randn_like(v) for k, v in head.state_dict().items()}
+    torch.save(state, tmp_path / "head.pth")
+    loaded = clip.load_head(str(tmp_path / "head.pth"))
+    e = torch.nn.functional.normalize(torch.randn(3, 768), dim=-1)
+    w = [state[f"layers.{i}.weight"] for i in (0, 2, 4, 6, 7)]
+    b = [state[f"layers.{i}.bias"] for i in (0, 2, 4, 6, 7)]
+    expected = e
+    for wi, bi in zip(w, b):
+        expected = expected @ wi.T + bi  # linear layers only: dropout is off in eval, no activations
+    assert torch.allclose(loaded(e), expected[:, 0], rtol=1e-5, atol=1e-5)
+    torch.save({"layers.0.weight": torch.zeros(3)}, tmp_path / "bad.pth")
+    with pytest.raises(EvalError, match="aesthetic.head=.*bad.pth"):
+        clip.load_head(str(tmp_path / "bad.pth"))
+
+
+def test_clip_score_is_the_mean_raw_cosine_of_prefixed_captions(monkeypatch):
+    """Hand-checked: image embeddings (1, 0), (0, 1), (1, 0) against caption embeddings (0.6, 0.8), (0.6, -0.8),
+    (-1, 0) give cosines 0.6, -0.8, -1; the score is their mean, -0.4, negative values kept and no x100."""
+    score = object.__new__(clip.CLIPScore)
+    seen = []
+    images = torch.tensor([[1.0, 0], [0, 1], [1, 0]])
+    texts = {"A photo depicts a": [0.6, 0.8], "A photo depicts b": [0.6, -0.8], "A photo depicts c": [-1.0, 0]}
+
+    class Encoder:
+        record = {"model": "stand-in"}
+
+        def images(self, ims):
+            return images
+
+        def texts(self, captions):
+            seen.extend(captions)
+            return torch.tensor([texts[c] for c in captions])
+
+    score.encoder, score.prefix, score.cosines = Encoder(), "A photo depicts ", []
+    score.update([None] * 3, ["a", "b", "c"])
+    result = score.result()["clip_score"]
+    assert seen == list(texts) and result["value"] == pytest.approx(-0.4, abs=1e-7)
+    assert result["convention"]["prefix"] == "A photo depicts "
+
+
+def test_open_clip_path_with_a_tiny_custom_model(tmp_path):
+    """The open_clip backend on a tiny model config registered as open_clip allows, weights from a local file."""
+    open_clip = pytest.importorskip("open_clip")
+    from open_clip.factory import _MODEL_CONFIGS
+
+    _MODEL_CONFIGS["bigsid-tiny"] = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32,
+                                                                     "patch_size": 8, "head_width": 16},
+                                     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32,
+                                                  "heads": 2, "layers": 1}}
+    model = open_clip.create_model("bigsid-tiny")
+    torch.save(model.state_dict(), tmp_path / "tiny.pt")
+    with pytest.raises(EvalError, match="clip.weights is not set"):
+        clip.CLIPEncoder("open_clip", "bigsid-tiny", "laion2b_s12b_b42k", "", "clip", False, torch.device("cpu"))
+    encoder = clip.CLIPEncoder("open_clip", "bigsid-tiny", "", str(tmp_path / "tiny.pt"), "clip", False,
+                               torch.device("cpu"))
+    image = Image.fromarray(np.full((40, 50, 3), 100, np.uint8))
+    emb_i, emb_t = encoder.images([image]), encoder.texts(["A photo depicts a cat"])
+    with torch.no_grad():
+        ref_i = model.eval().encode_image(encoder.preprocess(image)[None])
+    assert torch.allclose(emb_i, torch.nn.functional.normalize(ref_i, dim=-1), atol=1e-6)
+    assert emb_t.shape == (1, 16) and torch.allclose(emb_t.norm(dim=-1), torch.ones(1))
+
+
+# ---- generation and the whole path ----
+
+def test_evaluation_writes_metrics_with_conventions_and_leaves_the_run_alone(evaluated, nets):
+    out, before = evaluated
+    run_dir = out.parent.parent
+    after = snapshot(run_dir)
+    assert {k: v for k, v in after.items() if k in before} == before  # nothing of the run changed
+    assert all(k.startswith("eval/full/") for k in set(after) - set(before))
+    report = json.loads((out / "metrics.json").read_text())
+    assert set(report["metrics"]) == {"fid", "clip_score", "aesthetic"}
+    fid_convention = report["metrics"]["fid"]["convention"]
+    assert fid_convention["resize"] == "PIL Lanczos to 256 px, uint8" and fid_convention["generated_images"] == 6
+    assert fid_convention["reference_images"] == 12 and fid_convention["reference_skipped"] == 2
+    assert report["metrics"]["clip_score"]["convention"]["prefix"] == "A photo depicts "
+    assert report["source"]["kind"] == "generator" and report["source"]["step"] == 2
+    assert report["generation"]["prompts_sha256"] and report["generation"]["num_images"] == 6
+    manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [m["index"] for m in manifest] == list(range(6)) and [m["seed"] for m in manifest] == list(range(6))
+    assert [m["prompt"] for m in manifest] == ["toy prompt 0", "toy prompt 1"] * 3  # the run's sample prompts
+    assert all(np.isfinite(v["value"]) for v in report["metrics"].values())
+
+
+def test_a_finished_evaluation_is_not_redone(evaluated, nets, monkeypatch):
+    out, _ = evaluated
+    written = snapshot(out)
+    monkeypatch.setattr(generate, "write_atomic", lambda *a: pytest.fail("rewrote a file"))
+    assert main(["eval", str(out.parent.parent), *metric_args(nets, "name=full")]) == 0
+    assert snapshot(out) == written
+
+
+def test_two_ranks_write_every_index_once_and_the_same_images(evaluated, nets, monkeypatch, tmp_path):
+    out, _ = evaluated
+    run_dir = out.parent.parent
+    writes = []
+    real = generate.write_atomic
+    monkeypatch.setattr(generate, "write_atomic", lambda path, fn: (writes.append(path.name), real(path, fn))[1])
+    for rank in (1, 0):  # rank 0 scores once rank 1's share is on disk
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert main(["eval", str(run_dir), *metric_args(nets, "name=two-ranks")]) == 0
+    pngs = sorted(w for w in writes if w.endswith(".png"))
+    assert pngs == [f"{i:06d}.png" for i in range(6)]  # each index once
+    sharded = run_dir / "eval" / "two-ranks"
+    for i in range(6):
+        assert np.array_equal(np.asarray(Image.open(generate.image_path(sharded, i))),
+                              np.asarray(Image.open(generate.image_path(out, i))))
+    assert values(sharded) == values(out)
+
+
+def test_a_killed_evaluation_resumes_to_the_same_metrics(evaluated, nets, monkeypatch):
+    out, _ = evaluated
+    run_dir = out.parent.parent
+    real, pngs = generate.write_atomic, []
+
+    def dies_after_three(path, fn):
+        if path.suffix == ".png":
+            pngs.append(path.name)
+            if len(pngs) == 4:
+                raise KeyboardInterrupt  # killed while writing the fourth image
+        real(path, fn)
+
+    monkeypatch.setattr(generate, "write_atomic", dies_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        main(["eval", str(run_dir), *metric_args(nets, "name=killed")])
+    killed = run_dir / "eval" / "killed"
+    assert not (killed / "metrics.json").exists()
+    pngs.clear()
+    monkeypatch.setattr(generate, "write_atomic", lambda path, fn: (pngs.append(path.name), real(path, fn))[1])
+    assert main(["eval", str(run_dir), *metric_args(nets, "name=killed")]) == 0
+    assert sorted(p for p in pngs if p.endswith(".png")) == [f"{i:06d}.png" for i in range(3, 6)]
+    assert values(killed) == values(out)
+
+
+def test_teacher_sampler_baseline_and_comparison_table(evaluated, nets, capsys):
+    out, _ = evaluated
+    run_dir = out.parent.parent
+    assert main(["eval", str(run_dir), *metric_args(nets, "sampler=teacher", "teacher_steps=2", "guidance=2")]) == 0
+    teacher = run_dir / "eval" / "teacher-ddim2-cfg2"
+    assert json.loads((teacher / "metrics.json").read_text())["source"]["kind"] == "teacher"
+    capsys.readouterr()
+    assert main(["eval", "--compare", str(out), str(teacher)]) == 0
+    table = capsys.readouterr().out
+    assert "| run/full | generator | 2 | 6 |" in table and "| run/teacher-ddim2-cfg2 | teacher, 2 steps, cfg 2.0 |" in table
+    assert "fid ↓" in table and "- clip_score: backend=transformers" in table and "DIFFER" not in table
+
+
+# ---- bad input ----
+
+def test_missing_weights_file_names_file_what_and_key(run_dir, nets, tmp_path, capsys):
+    missing = tmp_path / "inception-2015-12-05.pt"
+    assert main(["eval", str(run_dir), *metric_args(nets, f"fid.inception={missing}", "name=missing")]) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "fid.inception" in err and "clean-fid's TorchScript Inception" in err
+    assert main(["eval", str(run_dir), *metric_args(nets, "aesthetic.head=", "name=missing")]) == 2
+    assert "aesthetic.head is not set" in capsys.readouterr().err
+
+
+def test_reference_statistics_of_another_convention_are_refused(evaluated, nets, capsys):
+    out, _ = evaluated
+    assert main(["eval", str(out.parent.parent), *metric_args(nets, "fid.resolution=128", "name=r128",
+                                                              f"fid.reference={nets['stats']}")]) == 2
+    err = capsys.readouterr().err
+    assert "another convention" in err and "PIL Lanczos to 256 px" in err and "PIL Lanczos to 128 px" in err
+
+
+def test_empty_prompt_set_and_other_teacher_family(run_dir, teacher_dir, nets, tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    assert main(["eval", str(run_dir), *metric_args(nets, f"prompts={tmp_path / 'empty.txt'}", "name=e")]) == 2
+    assert "prompt set is empty" in capsys.readouterr().err
+    other = tmp_path / "sdxl"
+    shutil.copytree(teacher_dir, other)
+    index = json.loads((other / "model_index.json").read_text())
+    (other / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"}))
+    assert main(["eval", str(run_dir), *metric_args(nets, f"teacher={other}", "name=x")]) == 2
+    assert "StableDiffusionXLPipeline" in capsys.readouterr().err
+
+
+# ---- the toy family ----
+
+def test_toy_run_ground_truth_without_a_trainer(run_dir, monkeypatch):
+    """The toy family rebuilds the run's networks and reads the EMA: the same numbers training's own final
+    evaluation wrote, computed by the same code on the same weights and noise, and no Trainer."""
+    trained = json.loads((run_dir / "eval" / "toy_metrics.json").read_text())
+    import bigsid.trainer
+
+    monkeypatch.setattr(bigsid.trainer, "Trainer", lambda *a, **k: pytest.fail("built a Trainer"))
+    before = {k: v for k, v in snapshot(run_dir).items() if not k.startswith("eval/")}
+    assert main(["eval", str(run_dir), "eval.num_samples=16"]) == 0
+    assert {k: v for k, v in snapshot(run_dir).items() if not k.startswith("eval/")} == before
+    again = json.loads((run_dir / "eval" / "toy_metrics.json").read_text())
+    assert again == trained
+    report = json.loads((run_dir / "eval" / f"step-{trained['step']:09d}" / "metrics.json").read_text())
+    assert report["metrics"]["fd_generator"]["value"] == trained["fd_generator"]
