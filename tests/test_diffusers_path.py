@@ -123,3 +123,23 @@ def test_lora_generator_trains_only_its_adapter(teacher_dir, tmp_path):
     moved = {n for n, p in unet.named_parameters() if not torch.equal(before[n], p)}
     assert moved and moved <= trained
     assert {n for n in tr.ema.names} == {f"net.unet.{n}" for n in trained}
+
+
+@pytest.mark.parametrize("checkpointed", [True, False])
+def test_the_frozen_teacher_recomputes_its_activations_when_checkpointed(teacher_dir, tmp_path, checkpointed):
+    """The frozen teacher runs in eval mode; diffusers before 0.32 skipped gradient checkpointing there, so its
+    activations were silently kept. Checkpointed, each of its blocks runs again in the backward pass."""
+    tr = Trainer(load_config(None, overrides(teacher_dir, tmp_path, "train.activation_checkpointing="
+                                             + ("[teacher]" if checkpointed else "[]"))))
+    assert not tr.teacher.training
+    block = tr.teacher.unet.down_blocks[0].resnets[0]
+    calls, forward = [], block.forward
+
+    def counted(*args, **kwargs):  # not a forward hook: torch's checkpoint runs none while it recomputes
+        calls.append(1)
+        return forward(*args, **kwargs)
+
+    block.forward = counted
+    tr.generator_phase()
+    # one teacher call per generator step (conditional and unconditional batched), plus its recomputation
+    assert len(calls) == (2 if checkpointed else 1)
