@@ -26,6 +26,7 @@ from bigsid.config import Config, save_config, to_dict
 from bigsid.models import Networks, build_networks
 from bigsid.objectives import build_objective
 from bigsid.parallel import Trainable, build_backend
+from bigsid.parallel.base import local_shards
 
 log = logging.getLogger("bigsid.trainer")
 
@@ -34,8 +35,8 @@ PREEMPTED_EXIT = 75
 
 
 class TrainingError(RuntimeError):
-    """The run cannot go on (e.g. non-finite gradients step after step); a checkpoint of the last good state
-    has been written."""
+    """The run cannot go on (non-finite gradients step after step, or non-finite weights after an update); the
+    message names the checkpoint that holds the last good state. Non-finite weights are never written."""
 
 
 class Preempted(Exception):
@@ -63,11 +64,6 @@ class PreemptionFlag:
             signal.signal(sig, handler)
 
 
-def _local(tensors):
-    """The local shards of (possibly sharded) tensors: foreach kernels then run on plain tensors in place."""
-    return [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
-
-
 class EMA:
     """Exponential moving average of the generator's weights, with its half-life counted in images.
 
@@ -86,15 +82,15 @@ class EMA:
 
     @torch.no_grad()
     def update(self, trainable: Trainable, beta: float) -> None:
-        torch._foreach_lerp_(_local(self.shadow), _local(trainable.stored_params()), 1.0 - beta)
+        torch._foreach_lerp_(local_shards(self.shadow), local_shards(trainable.stored_params()), 1.0 - beta)
 
     @contextlib.contextmanager
     def applied(self, trainable: Trainable):
         """Temporarily load the EMA weights into the trained network; yields the network to call."""
-        params = _local(trainable.stored_params())
+        params = local_shards(trainable.stored_params())
         with torch.no_grad():
             backup = [p.clone() for p in params]
-            torch._foreach_copy_(params, _local(self.shadow))
+            torch._foreach_copy_(params, local_shards(self.shadow))
         try:
             yield trainable.inner
         finally:
@@ -284,6 +280,7 @@ class Trainer:
         for _ in range(self.cfg.train.fake_steps):
             metrics |= self.fake_score_phase()
         metrics |= self.generator_phase()
+        self._stop_on_nonfinite_weights()
         self.nimg += self.cfg.train.batch_size
         self.step += 1
         all_applied = all(bool(v) for k, v in metrics.items() if k.endswith("/applied"))
@@ -291,6 +288,21 @@ class Trainer:
         tr = self.cfg.train
         self.ema.update(self.generator, EMA.beta(tr.batch_size, self.nimg, tr.ema_halflife_nimg, tr.ema_rampup))
         return metrics
+
+    def _stop_on_nonfinite_weights(self) -> None:
+        """Checked after every iteration's updates, before the EMA or any checkpoint can take the weights in: so
+        every checkpoint, the one the consecutive-skip stop writes included, holds finite weights."""
+        broken = [name for name, tr in self._trainables().items() if not tr.weights_finite()]
+        if not self.backend.any(bool(broken)):  # sharded weights: another rank's shard may be the broken one
+            return
+        self.finish_checkpoint()  # an asynchronous checkpoint in flight holds an earlier, finite step
+        last = checkpoint.latest_checkpoint(self.run_dir)
+        raise TrainingError(
+            f"the {' and '.join(broken) or 'trained'} weights became non-finite in the update of step "
+            f"{self.step + 1}; nothing was saved from it. The last good state is "
+            + (f"{last} (run the same command to resume from it)" if last is not None else
+               f"not saved: {self.run_dir} has no complete checkpoint")
+            + ". Lower the learning rates, set optim.grad_clip, or use train.precision=fp32")
 
     # ---- the run ----
 

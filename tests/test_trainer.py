@@ -1,7 +1,9 @@
 """The loop on the toy teacher: phase isolation, exact resume, NaN masking, the run directory, learning."""
 
 import json
+import re
 
+import pytest
 import torch
 
 from bigsid.checkpoint import complete_checkpoints
@@ -221,6 +223,50 @@ def test_consecutive_nonfinite_steps_stop_the_run_on_its_last_good_state(tmp_pat
     saved = make(tmp_path, "train.max_consecutive_skips=3", "train.checkpoint_every=0")
     assert saved.step == 5
     assert not changed(good, saved.generator.module)
+
+
+@pytest.mark.parametrize("network,checkpoint_every,last_good",
+                         [("generator", 2, "step-000000002"), ("fake_score", 0, None)])
+def test_nonfinite_weights_stop_the_run_and_are_never_saved(tmp_path, network, checkpoint_every, last_good):
+    from safetensors.torch import load_file
+
+    from bigsid.trainer import TrainingError
+
+    # max_consecutive_skips=1: the steps after a broken update (NaN outputs, NaN gradients) would otherwise stop
+    # the run by writing "the last good weights" at once
+    tr = make(tmp_path, f"train.checkpoint_every={checkpoint_every}", "train.max_consecutive_skips=1")
+    trainable = getattr(tr, network)
+    update = trainable.optimizer.step
+
+    def poisoned_update(*a, **k):  # the update of step 4 overflows one weight, as a huge learning rate would
+        out = update(*a, **k)
+        if tr.step == 3:
+            with torch.no_grad():
+                trainable.params[-1].view(-1)[-1] = float("inf")
+        return out
+
+    trainable.optimizer.step = poisoned_update
+    expected = re.escape(f"{tmp_path / 'checkpoints' / last_good} (run") if last_good else "no complete checkpoint"
+    with pytest.raises(TrainingError, match=f"{network} weights became non-finite in the update of step 4.*{expected}"):
+        tr.run()
+    assert tr.step == 3  # the broken step is not counted
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ([last_good] if last_good else [])
+    for file in tmp_path.glob("checkpoints/*/*.safetensors"):  # partial folders included
+        assert all(torch.isfinite(v).all() for v in load_file(file).values()), file
+
+
+def test_weights_check_sees_one_nan_and_passes_huge_finite_weights():
+    from bigsid.parallel import Trainable
+
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    trainable = Trainable(net, torch.optim.Adam(net.parameters()), grad_clip=0.0)
+    assert trainable.weights_finite()
+    with torch.no_grad():
+        net[0].weight.fill_(1e30)  # finite; its sum of squares (1e60 per element) would overflow float32
+    assert trainable.weights_finite()
+    with torch.no_grad():
+        net[1].bias[-1] = float("nan")
+    assert not trainable.weights_finite()
 
 
 def test_cosine_schedule_decays_both_learning_rates_from_nimg(tmp_path):

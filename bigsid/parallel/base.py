@@ -21,6 +21,11 @@ class BackendError(ValueError):
     """A parallel set-up that cannot run as configured; the message says what to change."""
 
 
+def local_shards(tensors):
+    """The local shards of (possibly sharded) tensors: foreach kernels then run on plain tensors in place."""
+    return [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+
+
 class Trainable:
     """One trained network with its optimizer.
 
@@ -46,6 +51,13 @@ class Trainable:
     def grad_norm(self) -> torch.Tensor:
         norm = nn.utils.clip_grad_norm_(self.params, self.grad_clip if self.grad_clip > 0 else float("inf"))
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # sharded: the global norm
+
+    def weights_finite(self) -> bool:
+        """Whether this rank's part of the trained weights is all finite (the caller combines ranks): a finite
+        gradient can still step to inf or NaN (an overflowing learning rate). One fused pass: the max-abs norm,
+        NaN if any element is, and unlike a sum of squares it cannot overflow on finite weights."""
+        norms = torch._foreach_norm(local_shards(self.stored_params()), float("inf"))
+        return bool(torch.isfinite(torch.stack(norms)).all())
 
     def step(self) -> tuple[torch.Tensor, bool]:
         """(gradient norm, whether the update was applied). The norm is global, so every rank decides alike,
