@@ -311,12 +311,35 @@ def _usage(d: Distilled, out: Path, steps: int, as_lora: bool) -> str:
                       f'pipe = DiffusionPipeline.from_pretrained("{out}")', call])
 
 
+def _image_evaluation(d: Distilled) -> str:
+    """The newest `bigsid eval` of these weights (RUN_DIR/eval/NAME/metrics.json, not the toy family's), each number
+    with the convention it was measured in; empty if there is none."""
+    found = []
+    for path in (d.folder.parent.parent / "eval").glob("*/metrics.json"):
+        report = json.loads(path.read_text())
+        source = report.get("source", {})
+        if (source.get("kind") == "generator" and source.get("step") == d.state["step"] and source.get("ema") == d.ema
+                and "fd_generator" not in report.get("metrics", {})):
+            found.append((report.get("written", ""), path.parent.name, report))
+    if not found:
+        return ""
+    _, name, report = max(found)
+    generation = report.get("generation", {})
+    lines = [f"`bigsid eval` ({name}): {generation.get('num_images')} images ({generation.get('seeds')}), prompts "
+             f"{generation.get('prompts')} (sha256 {str(generation.get('prompts_sha256'))[:12]}), step "
+             f"{d.state['step']}.", "", "| metric | value | convention |", "| --- | --- | --- |"]
+    lines += [f"| {key} | {m['value']:.4f} | " + ", ".join(f"{k}={v}" for k, v in m.get("convention", {}).items())
+              + " |" for key, m in report["metrics"].items()]
+    return "\n".join(lines)
+
+
 def _evaluation(d: Distilled) -> str:
-    """The run's ground-truth evaluation of this checkpoint with its conventions, or a line saying there is none."""
+    """The run's evaluations of this checkpoint with their conventions, or a line saying there is none."""
+    images = _image_evaluation(d)
     path = d.folder.parent.parent / "eval" / "toy_metrics.json"
     metrics = json.loads(path.read_text()) if path.is_file() else {}
     if metrics.get("step") != d.state["step"]:
-        return "No evaluation of this checkpoint was recorded with the run."
+        return images or "No evaluation of this checkpoint was recorded with the run."
     rows = [("fd_generator", "this generator"), ("fd_teacher_sampler",
                                                  f"the teacher, {metrics.get('teacher_sampler_steps')} DDIM steps"),
             ("fd_reference", "two exact sample sets (noise floor)")]
@@ -326,7 +349,7 @@ def _evaluation(d: Distilled) -> str:
     lines += [f"| {label} | {metrics[key]:.4f} |" for key, label in rows if key in metrics]
     lines += ["", f"Mode coverage (total variation between nearest-mode frequencies and the true weights): "
                   f"{metrics['mode_coverage_tv']:.4f}."]
-    return "\n".join(lines)
+    return "\n".join(lines + (["", images] if images else []))
 
 
 def model_card(d: Distilled, out: Path, timesteps: list[int], as_lora: bool):

@@ -326,6 +326,18 @@ def test_teacher_sampler_baseline_and_comparison_table(evaluated, nets, capsys):
     assert "fid ↓" in table and "- clip_score: backend=transformers" in table and "DIFFER" not in table
 
 
+def test_model_card_quotes_the_latest_evaluation_with_its_conventions(evaluated, tmp_path):
+    out, _ = evaluated
+    latest = max((json.loads(p.read_text()) for p in out.parent.glob("*/metrics.json")
+                  if json.loads(p.read_text())["source"].get("kind") == "generator" and "fid" in p.read_text()),
+                 key=lambda r: (r["written"], r["name"]))
+    assert main(["export", str(out.parent.parent), str(tmp_path / "export")]) == 0
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert f"`bigsid eval` ({latest['name']}): 6 images" in card
+    assert f"| fid | {latest['metrics']['fid']['value']:.4f} | protocol=clean-fid" in card
+    assert "prefix=A photo depicts " in card
+
+
 # ---- bad input ----
 
 def test_missing_weights_file_names_file_what_and_key(run_dir, nets, tmp_path, capsys):
