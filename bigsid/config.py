@@ -78,7 +78,9 @@ class ObjectiveConfig:
     kappa2: float = 1.0
     kappa3: float = 1.0
     kappa4: float = 1.0
-    prompt_drop: float = 0.1  # empty-prompt rate in the fake-score phase, used only when some kappa != 1
+    # empty-prompt rate in the fake-score phase, used only when the fake score is guided (kappa1, kappa2 or
+    # kappa3 != 1): guidance needs its unconditional output
+    prompt_drop: float = 0.1
     sim_distance: str = "pseudo_huber"  # pseudo_huber | l2
     sim_c: float = 1.0
     sim_c_units: str = "x0"  # x0: c per element of f_psi - f_phi (scale-free over t); score: the paper's raw c

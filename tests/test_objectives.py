@@ -215,5 +215,21 @@ def test_guided_scores_use_kappa4_for_the_teacher_and_kappa2_for_the_fake(name):
     obj.generator_loss(teacher, fake, torch.randn(n, DIM), cond(n))
     # guided teacher: one batched call on cond + uncond; unguided fake: one call
     assert sorted(calls) == [("fake", n), ("teacher", 2 * n)]
-    assert obj.prompt_drop == pytest.approx(0.1)
-    assert objective(SiD).prompt_drop == 0.0
+
+
+@pytest.mark.parametrize("kappas,drop", [({}, 0.0), ({"kappa4": 1.75}, 0.0), ({"kappa1": 1.5}, 0.1),
+                                         ({"kappa2": 1.5}, 0.1), ({"kappa3": 1.5}, 0.1)])
+def test_prompts_are_dropped_only_for_a_guided_fake_score(kappas, drop):
+    # a guided fake score calls itself on the empty prompt, so it must learn it; a guided teacher knows it already
+    assert objective(SiD, prompt_drop=0.1, **kappas).prompt_drop == drop
+
+
+@pytest.mark.parametrize("name,drop", [("sd15_dmd", 0.0), ("sd15_sid_lsg", 0.1), ("sd15_sim", 0.1)])
+def test_shipped_dmd_config_trains_its_fake_score_without_drops(name, drop):
+    from pathlib import Path
+
+    from bigsid.config import load_config
+    from bigsid.objectives import build_objective
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / f"{name}.yaml", check_data=False)
+    assert build_objective(cfg.objective, SCHEDULE).prompt_drop == drop

@@ -39,9 +39,15 @@ class Objective:
 
     @property
     def prompt_drop(self) -> float:
-        """Empty-prompt rate for the fake-score phase: only a guided fake score needs unconditional data."""
+        """Empty-prompt rate for the fake-score phase: only a guided fake score needs unconditional data.
+
+        Guidance evaluates eps(x_t, "") of the network it guides. The fake score is guided by kappa1 (its own
+        training), kappa2 (delta) and kappa3 (SiD's alpha term), so any of them != 1 needs it to learn the empty
+        prompt. kappa4 guides the teacher, which knows the empty prompt already: DMD's teacher-only guidance
+        trains its fake score on the prompts as given. (SiD-LSG's released models share one kappa, so there the
+        drop is on whenever any kappa is.)"""
         c = self.cfg
-        guided = any(k != 1.0 for k in (c.kappa1, c.kappa2, c.kappa3, c.kappa4))
+        guided = any(k != 1.0 for k in (c.kappa1, c.kappa2, c.kappa3))
         return c.prompt_drop if guided else 0.0
 
     def noise(self, x_gen: torch.Tensor, t: torch.Tensor | None, eps: torch.Tensor | None):
