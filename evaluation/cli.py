@@ -65,8 +65,10 @@ def evaluate(source: str, overrides: list[str]) -> Path | None:
 
     settings = load_settings([o for o in overrides if not o.startswith("eval.")])
     metrics = settings.metrics or _default_metrics(source)
+    rank, world = generate.rank_and_world()
     if "toy" in metrics:
-        _toy(source, [o for o in overrides if o.startswith("eval.")], settings.name)
+        if rank == 0:
+            _toy(source, [o for o in overrides if o.startswith("eval.")], settings.name)
         metrics = [m for m in metrics if m != "toy"]
         if not metrics:
             return None
@@ -78,7 +80,6 @@ def evaluate(source: str, overrides: list[str]) -> Path | None:
             "prompts_skipped": prompt_set.skipped, "num_images": len(items),
             "images_per_prompt": settings.images_per_prompt, "seeds": f"image i: noise seed {settings.seed} + i"}
     generate.check_spec(out, spec)
-    rank, world = generate.rank_and_world()
     done = report.read(out)
     scorers, skipped = {}, dict(done.get("skipped", {}))
     if rank == 0:

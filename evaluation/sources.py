@@ -33,7 +33,8 @@ class Source:
 
 
 def _device(name: str) -> torch.device:
-    return pick_device(name, int(os.environ.get("LOCAL_RANK", 0)))
+    """The rank's GPU: torchrun's LOCAL_RANK, else srun's SLURM_LOCALID."""
+    return pick_device(name, int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))))
 
 
 def _run_prompts(config: dict) -> list[str]:
