@@ -6,11 +6,13 @@ import argparse
 import logging
 import os
 import sys
+from importlib import resources
 from pathlib import Path
 
 from bigsid.config import ConfigError, load_config
 
-DEMO_CONFIG = Path("configs/demo.yaml")
+# package data, so that an installed bigsid runs the demo from any directory
+DEMO_CONFIG = resources.files("bigsid") / "configs" / "demo.yaml"
 
 
 def _run(cfg) -> dict | int:
@@ -63,18 +65,17 @@ def cmd_toy_teacher(args) -> int:
 def cmd_demo(args) -> int:
     from bigsid.toy import prepare_toy_teacher
 
-    if not DEMO_CONFIG.is_file():
-        raise ConfigError(f"{DEMO_CONFIG} not found: run the demo from the repository root")
     out = Path(args.out)
     teacher = out / "teacher"
-    # The teacher folder may not exist yet, so read the GMM spec without validating teacher.path.
-    spec = load_config(DEMO_CONFIG, [*args.overrides, "teacher.kind=toy_gmm"])
-    if not (teacher / "model_index.json").is_file():
-        print(f"[1/3] fitting a small diffusers UNet teacher to the analytic GMM -> {teacher}")
-        prepare_toy_teacher(teacher, spec.teacher.gmm, fit_steps=args.fit_steps, seed=spec.train.seed)
-    else:
-        print(f"[1/3] using the teacher in {teacher}")
-    cfg = load_config(DEMO_CONFIG, [f"teacher.path={teacher}", f"train.run_dir={out / 'run'}", *args.overrides])
+    with resources.as_file(DEMO_CONFIG) as demo_config:  # a real file even where the package is zipped
+        # The teacher folder may not exist yet, so read the GMM spec without validating teacher.path.
+        spec = load_config(demo_config, [*args.overrides, "teacher.kind=toy_gmm"])
+        if not (teacher / "model_index.json").is_file():
+            print(f"[1/3] fitting a small diffusers UNet teacher to the analytic GMM -> {teacher}")
+            prepare_toy_teacher(teacher, spec.teacher.gmm, fit_steps=args.fit_steps, seed=spec.train.seed)
+        else:
+            print(f"[1/3] using the teacher in {teacher}")
+        cfg = load_config(demo_config, [f"teacher.path={teacher}", f"train.run_dir={out / 'run'}", *args.overrides])
     print(f"[2/3] distilling with {cfg.objective.name} into a one-step generator -> {cfg.train.run_dir}")
     result = _run(cfg)
     if isinstance(result, int):

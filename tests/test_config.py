@@ -86,3 +86,21 @@ def test_cli_exits_2_naming_the_key_before_building_anything(key, overrides, mon
     monkeypatch.setattr(bigsid.trainer, "Trainer", refuse)
     assert main(["train", "-", *overrides]) == 2
     assert f"config error: {key}" in capsys.readouterr().err
+
+
+def test_demo_config_is_package_data_found_from_any_directory(tmp_path, monkeypatch):
+    import bigsid.cli
+    import bigsid.toy
+
+    def fake_teacher(folder, *args, **kw):  # what the demo checks for before training; fitting is not tested here
+        folder.mkdir(parents=True)
+        (folder / "model_index.json").write_text("{}")
+
+    ran = []
+    monkeypatch.setattr(bigsid.toy, "prepare_toy_teacher", fake_teacher)
+    monkeypatch.setattr(bigsid.cli, "_run", lambda cfg: ran.append(cfg) or 0)
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here
+    assert bigsid.cli.main(["demo", "--out", "demo", "train.total_nimg=64"]) == 0
+    (cfg,) = ran
+    assert (cfg.objective.name, cfg.train.batch_size, cfg.train.total_nimg) == ("sid", 64, 64)
+    assert cfg.teacher.path == "demo/teacher"
