@@ -297,8 +297,9 @@ class Trainer:
             return
         self.finish_checkpoint()  # an asynchronous checkpoint in flight holds an earlier, finite step
         last = checkpoint.latest_checkpoint(self.run_dir)
+        what = f"{' and '.join(broken)} weights" if broken else "weights on another rank"
         raise TrainingError(
-            f"the {' and '.join(broken) or 'trained'} weights became non-finite in the update of step "
+            f"the {what} became non-finite in the update of step "
             f"{self.step + 1}; nothing was saved from it. The last good state is "
             + (f"{last} (run the same command to resume from it)" if last is not None else
                f"not saved: {self.run_dir} has no complete checkpoint")
