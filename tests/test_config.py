@@ -98,7 +98,7 @@ def test_demo_config_is_package_data_found_from_any_directory(tmp_path, monkeypa
 
     ran = []
     monkeypatch.setattr(bigsid.toy, "prepare_toy_teacher", fake_teacher)
-    monkeypatch.setattr(bigsid.cli, "_run", lambda cfg: ran.append(cfg) or 0)
+    monkeypatch.setattr(bigsid.cli, "_run", lambda cfg, *args, **kw: ran.append(cfg) or 0)
     monkeypatch.chdir(tmp_path)  # no configs/ folder here
     assert bigsid.cli.main(["demo", "--out", "demo", "train.total_nimg=64"]) == 0
     (cfg,) = ran
