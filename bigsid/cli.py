@@ -15,19 +15,24 @@ from bigsid.config import ConfigError, load_config
 DEMO_CONFIG = resources.files("bigsid") / "configs" / "demo.yaml"
 
 
-def _run(cfg) -> dict | int:
+def _run(cfg, image_eval=None) -> dict | int:
     """Train; a preemption signal ends in a complete checkpoint and the requeue exit status."""
     from bigsid.trainer import PREEMPTED_EXIT, Preempted, Trainer
 
     try:
-        return Trainer(cfg).run()
+        return Trainer(cfg, image_eval=image_eval).run()
     except Preempted:
         return PREEMPTED_EXIT
 
 
 def cmd_train(args) -> int:
     cfg = load_config(None if args.config == "-" else args.config, args.overrides)
-    result = _run(cfg)
+    image_eval = None
+    if args.eval:
+        from evaluation.periodic import TrainingEval
+
+        image_eval = TrainingEval(cfg, args.eval)
+    result = _run(cfg, image_eval)
     if isinstance(result, int):
         return result
     _report(cfg.train.run_dir, result)
@@ -122,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="distill a teacher into a one-step generator")
     p.add_argument("config", help="YAML config (see configs/), or - for the defaults")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.add_argument("--eval", nargs="+", metavar="KEY=VALUE", help="score images at every train.eval_every steps "
+                   "(teachers without an analytic truth): `bigsid eval` keys, e.g. prompts=FILE num_images=2000 "
+                   "metrics=[fid,clip] fid.reference_stats=FILE ...; logged as eval/NAME, plotted in "
+                   "RUN_DIR/eval/training_curves.png")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a run, checkpoint, export or the teacher's sampler (FID, CLIP score, "

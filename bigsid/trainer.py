@@ -162,7 +162,7 @@ def save_grid(images: torch.Tensor, rows: int, path: Path) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, networks: Networks | None = None):
+    def __init__(self, cfg: Config, networks: Networks | None = None, image_eval=None):
         self.cfg = cfg
         tr = cfg.train
         self.run_dir = Path(tr.run_dir)
@@ -188,6 +188,9 @@ class Trainer:
         self.teacher_samples = None  # the teacher sampler's toy samples never change: computed once
         self.pending = None  # (folder, train state, this rank's write Future) of a checkpoint being written
         self.last_eval: dict = {}
+        # Scores images of teachers without an analytic truth at eval_every (evaluation.periodic.TrainingEval, which
+        # the CLI builds: the trainer only calls batches/update/result and never imports the evaluation package).
+        self.image_eval = image_eval
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log = MetricLog(self.run_dir, self.backend.is_main)
         self.rng = torch.Generator(device=self.device).manual_seed(tr.seed + 1)
@@ -388,11 +391,14 @@ class Trainer:
         return path
 
     def evaluate(self) -> dict:
-        """Ground-truth metrics of the EMA generator (toy teachers only); appended to metrics.jsonl."""
+        """Ground-truth metrics of the EMA generator (toy teachers only); appended to metrics.jsonl. Other teachers
+        get the image evaluation, if one was given, logged the same way (and not returned: it is no toy report)."""
         from bigsid import toy
 
         truth = self.networks.truth
         if truth is None:
+            if self.image_eval is not None:
+                self._evaluate_images()
             return {}
         ev = self.cfg.eval
         if self.teacher_samples is None:
@@ -410,6 +416,22 @@ class Trainer:
                                              if isinstance(v, float)})
         self.last_eval = metrics
         return metrics
+
+    @torch.no_grad()
+    def _evaluate_images(self) -> None:
+        """Every rank runs the (possibly sharded) EMA generator on the same prompts and noise, as for sample grids;
+        rank 0 scores and logs eval/NAME."""
+        ev = self.image_eval
+        with self.ema.applied(self.generator) as g:
+            g.eval()
+            for prompts, z in ev.batches(self.networks.latent_shape):
+                images = to_images(g(z.to(self.device), self.networks.encoder(prompts).emb), self.networks)
+                if self.backend.is_main:
+                    ev.update(images, prompts)
+            g.train()
+        if self.backend.is_main:
+            metrics = ev.result(self.run_dir, self.nimg)
+            self.log.write(self.step, self.nimg, {f"eval/{k}": v for k, v in metrics.items()})
 
     # ---- checkpoints ----
 

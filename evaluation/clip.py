@@ -92,7 +92,8 @@ class CLIPScore:
         self.cosines.append((image * text).sum(-1).cpu())
 
     def result(self) -> dict:
-        cos = torch.cat(self.cosines).double()
+        """Scores the images given to update() since the last result()."""
+        cos, self.cosines = torch.cat(self.cosines).double(), []
         return {self.name: {"value": cos.mean().item(), "convention": {
             **self.encoder.record, "prefix": self.prefix, "statistic": "mean raw cosine (no x100, no clipping)",
             "images": len(cos)}}}
@@ -141,7 +142,8 @@ class AestheticScore:
         self.scores.append(self.head(emb).cpu())
 
     def result(self) -> dict:
-        scores = torch.cat(self.scores).double()
+        """Scores the images given to update() since the last result()."""
+        scores, self.scores = torch.cat(self.scores).double(), []
         return {self.name: {"value": scores.mean().item(), "convention": {
             "predictor": "LAION aesthetic predictor v2 (sac+logos+ava1-l14-linearMSE)", "clip": self.encoder.record,
             "embedding": "L2-normalised image embedding", "statistic": "mean", "images": len(scores)}}}

@@ -210,7 +210,8 @@ class FID:
         self.features.append(self.inception.features(images))
 
     def result(self) -> dict:
-        feats = np.concatenate(self.features)
+        """Scores the images given to update() since the last result()."""
+        feats, self.features = np.concatenate(self.features), []
         if len(feats) < 2:
             raise EvalError("FID needs at least 2 generated images; raise num_images")
         ref = self.reference

@@ -39,8 +39,10 @@ class _Mean:
         self.scores: list[float] = []
 
     def result(self) -> dict:
-        return {self.name: {"value": float(torch.tensor(self.scores, dtype=torch.float64).mean()),
-                            "convention": {**self.convention, "statistic": "mean", "images": len(self.scores)}}}
+        """Scores the images given to update() since the last result()."""
+        scores, self.scores = self.scores, []
+        return {self.name: {"value": float(torch.tensor(scores, dtype=torch.float64).mean()),
+                            "convention": {**self.convention, "statistic": "mean", "images": len(scores)}}}
 
 
 class ImageReward(_Mean):

@@ -385,3 +385,41 @@ def test_toy_run_ground_truth_without_a_trainer(run_dir, monkeypatch):
     assert again == trained
     report = json.loads((run_dir / "eval" / f"step-{trained['step']:09d}" / "metrics.json").read_text())
     assert report["metrics"]["fd_generator"]["value"] == trained["fd_generator"]
+
+
+# ---- during training ----
+
+def test_training_logs_a_periodic_image_evaluation(teacher_dir, nets, tmp_path):
+    """A teacher without an analytic truth (the toy pipeline, its truth file removed) trained with --eval: eval/fid and
+    eval/clip_score at every eval_every step, against images seen, and the curves' plot."""
+    teacher = tmp_path / "teacher"
+    shutil.copytree(teacher_dir, teacher)
+    (teacher / "bigsid_toy.json").unlink()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n")
+    run = tmp_path / "run"
+    assert main(["train", "-", *TINY_TOY, "teacher.kind=diffusers", f"teacher.path={teacher}", "data.source=text",
+                 f"data.path={prompts}", "eval.sample_prompts=[a cat]", "train.eval_every=1", "train.batch_size=4",
+                 "train.total_nimg=8", f"train.run_dir={run}",
+                 "--eval", *metric_args(nets, f"prompts={prompts}", "metrics=[fid,clip]")]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [(r["nimg"], r["eval/fid"], r["eval/clip_score"]) for r in rows if "eval/fid" in r]
+    assert [e[0] for e in evals] == [0, 4, 8] and all(np.isfinite(e[1:]).all() for e in evals)
+    assert evals[0][1] != evals[-1][1]  # the generator changed, and its score with it
+    assert (run / "eval" / "training_curves.png").is_file()
+    conventions = json.loads((run / "eval" / "training_eval.json").read_text())
+    assert conventions["images"] == 6 and conventions["metrics"]["fid"]["protocol"] == "clean-fid"
+    assert not (run / "eval" / "toy_metrics.json").exists()
+
+
+def test_bigsid_core_never_imports_evaluation():
+    import ast
+
+    core = Path(__file__).resolve().parents[1] / "bigsid"
+    for path in core.rglob("*.py"):
+        if path.name == "cli.py":  # the command line wires evaluation in
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.split(".")[0] == "evaluation" for n in names), path
