@@ -160,6 +160,11 @@ class ParallelConfig:
     shard_size: int = 0  # fsdp2: shard within groups of this many ranks, replicate across (0: all ranks)
     zero_stage: int = 3  # deepspeed: 2 partitions gradients and optimizer states, 3 parameters too
     deepspeed_config: str = ""  # deepspeed: a JSON file of extra DeepSpeed settings (buckets, offload, ...)
+    # fsdp2: frozen networks (the teacher; the fake score in the generator phase) stay gathered from their forward
+    # to the end of the backward through their input, so each unit is all-gathered once per phase instead of
+    # twice, at the price of one whole copy of each in the compute dtype during the generator phase (bigsid plan
+    # counts it). false: reshard after forward, the least memory.
+    gather_frozen_once: bool = True
 
 
 @dataclass

@@ -16,7 +16,9 @@ free), S the ranks a network is sharded over (1 for local and ddp), N the GPUs, 
                         train) or by the autograd graph (frozen networks called for input gradients); measured
   gathered       -      fsdp2/zero3: unsharded units in flight, c (2 L1 + L2 + 3 R) with L1 >= L2 the largest units
                         and R the root parameters (kept unsharded from forward to backward), plus (c + 4) L1 during a
-                        trained unit's backward (its unsharded gradients and their fp32 reduce-scatter copy)
+                        trained unit's backward (its unsharded gradients and their fp32 reduce-scatter copy); fsdp2
+                        with parallel.gather_frozen_once adds, in the generator phase, the teacher and the fake
+                        score whole, c P (1 - 1/S) each (one at a time for DMD, whose frozen calls carry no graph)
   activations    -      measured per sample (below), times each call's batch
 DeepSpeed ZeRO (zero2/zero3) keeps bigsid's precision recipe (parallel/deepspeed.py): fp32 weights and EMA, whole
 for ZeRO-2 (plus a partitioned fp32 copy its optimizer steps) and /N for ZeRO-3 (the teacher too); grads and Adam
@@ -563,6 +565,15 @@ def peak_terms(model: ModelSpec, cfg: Config, backend: Backend, checkpointing: t
         curve = tuple((a * call.batch, f) for a, f in memory(call).backward)
         return PeakTerm(phase, fixed([call], True, autocast_open), backward=curve, grads=grads)
 
+    def with_frozen_gathered(fixed_bytes: dict[str, float]) -> dict[str, float]:
+        # fsdp2 with parallel.gather_frozen_once: the frozen networks stay whole (compute dtype) from their forward
+        # to the backward through their input; without a graph (DMD) each is resharded as its call returns
+        if backend.name != "fsdp2" or backend.shard == 1 or not cfg.parallel.gather_frozen_once:
+            return fixed_bytes
+        whole = (2 if bf16 else 4) * model.params * (1 - 1 / backend.shard)
+        networks = 1 if cfg.objective.name == "dmd" else 2  # teacher and fake score
+        return {**fixed_bytes, "gathered": fixed_bytes["gathered"] + networks * whole}
+
     phases = step_calls(cfg)
     g_fake, f_trained = phases["fake_score"]
     gen = phases["generator"]
@@ -574,7 +585,7 @@ def peak_terms(model: ModelSpec, cfg: Config, backend: Backend, checkpointing: t
         PeakTerm("fake_score", fixed([g_fake, f_trained], False), kept([f_trained])),
         backward("fake_score", f_trained, autocast_open=False),  # trainer.py: backward after autocast
         # all three networks' activations kept as the generator loss's backward starts with the frozen networks
-        PeakTerm("generator", fixed(gen, False), kept(gen) + transient(frozen)),
+        PeakTerm("generator", with_frozen_gathered(fixed(gen, False)), kept(gen) + transient(frozen)),
         backward("generator", g_trained, autocast_open=True),
         PeakTerm("optimizer", {**held, "grads": grads, "temporaries": temporaries}),
     ]

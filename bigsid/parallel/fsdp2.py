@@ -12,6 +12,7 @@ plain-data classes DCP writes and nothing else, non-tensor items with weights_on
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 from pathlib import Path
 
@@ -115,14 +116,45 @@ def blocks(net: nn.Module) -> list[nn.Module]:
     return inner + outer
 
 
+def reshard(net: nn.Module) -> None:
+    """Free every gathered unit of `net` (a no-op for those already sharded)."""
+    for m in net.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def keep_gathered(net: nn.Module) -> None:
+    """Layout of a frozen network: its units stay gathered from forward to the end of the backward through its
+    input (FSDP2 reshards each after its backward), so each is all-gathered once per iteration, not twice. A call
+    without grad has no backward to wait for: the whole network is resharded as the call returns."""
+    net.set_reshard_after_forward(False)
+    net.register_forward_hook(lambda module, args, out: None if torch.is_grad_enabled() else reshard(module))
+
+
 class FSDP2Trainable(Trainable):
+    gather_frozen_once = False
+
     def stored_params(self):
         # While a module is unsharded (a root can stay so after a no-grad forward), FSDP2 computes with the
         # gathered copies: reshard, so EMA weights swapped into the shards are what the next forward uses.
-        for m in self.inner.modules():
-            if isinstance(m, FSDPModule):
-                m.reshard()
+        reshard(self.inner)
         return super().stored_params()
+
+    @contextlib.contextmanager
+    def frozen(self):
+        """The fake score in the generator phase: frozen, so laid out as the teacher is (keep_gathered); trained
+        again afterwards, so resharded after each forward, which frees its units for its own activations."""
+        if not self.gather_frozen_once:
+            with super().frozen() as net:
+                yield net
+            return
+        self.inner.set_reshard_after_forward(False)
+        try:
+            with super().frozen() as net:
+                yield net
+        finally:
+            self.inner.set_reshard_after_forward(True)
+            reshard(self.inner)
 
 
 class FSDP2Backend(Collectives, Backend):
@@ -147,17 +179,23 @@ class FSDP2Backend(Collectives, Backend):
     def shard(self, module: nn.Module, net: nn.Module) -> nn.Module:
         for block in blocks(net):
             fully_shard(block, mesh=self.mesh, mp_policy=self.mp)
+        # FSDP2 keeps a root gathered from its forward to its backward (the backward starts there at once)
         return fully_shard(module, mesh=self.mesh, mp_policy=self.mp)
 
     def prepare(self, networks):
         self.place(networks)
+        once = self.cfg.parallel.gather_frozen_once
         if any(True for _ in networks.teacher.parameters()):
             self.shard(networks.teacher, networks.teacher)
+            if once:
+                keep_gathered(networks.teacher)
         self.shard(networks.generator, networks.generator.net)
         self.shard(networks.fake_score, networks.fake_score)
         o = self.cfg.optim
-        return tuple(FSDP2Trainable(net, self.make_optimizer(net, lr), o.grad_clip)
-                     for net, lr in ((networks.generator, o.lr_generator), (networks.fake_score, o.lr_fake_score)))
+        generator, fake_score = (FSDP2Trainable(net, self.make_optimizer(net, lr), o.grad_clip) for net, lr in
+                                 ((networks.generator, o.lr_generator), (networks.fake_score, o.lr_fake_score)))
+        fake_score.gather_frozen_once = once
+        return generator, fake_score
 
     def _state(self, trainables, ema):
         state = {"ema": ema}
