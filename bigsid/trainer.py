@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -102,12 +103,17 @@ class EMA:
 
 
 class MetricLog:
-    """metrics.jsonl (one JSON object per logged step) and TensorBoard scalars, written by rank 0."""
+    """metrics.jsonl (one JSON object per logged step) and TensorBoard scalars, written by rank 0.
+
+    Rows are appended, so a crash leaves at most a torn last line; truncate() then makes the file hold exactly the
+    rows of the steps the restarted run will not redo. Rewrites go through a temporary file and os.replace, so a
+    crash during one leaves the old file or the new one, never a mix."""
 
     def __init__(self, run_dir: Path, enabled: bool):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.tb = None
+        self.resumed_at, self.resumed_rows = 0, set()  # the key sets of the rows logged at the resumed step
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -116,20 +122,53 @@ class MetricLog:
     def write(self, step: int, nimg: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
+        row = {"step": step, "nimg": nimg, **values}
+        if step == self.resumed_at and frozenset(row) in self.resumed_rows:
+            # A finished run started again evaluates its last step once more: that row replaces the earlier one.
+            self.resumed_rows.remove(frozenset(row))
+            self._rewrite([r for r in self._rows() if not (r["step"] == step and r.keys() == row.keys())])
         with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, "nimg": nimg, **values}) + "\n")
+            f.write(json.dumps(row) + "\n")
         for k, v in values.items():
             if isinstance(v, (int, float)) and math.isfinite(v):
                 self.tb.add_scalar(k, v, nimg)
         self.tb.flush()
 
     def truncate(self, step: int) -> None:
-        """Drop rows past `step`: after a resume they are logged again by the steps that redo them."""
-        if self.enabled and self.path.is_file():
-            rows = self.path.read_text().splitlines()
-            kept = [r for r in rows if json.loads(r)["step"] <= step]
-            if len(kept) < len(rows):
-                self.path.write_text("".join(r + "\n" for r in kept))
+        """Keep the rows of the steps up to `step`, where training resumes: later ones are logged again by the steps
+        that redo them. At step 0 (nothing resumed) every row goes, the first evaluation's too, as it is redone."""
+        if not (self.enabled and self.path.is_file()):
+            return
+        kept = [r for r in self._rows() if 0 < step and r["step"] <= step]
+        self.resumed_at, self.resumed_rows = step, {frozenset(r) for r in kept if r["step"] == step}
+        self._rewrite(kept)  # also ends the last line, which a crash may have left open
+
+    def _rows(self) -> list[dict]:
+        """The file's rows; a last line that is not one (torn by a crash) is dropped with a warning."""
+        lines = self.path.read_text(errors="replace").splitlines()
+        rows = []
+        for number, line in enumerate(lines, start=1):
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            if isinstance(row, dict) and type(row.get("step")) is int:
+                rows.append(row)
+            elif number == len(lines):
+                log.warning("%s: dropped its last line, cut short by a crash while it was written: %.80r",
+                            self.path, line)
+            else:
+                raise ValueError(f"{self.path} line {number} is not a metrics row ({line[:80]!r}): mend or delete "
+                                 "that line, or move the file away, and start the run again")
+        return rows
+
+    def _rewrite(self, rows: list[dict]) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with tmp.open("w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
 
     def close(self) -> None:
         if self.tb is not None:
@@ -195,6 +234,8 @@ class Trainer:
         self.log = MetricLog(self.run_dir, self.backend.is_main)
         self.rng = torch.Generator(device=self.device).manual_seed(tr.seed + 1)
         self.resume()
+        self.log.truncate(self.step)  # after any restart, resumed or not
+        self.shard_counts: dict = {}  # bad-data counts per shard in the last metrics row
         if self.backend.is_main:
             save_config(cfg, self.run_dir / "config.yaml")
 
@@ -225,10 +266,16 @@ class Trainer:
         t = self.objective.schedule.sample_t(self.cfg.train.batch_size, c.t_min, c.t_max, self.device, self.rng)
         return self._randn(), self._slice(t), self._randn()
 
-    def _masked_mean(self, loss: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Per-sample losses -> batch loss (sum / local batch, as the reference code); NaN samples masked."""
-        finite = torch.isfinite(loss)
-        return torch.where(finite, loss, torch.zeros_like(loss)).sum() / loss.shape[0], int((~finite).sum())
+    def _batch_loss(self, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample losses -> batch loss (sum / local batch, as the reference code), and how many are not finite.
+
+        A NaN inside a network reaches every parameter's gradient in backward (0 x NaN) however its sample's loss is
+        masked, so no sample can be left out of an update. Instead one non-finite sample makes every gradient NaN,
+        and the global gradient-norm check skips the update on every rank. The count stays on the device: reading it
+        before backward would stall the step."""
+        bad = (~torch.isfinite(loss)).sum()
+        total = loss.sum() / loss.shape[0]
+        return total * total.new_ones(()).masked_fill(bad > 0, math.nan), bad  # x 1 when finite: bit-identical
 
     def fake_score_phase(self) -> dict[str, torch.Tensor]:
         cond = self.networks.encoder(self.stream.next_batch(self.local_batch))
@@ -239,7 +286,7 @@ class Trainer:
             with torch.no_grad():
                 x_gen = self.generator.inner(z, cond.emb, self.k)
             loss, metrics = self.objective.fake_score_loss(self.fake_score.module, x_gen, cond, t, eps)
-            total, nan = self._masked_mean(loss)
+            total, nan = self._batch_loss(loss)
         self.fake_score.backward(total)
         norm, applied = self.fake_score.step()
         return self._finish(metrics, "fake_score", norm, applied, nan)
@@ -250,13 +297,13 @@ class Trainer:
         with self.fake_score.frozen() as fake_score, self.backend.autocast():
             x_gen = self.generator.module(z, cond.emb, self.k)
             loss, metrics = self.objective.generator_loss(self.teacher, fake_score, x_gen, cond, t, eps)
-            total, nan = self._masked_mean(loss)
+            total, nan = self._batch_loss(loss)
             self.generator.backward(total)
         norm, applied = self.generator.step()
         return self._finish(metrics, "generator", norm, applied, nan)
 
     def _finish(self, metrics, name, norm, applied, nan) -> dict[str, torch.Tensor]:
-        self.skipped["nan_samples"] += nan
+        self.skipped["nan_samples"] += int(nan)  # after step(), whose norm check has synchronised already
         self.skipped["nonfinite_steps"] += int(not applied)
         out = {k: v[torch.isfinite(v)].mean() for k, v in metrics.items()}
         out[f"{name}/grad_norm"] = norm.detach()
@@ -335,8 +382,41 @@ class Trainer:
             self.save_samples()
         if not (tr.eval_every and self.step % tr.eval_every == 0):
             self.last_eval = self.evaluate()
+        self._summarise_data()
         self.log.close()
         return self.last_eval if self.backend.is_main else {}  # one rank reports
+
+    def _data_stats(self) -> dict:
+        """Every rank's prompt-stream stats() summed (a collective: every rank calls it)."""
+        from bigsid.data import merge_stats
+
+        return merge_stats(self.backend.gather(self.stream.stats()))
+
+    def _data_counts(self) -> dict:
+        """Bad-data counts for a metrics row: the prompts taken and the problems per kind so far, and per shard for
+        the shards whose counts changed since the last row (all of them, over thousands of shards, would swamp it)."""
+        from bigsid.data import ISSUES
+
+        stats = self._data_stats()
+        per_kind = stats["skipped"] | stats["repaired"]
+        changed = {shard: kinds for shard, kinds in stats["by_shard"].items() if self.shard_counts.get(shard) != kinds}
+        self.shard_counts = stats["by_shard"]
+        return {"data/prompts": stats["prompts"], **{f"data/{kind}": per_kind.get(kind, 0) for kind in ISSUES},
+                **({"data/by_shard": changed} if changed else {})}
+
+    def _summarise_data(self) -> None:
+        stats = self._data_stats()
+        if not self.backend.is_main:
+            return
+        per_kind = stats["skipped"] | stats["repaired"]
+        if not per_kind:
+            log.info("prompt data: %d prompts, no problems", stats["prompts"])
+            return
+        shards = sorted(stats["by_shard"].items(), key=lambda item: -sum(item[1].values()))
+        log.warning("prompt data: %d prompts; problems: %s, in %d shards, the most in %s (per shard: "
+                    "'data/by_shard' in %s)", stats["prompts"], ", ".join(f"{k} {n}" for k, n in per_kind.items()),
+                    len(shards), "; ".join(f"{shard} ({', '.join(f'{k} {n}' for k, n in kinds.items())})"
+                                           for shard, kinds in shards[:3]), self.log.path)
 
     def _loop(self, total_steps, bar, last_time, last_nimg, flag: PreemptionFlag) -> None:
         tr = self.cfg.train
@@ -353,7 +433,8 @@ class Trainer:
             if tr.log_every and self.step % tr.log_every == 0:
                 values = self.backend.mean(metrics)
                 now = time.perf_counter()
-                values |= {"images_per_s": (self.nimg - last_nimg) / (now - last_time), **self.skipped}
+                values |= {"images_per_s": (self.nimg - last_nimg) / (now - last_time), **self.skipped,
+                           **self._data_counts()}
                 last_time, last_nimg = now, self.nimg
                 self.log.write(self.step, self.nimg, values)
                 if bar is not None:
@@ -501,5 +582,4 @@ class Trainer:
             log.warning("resuming %s (world size %d) on %d ranks: prompt streams restart", folder,
                         state["world_size"], self.backend.world_size)
         self.step, self.nimg, self.skipped = state["step"], state["nimg"], state["skipped"]
-        self.log.truncate(self.step)
         log.info("resumed from %s at step %d (%d images)", folder, self.step, self.nimg)

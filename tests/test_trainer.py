@@ -1,4 +1,5 @@
-"""The loop on the toy teacher: phase isolation, exact resume, NaN masking, the run directory, learning."""
+"""The loop on the toy teacher: phase isolation, exact resume, NaN samples, metrics.jsonl across restarts,
+bad-data counts, the run directory, learning."""
 
 import json
 import re
@@ -116,22 +117,157 @@ def test_half_written_checkpoint_is_ignored(tmp_path):
     assert make(tmp_path).step == 5
 
 
-def test_nan_samples_are_masked_and_counted(tmp_path):
+def test_a_nan_sample_skips_the_update_and_is_counted(tmp_path):
+    """One sample's NaN, written into an activation inside a network (trained or frozen) or into its loss, cannot
+    be masked out of the gradients (0 x NaN in backward): the phase's update is skipped, the sample and the step
+    are counted, and training goes on once the NaN is gone."""
     tr = make(tmp_path)
-    inner = tr.objective.generator_loss
+    nan_into_sample_0 = lambda module, args, out: out.index_fill(0, torch.tensor([0]), float("nan"))
 
-    def poisoned(*args, **kw):
-        loss, metrics = inner(*args, **kw)
-        return torch.where(torch.arange(len(loss)) == 0, torch.full_like(loss, float("nan")), loss), metrics
+    def poison_activation(network):  # the MLP's first SiLU
+        body = network.net.body if hasattr(network, "net") else network.body
+        return body[1].register_forward_hook(nan_into_sample_0).remove
 
-    tr.objective.generator_loss = poisoned
-    before = snapshot(tr.generator.module)
-    metrics = tr.generator_phase()
-    assert tr.skipped["nan_samples"] == 1
-    assert torch.isfinite(metrics["generator/grad_norm"])
-    after = tr.generator.module.state_dict()
-    assert all(torch.isfinite(v).all() for v in after.values())
-    assert changed(before, tr.generator.module)
+    def poison_loss():
+        inner = tr.objective.generator_loss
+        tr.objective.generator_loss = lambda *a, **k: (nan_into_sample_0(None, None, inner(*a, **k)[0]), {})
+        return lambda: delattr(tr.objective, "generator_loss")
+
+    cases = [("generator", lambda: poison_activation(tr.generator.inner)),
+             ("generator", lambda: poison_activation(tr.teacher)),  # frozen, but on the gradient's path
+             ("generator", poison_loss),  # after every network: the one case masking the loss once got through
+             ("fake_score", lambda: poison_activation(tr.fake_score.inner))]
+    for skips, (name, poison) in enumerate(cases):
+        trainable, phase = getattr(tr, name), getattr(tr, f"{name}_phase")
+        before = snapshot(trainable.module)
+        undo = poison()
+        metrics = phase()
+        undo()
+        assert not changed(before, trainable.module), (skips, name)
+        assert metrics[f"{name}/applied"] == 0 and not torch.isfinite(metrics[f"{name}/grad_norm"])
+        assert tr.skipped == {"nan_samples": skips + 1, "nonfinite_steps": skips + 1}
+        metrics = phase()
+        assert metrics[f"{name}/applied"] == 1 and changed(before, trainable.module), (skips, name)
+        assert all(torch.isfinite(v).all() for v in trainable.module.state_dict().values())
+        assert tr.skipped == {"nan_samples": skips + 1, "nonfinite_steps": skips + 1}
+
+
+def test_metrics_log_keeps_what_a_restart_does_not_redo(tmp_path, caplog, monkeypatch):
+    import logging
+
+    from bigsid import trainer
+    from bigsid.trainer import MetricLog
+
+    def write(*steps):
+        log = MetricLog(tmp_path, True)
+        for step in steps:
+            log.write(step, 32 * step, {"loss": float(step)})
+        log.close()
+        return log
+
+    def steps():
+        return [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+
+    log = write(0, 2, 4, 5, 6)
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 8, "nimg": 2')  # a crash in the middle of a row
+    caplog.set_level(logging.WARNING, logger="bigsid.trainer")
+    log.truncate(5)  # resumed from a checkpoint at step 5: step 6 is redone, the torn row is gone
+    assert steps() == [0, 2, 4, 5]
+    assert any(str(tmp_path / "metrics.jsonl") in r.getMessage() and "last line" in r.getMessage()
+               for r in caplog.records)
+    log.write(6, 192, {"loss": 6.0})
+    assert steps() == [0, 2, 4, 5, 6]
+    log.truncate(0)  # a restart with no checkpoint redoes everything, the evaluation at step 0 too
+    assert steps() == []
+
+    write(0, 2, 4)
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "nimg": 160}')  # a whole row that lost its newline: kept
+    log.truncate(5)
+    log.write(6, 192, {})
+    assert steps() == [0, 2, 4, 5, 6]
+
+    def crash(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(trainer.os, "replace", crash)
+    before = (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(OSError):
+        log.truncate(2)  # a rewrite that fails midway leaves the log as it was
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+    monkeypatch.undo()
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'metrics.jsonl'} line 2")):
+        log.truncate(2)
+
+
+def test_metrics_rows_appear_once_however_the_run_is_restarted(tmp_path):
+    """Crashed before its first checkpoint, crashed after one, finished and started again: the log holds the rows
+    of an uninterrupted run, each once."""
+    args = ["train.eval_every=4"]
+    rows = lambda: [(r["step"], "eval" if "eval/fd_generator" in r else "train")
+                    for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())]
+    # log_every=2; evaluations at 0, 4, 8 and, after the final checkpoint, 10
+    expected = [(0, "eval"), (2, "train"), (4, "train"), (4, "eval"), (6, "train"), (8, "train"), (8, "eval"),
+                (10, "train"), (10, "eval")]
+    for crash_at in (3, 7):  # no checkpoint yet; then the checkpoint of step 5 and rows up to 6
+        tr = make(tmp_path, *args)
+
+        def step_or_crash(tr=tr, inner=tr.train_step, crash_at=crash_at):
+            if tr.step == crash_at:
+                raise RuntimeError("crash")
+            return inner()
+
+        tr.train_step = step_or_crash
+        with pytest.raises(RuntimeError, match="crash"):
+            tr.run()
+    make(tmp_path, *args).run()
+    assert rows() == expected
+    make(tmp_path, *args).run()  # a finished run started again: its last evaluation is redone, not repeated
+    assert rows() == expected
+
+
+def test_bad_data_counts_are_logged_kept_across_a_resume_and_summarised(tmp_path, caplog):
+    import logging
+    import tarfile
+
+    from bigsid.config import DataConfig
+    from bigsid.data import ISSUES, build_prompt_stream
+    from test_data import write_tar
+
+    good = write_tar(tmp_path / "good.tar", [("a0", {"txt": b"toy prompt 0"}), ("a1", {"txt": b"  "}),
+                                             ("a2", {"txt": b"toy prompt 1"}), ("a3", {"jpg": b"..."})])
+    cut = write_tar(tmp_path / "cut.tar", [(f"b{i}", {"txt": f"toy prompt {i % 2}".encode()}) for i in range(3)])
+    with tarfile.open(cut) as tar:
+        last = tar.getmembers()[-1]
+    with open(cut, "r+b") as f:  # only the end-of-archive blocks are lost: all three prompts are still read
+        f.truncate(last.offset_data + 512)
+    data = ["data.source=webdataset", f"data.path={good}::{cut}"]
+    caplog.set_level(logging.INFO)
+    make(tmp_path / "run", *data, "train.total_nimg=160").run()  # stops at its checkpoint at step 5
+    resumed = make(tmp_path / "run", *data)
+    assert resumed.stream.stats()["prompts"] > 0  # the counts came back with the checkpoint
+    resumed.run()
+
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "generator/loss" in r]
+    per_step = (resumed.cfg.train.fake_steps + 1) * resumed.cfg.train.batch_size  # prompts each step takes
+    reference = build_prompt_stream(DataConfig(source="webdataset", path=f"{good}::{cut}"), rank=0, world_size=1,
+                                    seed=resumed.cfg.train.seed)
+    shards = {}
+    for row in train_rows:  # an uninterrupted stream gives the same counts at every logged step
+        reference.next_batch(row["step"] * per_step - reference.stats()["prompts"])
+        stats = reference.stats()
+        assert row["data/prompts"] == stats["prompts"] == row["step"] * per_step
+        assert {k: row[f"data/{k}"] for k in ISSUES} == {k: (stats["skipped"] | stats["repaired"]).get(k, 0)
+                                                          for k in ISSUES}, row["step"]
+        shards |= row.get("data/by_shard", {})
+        assert shards == stats["by_shard"], row["step"]
+    assert row["step"] == 10 and row["data/bad_shard"] > 0 and row["data/empty_caption"] > 0
+    assert set(shards) == {good, cut} and set(shards[cut]) == {"bad_shard"}
+    summary = [r.getMessage() for r in caplog.records if r.name == "bigsid.trainer" and "prompt data" in r.getMessage()]
+    assert len(summary) == 2 and f"bad_shard {row['data/bad_shard']}" in summary[-1] and cut in summary[-1]
 
 
 def test_nonfinite_gradient_skips_the_update(tmp_path):
