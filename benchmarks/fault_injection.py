@@ -29,13 +29,14 @@ from pathlib import Path
 
 import torch
 
-from bigsid.checkpoint import complete_checkpoints, latest_checkpoint
+from bigsid.checkpoint import latest_checkpoint
 from bigsid.export import load_generator_state
 
 TOY = ["teacher.student_width=64", "teacher.student_depth=2", "teacher.student_fit_steps=200", "train.batch_size=32",
        "train.total_nimg=3200", "train.progress=false", "train.log_every=5", "train.sample_every=0",
        "train.checkpoint_every=10", "train.keep_checkpoints=2", "train.eval_every=0",
-       "optim.lr_generator=1e-4", "optim.lr_fake_score=1e-4", "train.ema_halflife_nimg=500"]
+       "optim.lr_generator=1e-4", "optim.lr_fake_score=1e-4", "train.ema_halflife_nimg=500",
+       "eval.num_samples=200", "eval.teacher_sampler_steps=5"]
 BACKENDS = {"fsdp2": ["parallel.backend=fsdp2"],
             "zero3": ["parallel.backend=deepspeed", "parallel.zero_stage=3"],
             "zero2": ["parallel.backend=deepspeed", "parallel.zero_stage=2"],
@@ -55,8 +56,23 @@ def start(run_dir: Path, backend: str) -> subprocess.Popen:
            f"train.run_dir={run_dir}"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     log = open(run_dir.with_suffix(".log"), "ab")
-    # a session of its own, so a kill reaches torchrun and both workers at once, as a node failure would
-    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and every process under it at once, as a node failure would (torchrun puts its workers
+    in sessions of their own, so a process-group kill misses them)."""
+    pids, frontier = [], [proc.pid]
+    while frontier:
+        pids += frontier
+        children = subprocess.run(["pgrep", "-P", ",".join(map(str, frontier))], capture_output=True, text=True)
+        frontier = [int(p) for p in children.stdout.split()]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
 
 
 def run_to_end(run_dir: Path, backend: str) -> int:
@@ -67,9 +83,13 @@ def run_to_end(run_dir: Path, backend: str) -> int:
     raise RuntimeError(f"{run_dir} did not finish; see {run_dir.with_suffix('.log')}")
 
 
-def wait_for_checkpoints(run_dir: Path, n: int, proc: subprocess.Popen, timeout: float = 600) -> None:
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 900) -> None:
+    """Until the run has a complete checkpoint at `step` or later (or has ended)."""
     deadline = time.time() + timeout
-    while len(complete_checkpoints(run_dir)) < n and proc.poll() is None and time.time() < deadline:
+    while proc.poll() is None and time.time() < deadline:
+        newest = latest_checkpoint(run_dir)
+        if newest is not None and int(newest.name.split("-")[1]) >= step:
+            return
         time.sleep(0.05)
 
 
@@ -92,8 +112,7 @@ def trial_kill(root: Path, backend: str, i: int, rng: random.Random, duration: f
     try:
         proc.wait(timeout=delay)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_tree(proc)
     at = latest_checkpoint(run_dir)
     restarts = run_to_end(run_dir, backend)
     return {"fault": f"kill -9 at {delay:.1f} s", "checkpoint_at_kill": at.name if at else "none",
@@ -104,9 +123,8 @@ def trial_damaged(root: Path, backend: str) -> dict:
     run_dir = root / f"{backend}-damaged"
     run_dir.mkdir()
     proc = start(run_dir, backend)
-    wait_for_checkpoints(run_dir, 2, proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    wait_for_step(run_dir, 20, proc)
+    kill_tree(proc)
     newest = latest_checkpoint(run_dir)
     victim = max((p for p in newest.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".distcp", ".pt")),
                  key=lambda p: p.stat().st_size)
@@ -122,7 +140,7 @@ def trial_usr1(root: Path, backend: str) -> dict:
     run_dir = root / f"{backend}-usr1"
     run_dir.mkdir()
     proc = start(run_dir, backend)
-    wait_for_checkpoints(run_dir, 1, proc)
+    wait_for_step(run_dir, 10, proc)
     # the workers, as SLURM's --signal=USR1@... delivers it with srun's --signal (torchrun does not forward it)
     workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
     for pid in workers:
@@ -149,9 +167,12 @@ def main() -> None:
     for backend in args.backends:
         ref_dir = root / f"{backend}-reference"
         ref_dir.mkdir()
-        began = time.perf_counter()
-        run_to_end(ref_dir, backend)
+        # kill moments fall between the start and the time the reference wrote its last checkpoint
+        began, proc = time.perf_counter(), start(ref_dir, backend)
+        wait_for_step(ref_dir, FINAL_STEP, proc)
         duration = time.perf_counter() - began
+        if proc.wait() != 0:
+            raise RuntimeError(f"the reference run failed; see {ref_dir.with_suffix('.log')}")
         reference = final_state(ref_dir)
         trials = [trial_kill(root, backend, i, rng, duration) for i in range(args.kills)]
         trials += [trial_damaged(root, backend), trial_usr1(root, backend)]
