@@ -34,7 +34,11 @@ def test_kill_9_then_rerun_matches_the_uninterrupted_run(tmp_path):
     subprocess.run(command(tmp_path / "killed"), check=True, env=env, capture_output=True)
     final = latest_checkpoint(tmp_path / "killed")
     assert final.name == latest_checkpoint(tmp_path / "full").name == "step-000000300"
+    before_last = complete_checkpoints(tmp_path / "full")[-2]  # keep_checkpoints=2: four steps earlier
     for name in ("generator", "fake_score", "ema"):
         a = load_file(latest_checkpoint(tmp_path / "full") / f"{name}.safetensors")
         b = load_file(final / f"{name}.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+        # equal bits prove little of runs that stopped moving: the last steps changed these weights
+        earlier = load_file(before_last / f"{name}.safetensors")
+        assert any(not torch.equal(a[k], earlier[k]) for k in a), name
