@@ -78,5 +78,6 @@ def compare(paths: list[str]) -> str:
         if len(conventions) == 1:
             lines.append(f"- {m}: {conventions.pop()}")
         else:
-            lines.append(f"- {m}: CONVENTIONS DIFFER, the numbers are not comparable: " + " / ".join(sorted(conventions)))
+            lines.append(f"- {m}: CONVENTIONS DIFFER, the numbers are not comparable: "
+                         + " / ".join(sorted(conventions)))
     return "\n".join(lines)

@@ -60,7 +60,8 @@ METRICS = ("toy", "fid", "clip", "aesthetic", "imagereward", "pickscore", "hpsv2
 class EvalSettings:
     name: str = ""  # RUN_DIR/eval/NAME; default: step-N for the generator, teacher-... for the teacher's sampler
     out: str = ""  # the evaluation folder itself, instead of SOURCE/eval/NAME
-    metrics: list[str] = field(default_factory=list)  # default: toy for runs with an analytic truth, else fid, clip, aesthetic
+    # default: toy for runs with an analytic truth, else fid, clip, aesthetic
+    metrics: list[str] = field(default_factory=list)
     prompts: str = ""  # a text file (one prompt a line), webdataset shards, or empty: the run's sample prompts
     caption_key: str = "txt"  # shards: the caption member (txt, or json:FIELD)
     num_images: int = 0  # 0: one image per prompt (times images_per_prompt)

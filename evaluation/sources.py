@@ -47,6 +47,9 @@ def _run_prompts(config: dict) -> list[str]:
 def _generator(path: Path, settings: EvalSettings, device: torch.device) -> Source:
     folder = export.find_checkpoint(path)
     state = checkpoint.read_state(folder)
+    if state["config"]["teacher"]["kind"] != "diffusers":
+        raise EvalError(f"{folder} distills the teacher kind {state['config']['teacher']['kind']!r}, whose samples are "
+                        "latents of an analytic truth, not images: use metrics=[toy]")
 
     def load():
         from diffusers.image_processor import VaeImageProcessor
@@ -97,7 +100,7 @@ def _export_folder(path: Path, device: torch.device) -> Source:
         return _stock(export._stock_pipeline(path), steps, 0.0, device)
 
     record = {"kind": "export", "folder": str(path), "step": meta.get("step"), "nimg": meta.get("nimg"),
-              "ema": meta.get("ema"), "generator_steps": len(meta.get("timesteps") or [0]), "teacher": meta.get("teacher")}
+              "ema": meta.get("ema"), "generator_steps": steps, "teacher": meta.get("teacher")}
     return Source(load, record, path, "export")
 
 
