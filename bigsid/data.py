@@ -430,7 +430,7 @@ class PromptStream:
         self._prompts = 0
         self._by_shard: defaultdict[str, Counter[str]] = defaultdict(Counter)
         self._logged: set[tuple[str, str]] = set()
-        self._tally(source.issues)
+        self._tally(source.issues if rank == 0 else ())  # a text file's bad lines: every rank loads it, one counts
 
     def next_batch(self, n: int) -> list[str]:
         if self._chunks is None:
@@ -464,18 +464,20 @@ class PromptStream:
                        and type(next_worker) is int and 0 <= next_worker < len(positions))
         if not well_formed:
             raise DataError(f"malformed prompt-stream state: positions {positions!r}, next_worker {next_worker!r}")
-        # A state saved before counts were kept has none: counting then goes on from here.
-        counts = state.get("counts", {"prompts": self._prompts, "by_shard": self._by_shard})
-        by_shard = counts.get("by_shard") if isinstance(counts, dict) else None
-        if not (isinstance(by_shard, dict) and type(counts.get("prompts")) is int and counts["prompts"] >= 0
-                and all(isinstance(kinds, dict) and all(kind in ISSUES and type(n) is int and n >= 0
-                                                        for kind, n in kinds.items()) for kinds in by_shard.values())):
-            raise DataError(f"malformed prompt-stream state: counts should be {{'prompts': N, 'by_shard': {{shard: "
-                            f"{{kind: N}}}}}} with kinds from {', '.join(ISSUES)}; got {str(counts)[:200]}")
+        self.load_counts([state])
         self.close()  # workers have read ahead of the old position
         self._positions, self._next_worker = [tuple(p) for p in positions], next_worker
-        self._prompts = counts["prompts"]
-        self._by_shard = defaultdict(Counter, {shard: Counter(kinds) for shard, kinds in by_shard.items()})
+
+    def load_counts(self, states: Iterable[dict]) -> None:
+        """Take the summed bad-data counts of saved states as this stream's. A resume on another world size restarts
+        the streams, but rank 0 can take on every old rank's counts, so that their sum over ranks runs on."""
+        counts = [_saved_counts(state) for state in states if "counts" in state]
+        if not counts:  # states saved before counts were kept: counting goes on from here
+            return
+        self._prompts, self._by_shard = sum(prompts for prompts, _ in counts), defaultdict(Counter)
+        for _, by_shard in counts:
+            for shard, kinds in by_shard.items():
+                self._by_shard[shard].update(kinds)
 
     def stats(self) -> dict:
         """{"prompts", "skipped": {kind: n}, "repaired": {kind: n}, "by_shard": {shard: {kind: n}}}, counted since
@@ -509,6 +511,17 @@ class PromptStream:
                 self._logged.add((shard, kind))
                 logger.warning("%s: %s (first: %s); further ones from this shard are counted in stats() only",
                                shard, ISSUES[kind], detail)
+
+
+def _saved_counts(state: dict) -> tuple[int, dict[str, dict[str, int]]]:
+    counts = state["counts"]
+    by_shard = counts.get("by_shard") if isinstance(counts, dict) else None
+    if not (isinstance(by_shard, dict) and type(counts.get("prompts")) is int and counts["prompts"] >= 0
+            and all(isinstance(kinds, dict) and all(kind in ISSUES and type(n) is int and n >= 0
+                                                    for kind, n in kinds.items()) for kinds in by_shard.values())):
+        raise DataError(f"malformed prompt-stream state: counts should be {{'prompts': N, 'by_shard': {{shard: "
+                        f"{{kind: N}}}}}} with kinds from {', '.join(ISSUES)}; got {str(counts)[:200]}")
+    return counts["prompts"], by_shard
 
 
 def _stats(prompts: int, by_shard: dict[str, Counter[str]]) -> dict:

@@ -578,8 +578,10 @@ class Trainer:
             self.stream.load_state_dict(state["data"][self.backend.rank])
         else:
             # Prompt streams are split per rank, so another world size cannot continue them; weights, optimizer
-            # states, EMA and noise carry over exactly.
+            # states, EMA and noise carry over exactly, and so do the bad-data counts, summed into rank 0's.
             log.warning("resuming %s (world size %d) on %d ranks: prompt streams restart", folder,
                         state["world_size"], self.backend.world_size)
+            if self.backend.is_main:
+                self.stream.load_counts(state["data"])
         self.step, self.nimg, self.skipped = state["step"], state["nimg"], state["skipped"]
         log.info("resumed from %s at step %d (%d images)", folder, self.step, self.nimg)

@@ -73,6 +73,8 @@ def test_text_source_splits_each_epoch_across_ranks_and_counts_bad_lines(tmp_pat
     assert stats["skipped"] == {"empty_caption": 2, "invalid_utf8": 1}
     assert stats["by_shard"] == {str(path): {"empty_caption": 2, "invalid_utf8": 1}}
     assert stats["prompts"] == 20
+    summed = data.merge_stats(s.stats() for s in streams)  # every rank loads the file; its bad lines count once
+    assert summed["skipped"] == {"empty_caption": 2, "invalid_utf8": 1} and summed["prompts"] == 60
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -249,6 +251,14 @@ def test_problem_counts_survive_a_resume_without_loss_or_double_counting(tmp_pat
         resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
         resumed.next_batch(19 - cut)
         assert resumed.stats() == expected, f"cut at {cut}"
+    # on another world size the streams restart, and rank 0 takes on the old ranks' counts
+    ranks = [build_prompt_stream(cfg, rank=r, world_size=2, seed=2) for r in range(2)]
+    for rank in ranks:
+        rank.next_batch(9)
+    fresh_rank0 = fresh()
+    fresh_rank0.load_counts(json.loads(json.dumps([rank.state_dict() for rank in ranks])))
+    assert fresh_rank0.stats() == data.merge_stats(rank.stats() for rank in ranks)
+    assert fresh_rank0.stats()["prompts"] == 18 and fresh_rank0.stats()["skipped"]
     state = fresh().state_dict()
     for counts in ({"prompts": -1, "by_shard": {}}, {"prompts": 0, "by_shard": {"a.tar": {"no_such_kind": 1}}}):
         with pytest.raises(DataError, match="malformed prompt-stream state: counts"):
