@@ -167,6 +167,31 @@ def test_resize_matches_clean_fid():
     assert np.array_equal(ours, theirs.transpose(2, 0, 1))
 
 
+def test_kid_is_the_unbiased_mmd_with_the_cubic_kernel():
+    """One subset holding every feature: the estimate is permutation invariant, so it must equal the unbiased
+    MMD^2 written out term by term (float64 sums of a few hundred O(1) terms: equal to ~1e-14)."""
+    rng = np.random.default_rng(3)
+    x, y = rng.standard_normal((7, 4)), rng.standard_normal((7, 4)) + 0.5
+    k = lambda a, b: (a @ b / 4 + 1) ** 3  # noqa: E731
+    m = len(x)
+    within = sum(k(x[i], x[j]) + k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    between = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) * 2 / m ** 2
+    assert fid.kernel_distance(x, y, subsets=1, subset_size=1000) == pytest.approx(within - between, abs=1e-10)
+
+
+def test_prompt_sets_from_a_text_file_and_from_shards_agree(tmp_path):
+    from bigsid import data
+    from evaluation.prompts import load_prompts
+
+    (tmp_path / "p.txt").write_text("a cat\n\n  a dog  \na bird\n")
+    text = load_prompts(str(tmp_path / "p.txt"), "txt", None)
+    assert text.prompts == ["a cat", "a dog", "a bird"] and text.skipped == {"empty_caption": 1}
+    data.pack(tmp_path / "p.txt", tmp_path / "shards", shard_size=2)
+    shards = load_prompts(str(tmp_path / "shards" / "shard-{000000..000001}.tar"), "txt", None)
+    assert shards.prompts == text.prompts and shards.sha256 == text.sha256
+    assert load_prompts("", "txt", ["x"]).prompts == ["x"]
+
+
 # ---- CLIP and aesthetic scores ----
 
 def test_aesthetic_head_has_the_published_layout(tmp_path):
