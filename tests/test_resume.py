@@ -1,5 +1,6 @@
 """kill -9 at an arbitrary moment, then the same command again: the run resumes and ends bit-identical."""
 
+import json
 import os
 import signal
 import subprocess
@@ -42,3 +43,7 @@ def test_kill_9_then_rerun_matches_the_uninterrupted_run(tmp_path):
         # equal bits prove little of runs that stopped moving: the last steps changed these weights
         earlier = load_file(before_last / f"{name}.safetensors")
         assert any(not torch.equal(a[k], earlier[k]) for k in a), name
+    # metrics.jsonl: the rows of the steps redone after the kill appear once, as in the uninterrupted run
+    rows = lambda run: [(r["step"], r.get("generator/loss"), r.get("eval/fd_generator"))
+                        for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+    assert rows(tmp_path / "killed") == rows(tmp_path / "full")
