@@ -104,11 +104,11 @@ def same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def trial_kill(root: Path, backend: str, i: int, rng: random.Random, duration: float) -> dict:
+def trial_kill(root: Path, backend: str, i: int, rng: random.Random, window: tuple[float, float]) -> dict:
     run_dir = root / f"{backend}-kill{i}"
     run_dir.mkdir()
     proc = start(run_dir, backend)
-    delay = rng.uniform(0.2, 1.0) * duration
+    delay = rng.uniform(*window)
     try:
         proc.wait(timeout=delay)
     except subprocess.TimeoutExpired:
@@ -167,14 +167,16 @@ def main() -> None:
     for backend in args.backends:
         ref_dir = root / f"{backend}-reference"
         ref_dir.mkdir()
-        # kill moments fall between the start and the time the reference wrote its last checkpoint
+        # kill moments fall while the reference trained: from just before its first checkpoint to its last
         began, proc = time.perf_counter(), start(ref_dir, backend)
+        wait_for_step(ref_dir, 10, proc)
+        first = time.perf_counter() - began
         wait_for_step(ref_dir, FINAL_STEP, proc)
-        duration = time.perf_counter() - began
+        window = (0.9 * first, time.perf_counter() - began)
         if proc.wait() != 0:
             raise RuntimeError(f"the reference run failed; see {ref_dir.with_suffix('.log')}")
         reference = final_state(ref_dir)
-        trials = [trial_kill(root, backend, i, rng, duration) for i in range(args.kills)]
+        trials = [trial_kill(root, backend, i, rng, window) for i in range(args.kills)]
         trials += [trial_damaged(root, backend), trial_usr1(root, backend)]
         for t in trials:
             t["matches"] = same(final_state(t.pop("run_dir")), reference)

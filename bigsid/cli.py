@@ -40,13 +40,11 @@ def cmd_train(args) -> int:
 
 
 def _report(run_dir, metrics: dict) -> None:
-    from bigsid.toy import write_report
+    from bigsid.toy import summary, write_report
 
     if metrics:
         paths = write_report(Path(run_dir), metrics)
-        keys = ("fd_generator", "fd_teacher_sampler", "fd_reference", "mode_coverage_tv", "off_mode_fraction",
-                "off_mode_fraction_teacher_sampler")
-        print("  ".join(f"{k}={metrics[k]:.4f}" for k in keys if k in metrics))
+        print(summary(metrics))
         print("wrote " + ", ".join(str(p) for p in paths))
 
 

@@ -150,6 +150,9 @@ class DataConfig:
 class EvalConfig:
     num_samples: int = 2000  # per prompt
     teacher_sampler_steps: int = 25
+    # a guided toy run (objective.kappa4 != 1) is measured against the exact denoiser's guided sampler with this
+    # many steps, since a guided mixture has no closed-form distribution
+    reference_steps: int = 250
     sample_prompts: list[str] = field(default_factory=list)  # empty: the toy vocabulary, else required
     sample_seeds: int = 4  # images per prompt in the sample grid
 
@@ -349,6 +352,7 @@ def validate(cfg: Config, check_data: bool = True) -> Config:
         _check_deepspeed(cfg)
     _check(cfg.eval.num_samples >= 2, "eval.num_samples", ">= 2", cfg.eval.num_samples)
     _check(cfg.eval.teacher_sampler_steps >= 1, "eval.teacher_sampler_steps", ">= 1", cfg.eval.teacher_sampler_steps)
+    _check(cfg.eval.reference_steps >= 1, "eval.reference_steps", ">= 1", cfg.eval.reference_steps)
     _check(cfg.eval.sample_seeds >= 1, "eval.sample_seeds", ">= 1 (images per prompt)", cfg.eval.sample_seeds)
     if t.kind == "diffusers":
         _check(bool(t.path), "teacher.path", "a diffusers pipeline folder or hub id when teacher.kind=diffusers",

@@ -88,8 +88,8 @@ class GMM:
         return self.log_prior_table.to(index.device)[index]
 
     def posterior_mean(self, x_t: torch.Tensor, a: torch.Tensor, s: torch.Tensor, index: torch.Tensor):
-        """E[x0 | x_t] for x_t [B, D] and a, s [B, 1]; differentiable in x_t."""
-        mu = self.means.flatten(0, 1).to(x_t)  # [M, D]
+        """E[x0 | x_t] for x_t [B, D] and a, s [B, 1], in x_t's dtype; differentiable in x_t."""
+        mu, a, s = self.means.flatten(0, 1).to(x_t), a.to(x_t), s.to(x_t)  # mu: [M, D]
         v = a.square() * self.std ** 2 + s.square()
         sq = x_t.square().sum(1, keepdim=True) - 2 * a * x_t @ mu.T + a.square() * mu.square().sum(1)[None]
         r = torch.softmax(self.log_prior(index).to(x_t) - sq / (2 * v), dim=1)
@@ -112,7 +112,8 @@ class GMMDenoiser(nn.Module):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         a, s = self.schedule.coeffs(t, 2)
-        x0 = self.truth.posterior_mean(x_t.flatten(1).float(), a, s, emb.argmax(-1))
+        x0 = self.truth.posterior_mean(x_t.flatten(1).to(torch.promote_types(x_t.dtype, torch.float32)), a, s,
+                                       emb.argmax(-1))
         return x0.view_as(x_t).to(x_t.dtype)
 
 
@@ -215,18 +216,24 @@ def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     return frechet_from_stats(x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False))
 
 
-def mode_scores(x: torch.Tensor, truth: GMM, prompt: int, mass: float = 0.999) -> tuple[float, float]:
-    """(mode_coverage_tv, off_mode_fraction) of samples x of `prompt`.
+def mode_scores(x: torch.Tensor, truth: GMM, prompt: int, weights: torch.Tensor | None = None,
+                mass: float = 0.999) -> dict:
+    """What samples x of `prompt` say about its modes, each sample assigned to its nearest true mode:
 
-    TV: total variation between the frequencies of the nearest true modes and the true weights. Off-mode: the
-    fraction of samples farther from every true mode than the radius holding `mass` of one mode's samples
-    (std * sqrt(chi2_D quantile)): the bridges between modes that a continuous one-step map leaves, which
-    mode frequencies do not show and a small Frechet distance hardly sees."""
+    mode_weights: the share of samples per mode; mode_coverage_tv: their total variation from `weights` (the
+    true mixture weights by default); off_mode_fraction: the share farther from every mode than the radius that
+    holds `mass` of one mode's samples (std sqrt(chi2_D quantile)), i.e. outside every mode, whether as bridges
+    between modes or as modes too wide; spread_ratio: the median distance to the nearest mode over its true value
+    (std sqrt(chi2_D median)), 1 for exact samples, above 1 when modes come out too wide, below when too narrow;
+    a median, so that samples bridging modes (under half of them) do not count as width."""
     distance, mode = truth.nearest_mode(x, prompt)
     freq = torch.bincount(mode, minlength=truth.weights.shape[1]).double() / len(x)
+    weights = truth.weights[prompt].double() if weights is None else weights.double()
     radius = truth.std * math.sqrt(scipy.stats.chi2.ppf(mass, truth.dim))
-    return (0.5 * (freq - truth.weights[prompt].double()).abs().sum().item(),
-            (distance > radius).double().mean().item())
+    return {"mode_weights": freq.tolist(),
+            "mode_coverage_tv": 0.5 * (freq - weights).abs().sum().item(),
+            "off_mode_fraction": (distance > radius).double().mean().item(),
+            "spread_ratio": distance.median().item() / (truth.std * math.sqrt(scipy.stats.chi2.ppf(0.5, truth.dim)))}
 
 
 @torch.no_grad()
@@ -261,32 +268,144 @@ def sample_teacher(teacher: nn.Module, schedule: VPSchedule, scheduler_config: d
     return x0.float().cpu()
 
 
-# the metric names of toy_metrics.json: (FD, mode TV, off-mode fraction) of each sample set
-SCORE_KEYS = {"generator": ("fd_generator", "mode_coverage_tv", "off_mode_fraction"),
-              "teacher_sampler": ("fd_teacher_sampler", "mode_coverage_tv_teacher_sampler",
-                                  "off_mode_fraction_teacher_sampler")}
+def _key(metric: str, sample_set: str) -> str:
+    """toy_metrics.json's names: fd_<set>; the generator's other metrics bare, the other sets' suffixed."""
+    if metric == "fd":
+        return f"fd_{sample_set}"
+    return metric if sample_set == "generator" else f"{metric}_{sample_set}"
 
 
-def evaluate(generator: nn.Module, encoder: nn.Module, truth: GMM, num_samples: int, seed: int = 0,
-             teacher_samples: dict[str, torch.Tensor] | None = None) -> dict:
-    """Frechet distance and mode coverage of one-step samples against exact samples, per prompt and mean."""
-    gen = torch.Generator().manual_seed(seed + 1)
-    rows: dict[str, list[float]] = {}
-    for p, prompt in enumerate(truth.prompts):
-        index = torch.full((num_samples,), p)
-        exact, _ = truth.sample(index, gen)
-        exact2, _ = truth.sample(index, gen)
-        x = sample_generator(generator, encoder, prompt, num_samples, truth.latent_shape, seed + 100 + p)
-        scored = [(SCORE_KEYS["generator"], x)]
-        if teacher_samples is not None:
-            scored.append((SCORE_KEYS["teacher_sampler"], teacher_samples[prompt]))
-        for keys, samples in scored:
-            for key, value in zip(keys, (frechet_distance(samples, exact), *mode_scores(samples, truth, p))):
-                rows.setdefault(key, []).append(value)
-        rows.setdefault("fd_reference", []).append(frechet_distance(exact2, exact))
-    metrics = {"num_samples": num_samples, "fd_generator_per_prompt": rows["fd_generator"]}
-    metrics |= {key: float(np.mean(values)) for key, values in rows.items()}
-    return metrics
+class GroundTruth:
+    """What a toy run is scored against, built once per run: its sample sets never change.
+
+    reference: exact samples of the mixture; for a guided run (guidance != 1, the teacher's kappa4), the exact
+    denoiser's guided sampler with eval.reference_steps steps, since a guided mixture has no closed-form
+    distribution. Two independent sets: their distance is the noise floor (fd_reference). teacher_sampler: the
+    distilled teacher's own multi-step sampler; exact_sampler: the exact denoiser through the same sampler with the
+    same steps, guidance and noise, which tells how much of the teacher sampler's distance is the teacher's fit
+    (a fit far worse is warned about) and how much the sampler's discretisation."""
+
+    # a fitted teacher whose sampler is this many times farther from the truth than the exact denoiser's (plus
+    # twice the noise floor, within which two samplers cannot be told apart) is a broken fit, not a teacher
+    FIT_TOLERANCE = 2.0
+
+    def __init__(self, networks, ev, guidance: float = 1.0):
+        truth, schedule = networks.truth, networks.schedule
+        self.truth, self.num_samples, self.guidance = truth, ev.num_samples, guidance
+        self.teacher_sampler_steps = ev.teacher_sampler_steps
+        exact = GMMDenoiser(truth, schedule)
+        vocab = VocabEncoder(truth.prompts).to(schedule.a.device)
+
+        def sampler(net, encoder, prompt, steps, seed):
+            return sample_teacher(net, schedule, networks.scheduler_config, encoder, prompt, ev.num_samples,
+                                  truth.latent_shape, steps, seed, guidance)
+
+        gen = torch.Generator().manual_seed(1)
+        self.sets: dict[str, dict[str, torch.Tensor]] = {"teacher_sampler": {}, "exact_sampler": {},
+                                                         "reference": {}, "reference_b": {}}
+        weights = []
+        for i, p in enumerate(truth.prompts):
+            # the same noise for both samplers: their difference is the teacher's fit alone
+            self.sets["teacher_sampler"][p] = sampler(networks.teacher, networks.encoder, p,
+                                                      ev.teacher_sampler_steps, 10_000 + i)
+            self.sets["exact_sampler"][p] = sampler(exact, vocab, p, ev.teacher_sampler_steps, 10_000 + i)
+            if guidance == 1.0:
+                index = torch.full((ev.num_samples,), i)
+                a, b = truth.sample(index, gen)[0], truth.sample(index, gen)[0]
+                weights.append(truth.weights[i].double())
+            else:
+                a, b = (sampler(exact, vocab, p, ev.reference_steps, seed) for seed in (20_000 + i, 30_000 + i))
+                weights.append(torch.tensor(mode_scores(torch.cat([a, b]), truth, i)["mode_weights"]))
+            self.sets["reference"][p], self.sets["reference_b"][p] = a, b
+        self.weights = torch.stack(weights)
+
+    def score(self, generator: nn.Module, encoder: nn.Module, seed: int = 0) -> dict:
+        """Frechet distance to the reference, mode weights, off-mode share and spread of the generator's one-step
+        samples and of every fixed sample set, per prompt and as the mean over prompts."""
+        rows: dict[str, list] = {}
+        for i, prompt in enumerate(self.truth.prompts):
+            x = sample_generator(generator, encoder, prompt, self.num_samples, self.truth.latent_shape,
+                                 seed + 100 + i)
+            reference = self.sets["reference"][prompt]
+            for name, samples in (("generator", x), ("teacher_sampler", self.sets["teacher_sampler"][prompt]),
+                                  ("exact_sampler", self.sets["exact_sampler"][prompt]),
+                                  ("reference", self.sets["reference_b"][prompt])):
+                values = {"fd": frechet_distance(samples, reference),
+                          **mode_scores(samples, self.truth, i, self.weights[i])}
+                for metric, value in values.items():
+                    rows.setdefault(_key(metric, name), []).append(value)
+        metrics = {"num_samples": self.num_samples, "guidance": self.guidance,
+                   "teacher_sampler_steps": self.teacher_sampler_steps,
+                   "fd_generator_per_prompt": rows["fd_generator"], "reference_mode_weights": self.weights.tolist()}
+        metrics |= {k: (v if k.startswith("mode_weights") else float(np.mean(v))) for k, v in rows.items()}
+        metrics["teacher_fit_ok"] = self.teacher_fit_ok(metrics)
+        return metrics
+
+    def teacher_fit_ok(self, metrics: dict) -> bool:
+        bound = self.FIT_TOLERANCE * (metrics["fd_exact_sampler"] + metrics["fd_reference"])
+        return metrics["fd_teacher_sampler"] <= bound
+
+    def plot(self, path: Path, generator_samples: dict[str, torch.Tensor] | None = None,
+             history: list[tuple[int, float]] = (), metrics: dict | None = None) -> Path:
+        """Per prompt, the reference, the teacher's sampler and the generator projected on the plane through the
+        prompt's mode means (their two leading principal directions), beside the generator's FD curve."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        prompts = self.truth.prompts
+        fig, axes = plt.subplots(1, len(prompts) + 1, figsize=(3.6 * (len(prompts) + 1), 3.6), squeeze=False)
+        for i, prompt in enumerate(prompts):
+            means = self.truth.means[i].double()
+            basis = _plane(means)
+            ax = axes[0, i]
+            shown = [("reference", self.sets["reference"][prompt], "0.6"),
+                     (f"teacher, {self.teacher_sampler_steps} steps", self.sets["teacher_sampler"][prompt], "C1")]
+            if generator_samples is not None:
+                shown.append(("generator, 1 step", generator_samples[prompt], "C0"))
+            for label, samples, color in shown:
+                xy = (samples[:1000].flatten(1).double() - means.mean(0)) @ basis
+                ax.scatter(xy[:, 0], xy[:, 1], s=2, alpha=0.4, color=color, label=label, rasterized=True)
+            centres = (means - means.mean(0)) @ basis
+            ax.scatter(centres[:, 0], centres[:, 1], marker="x", color="k", s=12, label="mode means")
+            ax.set_title(prompt, fontsize=9)
+            ax.set_aspect("equal", adjustable="datalim")
+        axes[0, 0].legend(fontsize=7, markerscale=2, loc="best")
+        ax = axes[0, -1]
+        if history:
+            ax.plot([h[0] for h in history], [h[1] for h in history], "o-", ms=3, label="generator (EMA)")
+        if metrics:
+            for key, style, label, color in (("fd_teacher_sampler", "--", "teacher sampler", "C1"),
+                                             ("fd_exact_sampler", "-.", "exact denoiser, same sampler", "C2"),
+                                             ("fd_reference", ":", "noise floor", "gray")):
+                if key in metrics:
+                    ax.axhline(metrics[key], linestyle=style, color=color, label=label)
+        ax.set_yscale("log")
+        ax.set_xlabel("training images (nimg)")
+        ax.set_ylabel("Frechet distance to the reference")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        return path
+
+
+def _plane(means: torch.Tensor) -> torch.Tensor:
+    """[D, 2] orthonormal directions spanning the mode means' two leading principal directions; with fewer than
+    three modes the plane is completed by the first coordinate axis orthogonal to them."""
+    centred = means - means.mean(0)
+    _, sv, vh = torch.linalg.svd(centred, full_matrices=True)
+    rank = int((sv > 1e-9 * max(float(sv.max()) if len(sv) else 0.0, 1e-30)).sum())
+    directions = [vh[j] for j in range(min(rank, 2))]
+    for axis in torch.eye(means.shape[1], dtype=means.dtype):
+        if len(directions) == 2:
+            break
+        v = axis - sum((axis @ d) * d for d in directions) if directions else axis
+        if v.norm() > 1e-6:
+            directions.append(v / v.norm())
+    return torch.stack(directions, dim=1)
 
 
 # ---- a small Stable Diffusion pipeline fitted to a GMM: the full diffusers path against a known truth ----
@@ -352,6 +471,42 @@ def prepare_toy_teacher(folder: str | Path, gmm: GMMConfig, fit_steps: int = 300
     return folder
 
 
+def fd_history(run_dir: Path) -> list[tuple[int, float]]:
+    """(nimg, generator FD) of every evaluation a run logged, in order of nimg."""
+    history = {}
+    log_path = Path(run_dir) / "metrics.jsonl"
+    if log_path.is_file():
+        for line in log_path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a torn last line of a run still writing
+                continue
+            if "eval/fd_generator" in row:
+                history[row["nimg"]] = row["eval/fd_generator"]
+    return sorted(history.items())
+
+
+def summary(metrics: dict) -> str:
+    """The console table of a toy evaluation: every sample set's numbers side by side."""
+    sets = (("generator", "generator, 1 step"),
+            ("teacher_sampler", f"teacher, {metrics.get('teacher_sampler_steps')} steps"),
+            ("exact_sampler", f"exact denoiser, {metrics.get('teacher_sampler_steps')} steps"),
+            ("reference", "reference (noise floor)"))
+    rows = [("FD to the reference", "fd"), ("mode weights TV", "mode_coverage_tv"),
+            ("outside every mode", "off_mode_fraction"), ("spread / true spread", "spread_ratio")]
+    width = max(len(label) for _, label in sets)
+    lines = [f"{'':22}" + "".join(f"{label:>{width + 2}}" for _, label in sets)]
+    for title, metric in rows:
+        cells = (metrics.get(_key(metric, name)) for name, _ in sets)
+        lines.append(f"{title:22}" + "".join(f"{'' if v is None else f'{v:.4f}':>{width + 2}}" for v in cells))
+    if metrics.get("guidance", 1.0) != 1.0:
+        lines.append(f"guided at {metrics['guidance']}: the reference is the exact denoiser's "
+                     "guided sampler, not the unguided mixture")
+    if "teacher_fit_ok" in metrics and not metrics["teacher_fit_ok"]:
+        lines.append("warning: the teacher's sampler is far from the exact denoiser's: a poor teacher fit")
+    return "\n".join(lines)
+
+
 def write_report(run_dir: Path, metrics: dict) -> list[Path]:
     """RUN_DIR/eval/toy_metrics.json and a plot of fd_generator against training images (log scale)."""
     import matplotlib
@@ -362,24 +517,19 @@ def write_report(run_dir: Path, metrics: dict) -> list[Path]:
     out = Path(run_dir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
     (out / "toy_metrics.json").write_text(json.dumps(metrics, indent=1))
-    history = []
-    log_path = Path(run_dir) / "metrics.jsonl"
-    if log_path.is_file():
-        for line in log_path.read_text().splitlines():
-            row = json.loads(line)
-            if "eval/fd_generator" in row:
-                history.append((row["nimg"], row["eval/fd_generator"]))
-    history = sorted(dict(history).items())
+    history = fd_history(run_dir)
     fig, ax = plt.subplots(figsize=(6, 4))
     if history:
         ax.plot([h[0] for h in history], [h[1] for h in history], "o-", label="one-step generator (EMA)")
-    for key, style, label in (("fd_teacher_sampler", "--", f"teacher, {metrics.get('teacher_sampler_steps')} DDIM steps"),
-                              ("fd_reference", ":", "exact vs exact (noise floor)")):
+    steps = metrics.get("teacher_sampler_steps")
+    for key, style, label, color in (("fd_teacher_sampler", "--", f"teacher, {steps} DDIM steps", "C1"),
+                                     ("fd_exact_sampler", "-.", f"exact denoiser, {steps} DDIM steps", "C2"),
+                                     ("fd_reference", ":", "reference vs reference (noise floor)", "gray")):
         if key in metrics:
-            ax.axhline(metrics[key], linestyle=style, color="gray" if key == "fd_reference" else "C1", label=label)
+            ax.axhline(metrics[key], linestyle=style, color=color, label=label)
     ax.set_yscale("log")
     ax.set_xlabel("training images (nimg)")
-    ax.set_ylabel("Frechet distance to exact samples")
+    ax.set_ylabel("Frechet distance to the reference")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "fd_generator.png", dpi=100)

@@ -224,7 +224,7 @@ class Trainer:
         self.skipped = {"nan_samples": 0, "nonfinite_steps": 0}
         self.consecutive_skips = 0
         self.k = None  # steps of a few-step generator's chain trained this iteration (None: all)
-        self.teacher_samples = None  # the teacher sampler's toy samples never change: computed once
+        self.ground_truth = None  # a toy run's reference and teacher sampler sets never change: built once
         self.pending = None  # (folder, train state, this rank's write Future) of a checkpoint being written
         self.last_eval: dict = {}
         # Scores images of teachers without an analytic truth at eval_every (evaluation.periodic.TrainingEval, which
@@ -456,7 +456,10 @@ class Trainer:
 
     @torch.no_grad()
     def save_samples(self) -> Path | None:
-        """Every rank runs the (possibly sharded) generator; rank 0 writes the grid."""
+        """Every rank runs the (possibly sharded) generator; rank 0 writes the grid (for a toy truth, the samples
+        on the plane through each prompt's modes beside the reference and the teacher's sampler)."""
+        if self.networks.truth is not None:
+            return self._save_toy_samples()
         if not self.sample_prompts:
             return None
         seeds = self.cfg.eval.sample_seeds
@@ -471,28 +474,44 @@ class Trainer:
             save_grid(images, len(self.sample_prompts), path)
         return path
 
+    def _ground_truth(self):
+        from bigsid import toy
+
+        if self.ground_truth is None:
+            self.ground_truth = toy.GroundTruth(self.networks, self.cfg.eval, guidance=self.cfg.objective.kappa4)
+        return self.ground_truth
+
+    @torch.no_grad()
+    def _save_toy_samples(self) -> Path:
+        from bigsid import toy
+
+        truth, path = self._ground_truth(), self.run_dir / "samples" / f"step-{self.step:09d}.png"
+        with self.ema.applied(self.generator) as g:
+            samples = {p: toy.sample_generator(g, self.networks.encoder, p, 1000, truth.truth.latent_shape, seed=i)
+                       for i, p in enumerate(truth.truth.prompts)}
+        if self.backend.is_main:
+            truth.plot(path, samples, toy.fd_history(self.run_dir), self.last_eval)
+        return path
+
     def evaluate(self) -> dict:
         """Ground-truth metrics of the EMA generator (toy teachers only); appended to metrics.jsonl. Other teachers
         get the image evaluation, if one was given, logged the same way (and not returned: it is no toy report)."""
-        from bigsid import toy
-
-        truth = self.networks.truth
-        if truth is None:
+        if self.networks.truth is None:
             if self.image_eval is not None:
                 self._evaluate_images()
             return {}
-        ev = self.cfg.eval
-        if self.teacher_samples is None:
-            self.teacher_samples = {p: toy.sample_teacher(self.teacher, self.networks.schedule,
-                                                          self.networks.scheduler_config, self.networks.encoder, p,
-                                                          ev.num_samples, truth.latent_shape,
-                                                          ev.teacher_sampler_steps, seed=10_000 + i)
-                                    for i, p in enumerate(truth.prompts)}
+        first = self.ground_truth is None
+        ground_truth = self._ground_truth()
         with self.ema.applied(self.generator) as g:
             g.eval()
-            metrics = toy.evaluate(g, self.networks.encoder, truth, ev.num_samples, teacher_samples=self.teacher_samples)
+            metrics = ground_truth.score(g, self.networks.encoder)
             g.train()
-        metrics |= {"step": self.step, "nimg": self.nimg, "teacher_sampler_steps": ev.teacher_sampler_steps}
+        if first and not metrics["teacher_fit_ok"] and self.backend.is_main:
+            log.warning("the teacher's own %d-step sampler is at FD %.4g from the truth, the exact denoiser's at %.4g "
+                        "(noise floor %.4g): the teacher is a poor fit, so reaching its FD says little. Raise "
+                        "teacher.student_fit_steps or teacher.student_width", metrics["teacher_sampler_steps"],
+                        metrics["fd_teacher_sampler"], metrics["fd_exact_sampler"], metrics["fd_reference"])
+        metrics |= {"step": self.step, "nimg": self.nimg}
         self.log.write(self.step, self.nimg, {f"eval/{k}": v for k, v in metrics.items()
                                              if isinstance(v, float)})
         self.last_eval = metrics

@@ -38,20 +38,18 @@ def evaluate(source: str | Path, overrides: list[str]) -> tuple[Path, dict]:
                         "aesthetic, imagereward, pickscore, hpsv2")
     networks.generator.load_state_dict(load_generator_state(folder, ema=True))
     networks.generator.eval()
-    ev, truth = cfg.eval, networks.truth
-    teacher_samples = {p: toy.sample_teacher(networks.teacher, networks.schedule, networks.scheduler_config,
-                                             networks.encoder, p, ev.num_samples, truth.latent_shape,
-                                             ev.teacher_sampler_steps, seed=10_000 + i)
-                       for i, p in enumerate(truth.prompts)}  # the seeds the Trainer's evaluation uses
-    metrics = toy.evaluate(networks.generator, networks.encoder, truth, ev.num_samples,
-                           teacher_samples=teacher_samples)
-    metrics |= {"step": state["step"], "nimg": state["nimg"], "teacher_sampler_steps": ev.teacher_sampler_steps}
+    # the same reference and teacher-sampler seeds as the Trainer's evaluation
+    ground_truth = toy.GroundTruth(networks, cfg.eval, guidance=cfg.objective.kappa4)
+    metrics = ground_truth.score(networks.generator, networks.encoder)
+    metrics |= {"step": state["step"], "nimg": state["nimg"]}
     return run_dir, metrics
 
 
 def as_report(metrics: dict, run_dir: Path) -> dict:
     """metrics.json's form: each scalar with the convention it was measured in."""
-    convention = {**CONVENTION, "samples_per_prompt": metrics["num_samples"],
+    reference = CONVENTION["reference"] if metrics["guidance"] == 1.0 else (
+        f"the exact denoiser's DDIM sampler at guidance {metrics['guidance']} (a guided mixture has no closed form)")
+    convention = {**CONVENTION, "reference": reference, "samples_per_prompt": metrics["num_samples"],
                   "teacher_sampler": f"DDIM, {metrics['teacher_sampler_steps']} steps"}
     scalars = {k: v for k, v in metrics.items() if isinstance(v, float)}
     return {"source": {"kind": "generator", "run": str(run_dir), "step": metrics["step"], "nimg": metrics["nimg"],

@@ -42,19 +42,98 @@ def test_exact_samples_score_as_exact():
     y, _ = TRUTH.sample(torch.zeros(20_000, dtype=torch.long), gen)
     assert modes.max() < 3  # prompt 0 draws only its own components
     assert frechet_distance(x, y) < 0.01
-    tv, off = mode_scores(x, TRUTH, 0)
-    assert tv < 0.01
-    assert off == pytest.approx(0.001, abs=0.001)  # the radius holds 99.9%
+    scores = mode_scores(x, TRUTH, 0)
+    assert scores["mode_coverage_tv"] < 0.01
+    assert scores["off_mode_fraction"] == pytest.approx(0.001, abs=0.001)  # the radius holds 99.9%
+    # ||x - mu|| / std ~ chi_D (sd ~0.7 at D = 16, median ~3.9): the median of 20,000 has relative sd about
+    # 1.25 * 0.7 / (sqrt(20,000) * 3.9) = 1.6e-3; 0.01 is 6 of those
+    assert scores["spread_ratio"] == pytest.approx(1.0, abs=0.01)
 
 
 def test_metrics_see_lost_modes_and_bridges():
     gen = torch.Generator().manual_seed(2)
     x, modes = TRUTH.sample(torch.zeros(6000, dtype=torch.long), gen)
     one_mode = x[modes == 0]
-    assert mode_scores(one_mode, TRUTH, 0)[0] == pytest.approx(2 / 3)
+    assert mode_scores(one_mode, TRUTH, 0)["mode_coverage_tv"] == pytest.approx(2 / 3)
     # half the samples moved to midpoints between two modes: mode frequencies can stay right, bridges cannot hide
     mu = TRUTH.means[0]
     bridged = x.flatten(1).clone()
     bridged[::2] = 0.5 * (mu[modes[::2]] + mu[(modes[::2] + 1) % 3])
-    assert mode_scores(bridged, TRUTH, 0)[1] == pytest.approx(0.5, abs=0.01)
+    assert mode_scores(bridged, TRUTH, 0)["off_mode_fraction"] == pytest.approx(0.5, abs=0.01)
     assert frechet_distance(bridged, x) > 0.1
+
+
+def test_modes_too_wide_are_told_from_bridges_by_the_spread():
+    """Every sample at twice its true distance from its mode: most fall outside the 99.9% radius, as bridges
+    would, but the spread says why (2, exactly: each distance doubles, and the nearest mode stays the same at this separation)."""
+    gen = torch.Generator().manual_seed(3)
+    x, modes = TRUTH.sample(torch.zeros(6000, dtype=torch.long), gen)
+    x, mu = x.flatten(1).double(), TRUTH.means[0][modes].double()
+    wide = mu + 2 * (x - mu)  # float64: the doubling is exact, cdist's rounding ~1e-16 |x|^2 / d^2 ~ 1e-14
+    assert (TRUTH.nearest_mode(wide, 0)[1] == modes).all()
+    exact, scores = mode_scores(x, TRUTH, 0), mode_scores(wide, TRUTH, 0)
+    assert scores["spread_ratio"] == pytest.approx(2 * exact["spread_ratio"], rel=1e-12)
+    assert scores["mode_weights"] == exact["mode_weights"] and scores["mode_coverage_tv"] < 0.03
+    # outside the radius r: 4 ||x - mu||^2 / std^2 > r^2 / std^2, with ||x - mu||^2 / std^2 ~ chi2_D; binomial sd
+    # over 6,000 samples <= 0.0065, so 0.02 is 3 of them
+    import scipy.stats
+
+    expected = scipy.stats.chi2.sf(scipy.stats.chi2.ppf(0.999, TRUTH.dim) / 4, TRUTH.dim)
+    assert scores["off_mode_fraction"] == pytest.approx(expected, abs=0.02) and expected > 0.8
+
+
+def test_mode_weights_are_the_nearest_mode_shares_and_tv_is_measured_against_the_given_weights():
+    mu = TRUTH.means[0]
+    x = torch.cat([mu[0].expand(5, -1), mu[1].expand(3, -1), mu[2].expand(2, -1)])
+    scores = mode_scores(x, TRUTH, 0, weights=torch.tensor([0.5, 0.5, 0.0]))
+    assert scores["mode_weights"] == [0.5, 0.3, 0.2]
+    assert scores["mode_coverage_tv"] == pytest.approx(0.5 * (0.0 + 0.2 + 0.2))
+    assert scores["spread_ratio"] == 0.0 and scores["off_mode_fraction"] == 0.0
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_the_guided_exact_denoiser_is_its_closed_form(guidance):
+    """Classifier-free guidance of the exact denoiser, done in eps space by `predict`, is in x0 terms
+    (1 - w) E[x0 | x_t] + w E[x0 | x_t, c] (eps is affine in x0 at fixed x_t), with the empty prompt's expectation
+    over the all-prompt mixture. float64 throughout: only rounding separates the two."""
+    from bigsid.models import predict
+    from bigsid.toy import GMMDenoiser, VocabEncoder
+
+    gen = torch.Generator().manual_seed(4)
+    index = torch.tensor([0, 1] * 8)
+    t = torch.tensor([20, 300, 600, 979] * 4)
+    x0, _ = TRUTH.sample(index, gen)
+    x_t = SCHEDULE.add_noise(x0, torch.randn(x0.shape, generator=gen), t).double()
+    encoder = VocabEncoder(TRUTH.prompts).double()
+    guided = predict(GMMDenoiser(TRUTH, SCHEDULE).double(), SCHEDULE, x_t, t, encoder([TRUTH.prompts[i] for i in index]),
+                     guidance, out="sample")
+    a, s = (c.double() for c in SCHEDULE.coeffs(t, 2))
+    flat = x_t.flatten(1)
+    cond = TRUTH.posterior_mean(flat, a, s, index)
+    uncond = TRUTH.posterior_mean(flat, a, s, torch.full_like(index, len(TRUTH.prompts)))
+    torch.testing.assert_close(guided.flatten(1).double(), (1 - guidance) * uncond + guidance * cond,
+                               rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("teacher, fit_ok", [("teacher.student_fit_steps=0", False), ("teacher.gmm_teacher=exact", True)])
+def test_a_teacher_far_worse_than_the_exact_denoiser_is_warned_about(tmp_path, caplog, teacher, fit_ok):
+    """An unfitted MLP teacher (random weights) is warned about; the exact denoiser as teacher is its own
+    reference (same sampler, same noise), so it passes whatever the sampler's own error."""
+    from test_trainer import make
+
+    metrics = make(tmp_path, teacher).evaluate()
+    assert metrics["teacher_fit_ok"] is fit_ok
+    assert ("poor fit" in caplog.text) is not fit_ok
+    if fit_ok:
+        assert metrics["fd_teacher_sampler"] == metrics["fd_exact_sampler"]
+
+
+def test_a_guided_run_is_measured_against_the_exact_guided_sampler(tmp_path):
+    from test_trainer import make
+
+    metrics = make(tmp_path, "objective.kappa4=2", "eval.reference_steps=20").evaluate()
+    assert metrics["guidance"] == 2.0
+    # the guided truth differs from the unguided mixture: its reference mode weights are measured, not 1/K
+    weights = torch.tensor(metrics["reference_mode_weights"])
+    torch.testing.assert_close(weights.sum(1), torch.ones(len(weights), dtype=weights.dtype))
+    assert not torch.equal(weights, torch.full_like(weights, 1 / weights.shape[1]))
