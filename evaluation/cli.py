@@ -17,6 +17,7 @@ from evaluation.settings import EvalError, as_dict, load_settings
 
 log = logging.getLogger("evaluation")
 RESULT_KEY = {"clip": "clip_score"}  # a metric's name in metrics.json, where it differs from its name in metrics=
+SECTION = {"fid": "fid", "clip": "clip", "aesthetic": "aesthetic"}  # its settings; the reward models': "rewards"
 
 
 def _metric(name: str, settings, device):
@@ -55,9 +56,8 @@ def _default_metrics(source: str) -> list[str]:
 
 
 def evaluate(source: str, overrides: list[str]) -> Path | None:
-    """Generate what is missing, score what is not scored yet; returns metrics.json (None on ranks other than 0)."""
-    import torch
-
+    """Generate what is missing, score what is not scored yet with these settings; returns metrics.json (None on
+    ranks other than 0)."""
     from bigsid.parallel.local import pick_device
     from evaluation.prompts import load_prompts
     from evaluation.rewards import Unavailable
@@ -85,8 +85,10 @@ def evaluate(source: str, overrides: list[str]) -> Path | None:
     if rank == 0:
         device = pick_device(settings.device)
         for name in metrics:
-            if RESULT_KEY.get(name, name) in done.get("metrics", {}):
-                continue  # scored before: a finished evaluation is not redone
+            section = SECTION.get(name, "rewards")
+            if (RESULT_KEY.get(name, name) in done.get("metrics", {})
+                    and done["settings"][section] == as_dict(settings)[section]):
+                continue  # scored before with the same settings: a finished evaluation is not redone
             try:
                 scorers[name] = _metric(name, settings, device)
                 skipped.pop(name, None)
@@ -110,7 +112,6 @@ def evaluate(source: str, overrides: list[str]) -> Path | None:
     results = dict(done.get("metrics", {}))
     for scorer in scorers.values():
         results |= scorer.result()
-    torch.cuda.empty_cache()
     generation = {k: v for k, v in spec.items() if k != "source"}
     return report.write(out, {"name": out.name, "source": src.record, "generation": generation, "metrics": results,
                               "skipped": skipped, "settings": as_dict(settings)})

@@ -42,8 +42,11 @@ def tiny_clip(folder: Path, projection: int) -> Path:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     torch.manual_seed(1)
+    # The byte-level tokenizer's <|startoftext|> and <|endoftext|> are ids 512 and 513; CLIP pools the text at the
+    # first end-of-text token, so the config must name it (the default id would pool the start token alone).
     config = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                                         num_attention_heads=4, vocab_size=515, max_position_embeddings=32),
+                                         num_attention_heads=4, vocab_size=515, max_position_embeddings=32,
+                                         bos_token_id=512, eos_token_id=513, pad_token_id=513),
                         vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                                            num_attention_heads=4, image_size=32, patch_size=8),
                         projection_dim=projection)
@@ -293,6 +296,15 @@ def test_a_finished_evaluation_is_not_redone(evaluated, nets, monkeypatch):
     monkeypatch.setattr(generate, "write_atomic", lambda *a: pytest.fail("rewrote a file"))
     assert main(["eval", str(out.parent.parent), *metric_args(nets, "name=full")]) == 0
     assert snapshot(out) == written
+    # Other CLIP settings: only the CLIP score is computed again, from the images already there.
+    monkeypatch.undo()
+    old = values(out)
+    assert main(["eval", str(out.parent.parent), *metric_args(nets, "name=full", "clip.prefix=")]) == 0
+    new = values(out)
+    assert new["clip_score"] != old["clip_score"] and {k: v for k, v in new.items() if k != "clip_score"} == \
+        {k: v for k, v in old.items() if k != "clip_score"}
+    assert snapshot(out)["manifest.jsonl"] == written["manifest.jsonl"]
+    assert main(["eval", str(out.parent.parent), *metric_args(nets, "name=full")]) == 0  # back as the others expect
 
 
 def test_two_ranks_write_every_index_once_and_the_same_images(evaluated, nets, monkeypatch, tmp_path):
