@@ -102,7 +102,7 @@ def evaluate(source: str, overrides: list[str]) -> Path | None:
     generate.wait_for_all(out, items)
     if made or not (out / generate.MANIFEST).is_file():
         generate.write_manifest(out, items)
-    if not scorers and done:
+    if done and not scorers and skipped == done.get("skipped", {}):
         return out / report.METRICS_FILE
     for start in range(0, len(items), settings.batch_size):
         batch = items[start:start + settings.batch_size]

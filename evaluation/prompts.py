@@ -32,7 +32,7 @@ def _text_file(path: Path, caption_key: str) -> PromptSet:
         prompts = list(data._prompt_list(path, field, issues))
     except data.DataError as err:
         raise EvalError(f"prompts={path}: {err}") from None
-    return PromptSet(prompts, str(path), dict(issues))
+    return PromptSet(prompts, str(path.resolve()), dict(issues))
 
 
 def _shards(pattern: str, caption_key: str) -> PromptSet:

@@ -70,7 +70,7 @@ def _generator(path: Path, settings: EvalSettings, device: torch.device) -> Sour
         return generate
 
     config, step = state["config"], state["step"]
-    record = {"kind": "generator", "checkpoint": str(folder), "step": step, "nimg": state["nimg"],
+    record = {"kind": "generator", "checkpoint": str(folder.resolve()), "step": step, "nimg": state["nimg"],
               "ema": settings.ema, "generator_steps": config["generator"].get("steps", 1),
               "teacher": settings.teacher or config["teacher"]["path"]}
     return Source(load, record, folder.parent.parent, f"step-{step:09d}", _run_prompts(config))

@@ -385,6 +385,18 @@ def test_model_card_quotes_the_latest_evaluation_with_its_conventions(evaluated,
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["source"]["kind"] == "export"
 
 
+def test_reward_models_without_package_or_weights_are_skipped_with_a_message(evaluated, nets):
+    out, _ = evaluated
+    assert main(["eval", str(out.parent.parent), *metric_args(nets, "name=full",
+                                                              "metrics=[imagereward,pickscore,clip]")]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert "rewards.pickscore is not set" in report["skipped"]["pickscore"]
+    # the package is absent in the test environment; where it is installed the weights file is
+    assert any(reason in report["skipped"]["imagereward"]
+               for reason in ("pip install image-reward", "rewards.imagereward is not set"))
+    assert set(report["metrics"]) == {"fid", "clip_score", "aesthetic"}  # what was scored before stays
+
+
 # ---- bad input ----
 
 def test_missing_weights_file_names_file_what_and_key(run_dir, nets, tmp_path, capsys):
