@@ -385,6 +385,27 @@ def test_model_card_quotes_the_latest_evaluation_with_its_conventions(evaluated,
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["source"]["kind"] == "export"
 
 
+def test_reference_statistics_from_shards_equal_those_from_the_folder(nets, tmp_path):
+    """The same files in a tar shard: the same images, so the same statistics up to the order of float64 sums."""
+    import tarfile
+
+    from evaluation.settings import FIDSettings
+
+    with tarfile.open(tmp_path / "real-000000.tar", "w") as tar:
+        for path in sorted(nets["real"].iterdir()):
+            tar.add(path, arcname=f"{path.stem}.{path.suffix.lstrip('.')}")
+    inception = fid.Inception(FIDSettings(inception=str(nets["inception"])), torch.device("cpu"))
+    stats = {}
+    for name, reference in (("folder", nets["real"]), ("shards", tmp_path / "real-{000000..000000}.tar")):
+        settings = FIDSettings(inception=str(nets["inception"]), reference=str(reference),
+                               reference_stats=str(tmp_path / f"{name}.npz"))
+        stats[name] = fid.reference_stats(settings, inception, batch_size=5)
+    # broken.png is skipped; notes.txt is no image member of the shard, so not even looked at
+    assert int(stats["shards"]["count"]) == 12 and int(stats["shards"]["skipped"]) == 1
+    assert np.allclose(stats["shards"]["mu"], stats["folder"]["mu"], rtol=0, atol=1e-12)
+    assert np.allclose(stats["shards"]["sigma"], stats["folder"]["sigma"], rtol=0, atol=1e-12)
+
+
 def test_reward_models_without_package_or_weights_are_skipped_with_a_message(evaluated, nets):
     out, _ = evaluated
     assert main(["eval", str(out.parent.parent), *metric_args(nets, "name=full",
@@ -416,10 +437,16 @@ def test_reference_statistics_of_another_convention_are_refused(evaluated, nets,
     assert "another convention" in err and "PIL Lanczos to 256 px" in err and "PIL Lanczos to 128 px" in err
 
 
-def test_empty_prompt_set_and_other_teacher_family(run_dir, teacher_dir, nets, tmp_path, capsys):
+def test_empty_prompt_set_other_settings_and_other_teacher_family(evaluated, teacher_dir, nets, tmp_path, capsys):
+    out, _ = evaluated
+    run_dir = out.parent.parent
     (tmp_path / "empty.txt").write_text("\n  \n")
     assert main(["eval", str(run_dir), *metric_args(nets, f"prompts={tmp_path / 'empty.txt'}", "name=e")]) == 2
     assert "prompt set is empty" in capsys.readouterr().err
+    before = snapshot(out)
+    assert main(["eval", str(run_dir), *metric_args(nets, "name=full", "num_images=5")]) == 2
+    assert "holds images made with other settings (num_images: 6 there, 5 now)" in capsys.readouterr().err
+    assert snapshot(out) == before
     other = tmp_path / "sdxl"
     shutil.copytree(teacher_dir, other)
     index = json.loads((other / "model_index.json").read_text())
