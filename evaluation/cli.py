@@ -9,11 +9,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
 from evaluation import generate, report
-from evaluation.settings import EvalError, as_dict, load_settings
+from evaluation.settings import EvalError, load_settings
 
 log = logging.getLogger("evaluation")
 RESULT_KEY = {"clip": "clip_score"}  # a metric's name in metrics.json, where it differs from its name in metrics=
@@ -87,7 +88,7 @@ def evaluate(source: str, overrides: list[str]) -> Path | None:
         for name in metrics:
             section = SECTION.get(name, "rewards")
             if (RESULT_KEY.get(name, name) in done.get("metrics", {})
-                    and done["settings"][section] == as_dict(settings)[section]):
+                    and done["settings"][section] == dataclasses.asdict(settings)[section]):
                 continue  # scored before with the same settings: a finished evaluation is not redone
             try:
                 scorers[name] = _metric(name, settings, device)
@@ -114,7 +115,7 @@ def evaluate(source: str, overrides: list[str]) -> Path | None:
         results |= scorer.result()
     generation = {k: v for k, v in spec.items() if k != "source"}
     return report.write(out, {"name": out.name, "source": src.record, "generation": generation, "metrics": results,
-                              "skipped": skipped, "settings": as_dict(settings)})
+                              "skipped": skipped, "settings": dataclasses.asdict(settings)})
 
 
 def main(args) -> int:

@@ -10,6 +10,7 @@ calls the object it is given."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from PIL import Image
 from bigsid.parallel.local import pick_device
 from evaluation import generate
 from evaluation.prompts import load_prompts
-from evaluation.settings import as_dict, load_settings
+from evaluation.settings import load_settings
 from evaluation.sources import noise
 
 DEFAULT_IMAGES = 2000
@@ -57,7 +58,7 @@ class TrainingEval:
         values = {k: r["value"] for k, r in reports.items()}
         out = Path(run_dir) / "eval"
         out.mkdir(parents=True, exist_ok=True)
-        conventions = {"images": len(self.items), "settings": as_dict(self.settings),
+        conventions = {"images": len(self.items), "settings": dataclasses.asdict(self.settings),
                        "metrics": {k: r["convention"] for k, r in reports.items()}}
         generate.write_atomic(out / "training_eval.json", lambda tmp: tmp.write_text(json.dumps(conventions, indent=1)))
         plot(Path(run_dir), nimg, values, out / "training_curves.png")

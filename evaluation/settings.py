@@ -5,7 +5,6 @@ downloaded unless allow_download=true (offline clusters are the norm)."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +29,7 @@ class FIDSettings:
 @dataclass
 class CLIPSettings:
     backend: str = "open_clip"  # open_clip | transformers (weights: a CLIPModel folder)
-    model: str = "ViT-g-14"
+    model: str = "ViT-g-14"  # transformers with allow_download: a hub id, e.g. laion/CLIP-ViT-g-14-laion2B-s12B-b42K
     pretrained: str = "laion2b_s12b_b42k"
     weights: str = ""  # a local weights file (open_clip) or model folder (transformers)
     prefix: str = "A photo depicts "
@@ -102,10 +101,6 @@ def _get(settings, dotted: str):
     for part in dotted.split("."):
         settings = getattr(settings, part)
     return settings
-
-
-def as_dict(settings: EvalSettings) -> dict:
-    return dataclasses.asdict(settings)
 
 
 def weights_file(path: str, key: str, what: str, folder: bool = False) -> Path:
