@@ -80,6 +80,15 @@ def local_run(tmp_path_factory):
     return run_dir, run_locally(PARITY, run_dir)
 
 
+def test_update_parity_fails_for_a_run_that_never_stepped(local_run):
+    reference, initial = local_run
+    final = load_generator_state(latest_checkpoint(reference), ema=False)
+    assert_same_update(final, final, initial, LR, steps=4)
+    for trained, expected in ((initial, final), (final, initial)):  # untrained either side
+        with pytest.raises(AssertionError):
+            assert_same_update(trained, expected, initial, LR, steps=4)
+
+
 @pytest.mark.parametrize("name", [backend(n) for n in BACKENDS])
 def test_backends_match_the_local_reference(name, local_run, tmp_path):
     reference, initial = local_run
