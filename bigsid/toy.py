@@ -372,19 +372,7 @@ class GroundTruth:
             ax.set_title(prompt, fontsize=9)
             ax.set_aspect("equal", adjustable="datalim")
         axes[0, 0].legend(fontsize=7, markerscale=2, loc="best")
-        ax = axes[0, -1]
-        if history:
-            ax.plot([h[0] for h in history], [h[1] for h in history], "o-", ms=3, label="generator (EMA)")
-        if metrics:
-            for key, style, label, color in (("fd_teacher_sampler", "--", "teacher sampler", "C1"),
-                                             ("fd_exact_sampler", "-.", "exact denoiser, same sampler", "C2"),
-                                             ("fd_reference", ":", "noise floor", "gray")):
-                if key in metrics:
-                    ax.axhline(metrics[key], linestyle=style, color=color, label=label)
-        ax.set_yscale("log")
-        ax.set_xlabel("training images (nimg)")
-        ax.set_ylabel("Frechet distance to the reference")
-        ax.legend(fontsize=7)
+        draw_fd_curve(axes[0, -1], history, metrics or {})
         fig.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=90)
@@ -507,6 +495,23 @@ def summary(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def draw_fd_curve(ax, history: list[tuple[int, float]], metrics: dict) -> None:
+    """The generator's FD against images seen (log scale), with the fixed sample sets' FDs as lines."""
+    if history:
+        ax.plot([h[0] for h in history], [h[1] for h in history], "o-", ms=3, label="one-step generator (EMA)")
+    steps = metrics.get("teacher_sampler_steps")
+    for key, style, label, color in (("fd_teacher_sampler", "--", f"teacher, {steps} DDIM steps", "C1"),
+                                     ("fd_exact_sampler", "-.", f"exact denoiser, {steps} DDIM steps", "C2"),
+                                     ("fd_reference", ":", "reference vs reference (noise floor)", "gray")):
+        if key in metrics:
+            ax.axhline(metrics[key], linestyle=style, color=color, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("training images (nimg)")
+    ax.set_ylabel("Frechet distance to the reference")
+    if history or metrics:
+        ax.legend(fontsize=7)
+
+
 def write_report(run_dir: Path, metrics: dict) -> list[Path]:
     """RUN_DIR/eval/toy_metrics.json and a plot of fd_generator against training images (log scale)."""
     import matplotlib
@@ -517,20 +522,8 @@ def write_report(run_dir: Path, metrics: dict) -> list[Path]:
     out = Path(run_dir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
     (out / "toy_metrics.json").write_text(json.dumps(metrics, indent=1))
-    history = fd_history(run_dir)
     fig, ax = plt.subplots(figsize=(6, 4))
-    if history:
-        ax.plot([h[0] for h in history], [h[1] for h in history], "o-", label="one-step generator (EMA)")
-    steps = metrics.get("teacher_sampler_steps")
-    for key, style, label, color in (("fd_teacher_sampler", "--", f"teacher, {steps} DDIM steps", "C1"),
-                                     ("fd_exact_sampler", "-.", f"exact denoiser, {steps} DDIM steps", "C2"),
-                                     ("fd_reference", ":", "reference vs reference (noise floor)", "gray")):
-        if key in metrics:
-            ax.axhline(metrics[key], linestyle=style, color=color, label=label)
-    ax.set_yscale("log")
-    ax.set_xlabel("training images (nimg)")
-    ax.set_ylabel("Frechet distance to the reference")
-    ax.legend()
+    draw_fd_curve(ax, fd_history(run_dir), metrics)
     fig.tight_layout()
     fig.savefig(out / "fd_generator.png", dpi=100)
     plt.close(fig)
