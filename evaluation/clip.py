@@ -31,8 +31,12 @@ class CLIPEncoder:
         self.record = {"backend": backend, "model": model, "pretrained": pretrained}
         what = f"the weights of CLIP {model} ({pretrained})"
         if backend == "open_clip":
-            import open_clip
-
+            try:
+                import open_clip
+            except ImportError:
+                raise EvalError(f"{key}.backend=open_clip needs the open_clip package: pip install 'bigsid[eval]'; "
+                                f"or {key}.backend=transformers with {key}.weights=a transformers CLIPModel folder of "
+                                "the same network") from None
             if not weights and not allow_download:
                 weights_file("", f"{key}.weights", f"{what}, an open_clip checkpoint (open_clip_pytorch_model.bin "
                              "or .safetensors); or pass allow_download=true to fetch it from the hub")

@@ -427,6 +427,11 @@ def test_missing_weights_file_names_file_what_and_key(run_dir, nets, tmp_path, c
     assert str(missing) in err and "fid.inception" in err and "clean-fid's TorchScript Inception" in err
     assert main(["eval", str(run_dir), *metric_args(nets, "aesthetic.head=", "name=missing")]) == 2
     assert "aesthetic.head is not set" in capsys.readouterr().err
+    assert main(["eval", str(run_dir), *metric_args(nets, "clip.backend=open_clip", "clip.weights=",
+                                                    "name=missing")]) == 2
+    err = capsys.readouterr().err  # without open_clip its package is missing, with it the ViT-g-14 weights are
+    assert "pip install 'bigsid[eval]'" in err or "clip.weights is not set: it must point to the weights of CLIP " \
+        "ViT-g-14 (laion2b_s12b_b42k)" in err
 
 
 def test_reference_statistics_of_another_convention_are_refused(evaluated, nets, capsys):
