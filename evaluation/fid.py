@@ -124,12 +124,14 @@ def _reference_images(reference: str):
             log.warning("fid.reference: shard %s unreadable from here on (%s)", url, err)
 
 
-def _stats_path(settings: FIDSettings) -> Path:
+def _stats_path(settings: FIDSettings, convention: dict) -> Path:
+    """fid.reference_stats, else a cache file named by the real images' path and the convention: another
+    resolution or Inception file computes its own statistics there rather than meeting a refusal."""
     if settings.reference_stats:
         return Path(settings.reference_stats)
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bigsid" / "fid"
-    key = hashlib.sha256(f"{Path(settings.reference).resolve()}|{settings.resolution}".encode()).hexdigest()[:16]
-    return cache / f"reference-{key}.npz"
+    key = f"{Path(settings.reference).resolve()}|{json.dumps(convention, sort_keys=True)}"
+    return cache / f"reference-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
 
 
 def _compare(found: dict, asked: dict, where: Path) -> None:
@@ -158,7 +160,7 @@ def reference_stats(settings: FIDSettings, inception: Inception, batch_size: int
     if settings.reference.endswith(".npz"):
         return load_stats(weights_file(settings.reference, "fid.reference", "reference statistics (.npz)"),
                           inception.convention)
-    path = _stats_path(settings)
+    path = _stats_path(settings, inception.convention)
     if path.is_file():
         return load_stats(path, inception.convention)
     features, batch, skipped, first_bad = [], [], 0, None
