@@ -109,6 +109,10 @@ class OptimConfig:
 class TrainConfig:
     run_dir: str = "runs/default"
     batch_size: int = 8  # global batch per phase
+    # images per forward and backward on one rank (0: the whole per-rank batch). Smaller, the per-rank batch is
+    # run in micro-batches whose gradients add up before the one optimizer step: the published recipes'
+    # global batch (SiD-LSG: 512) on fewer GPUs. Global batch = micro_batch x accumulation x world size.
+    micro_batch: int = 0
     total_nimg: int = 1_000_000
     fake_steps: int = 1  # fake-score steps per generator step
     ema_halflife_nimg: int = 500_000
@@ -322,6 +326,8 @@ def validate(cfg: Config, check_data: bool = True) -> Config:
     _check(cfg.optim.eps > 0, "optim.eps", "> 0 (Adam divides by sqrt(v) + eps)", cfg.optim.eps)
     _check(cfg.optim.weight_decay >= 0, "optim.weight_decay", ">= 0", cfg.optim.weight_decay)
     _check(tr.batch_size >= 1, "train.batch_size", ">= 1", tr.batch_size)
+    _check(tr.micro_batch >= 0 and (tr.micro_batch == 0 or tr.batch_size % tr.micro_batch == 0), "train.micro_batch",
+           f"0 or a divisor of train.batch_size={tr.batch_size}", tr.micro_batch)
     _check(tr.total_nimg >= tr.batch_size, "train.total_nimg", ">= train.batch_size", tr.total_nimg)
     _check(tr.fake_steps >= 1, "train.fake_steps", ">= 1", tr.fake_steps)
     _check(tr.ema_halflife_nimg > 0, "train.ema_halflife_nimg", "> 0", tr.ema_halflife_nimg)

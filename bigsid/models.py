@@ -32,6 +32,10 @@ class Cond:
     emb: torch.Tensor
     uncond: torch.Tensor
 
+    def __getitem__(self, index: slice) -> "Cond":
+        """The conditioning of a slice of the batch (a micro-batch)."""
+        return Cond(self.emb[index], self.uncond)
+
     def drop(self, dropped: torch.Tensor) -> "Cond":
         """Replace the prompts where `dropped` [B] is true by the empty prompt (guided fake-score training)."""
         keep = ~dropped.to(self.emb.device).view((-1,) + (1,) * (self.emb.ndim - 1))

@@ -209,6 +209,12 @@ class Trainer:
         if tr.batch_size % self.backend.world_size:
             raise ValueError(f"train.batch_size={tr.batch_size} is not divisible by the world size "
                              f"{self.backend.world_size}; choose a multiple of it")
+        self.local_batch = tr.batch_size // self.backend.world_size
+        self.micro_batch = tr.micro_batch or self.local_batch
+        if self.local_batch % self.micro_batch:
+            raise ValueError(f"train.micro_batch={tr.micro_batch} does not divide the per-rank batch {self.local_batch} "
+                             f"(train.batch_size={tr.batch_size} over {self.backend.world_size} ranks); choose a "
+                             "divisor of it")
         torch.manual_seed(tr.seed)  # same initial networks on every rank
         self.networks = networks or build_networks(cfg)
         self.objective = build_objective(cfg.objective, self.networks.schedule)
@@ -216,7 +222,6 @@ class Trainer:
         self.teacher = self.networks.teacher
         self.ema = EMA(self.generator)
         self.device = self.backend.device
-        self.local_batch = tr.batch_size // self.backend.world_size
         self.sample_prompts = cfg.eval.sample_prompts or list(self.networks.vocabulary or [])
         self.stream = self._build_stream()
         self.step = 0
@@ -267,40 +272,62 @@ class Trainer:
         return self._randn(), self._slice(t), self._randn()
 
     def _batch_loss(self, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sample losses -> batch loss (sum / local batch, as the reference code), and how many are not finite.
+        """Per-sample losses of a micro-batch -> its share of the batch loss (sum / local batch, as the reference
+        code: the micro-batches' gradients add up to the whole batch's), and how many are not finite.
 
         A NaN inside a network reaches every parameter's gradient in backward (0 x NaN) however its sample's loss is
         masked, so no sample can be left out of an update. Instead one non-finite sample makes every gradient NaN,
         and the global gradient-norm check skips the update on every rank. The count stays on the device: reading it
         before backward would stall the step."""
         bad = (~torch.isfinite(loss)).sum()
-        total = loss.sum() / loss.shape[0]
+        total = loss.sum() / self.local_batch
         return total * total.new_ones(()).masked_fill(bad > 0, math.nan), bad  # x 1 when finite: bit-identical
+
+    def _accumulate(self, trainable: Trainable, micro_loss, name: str, backward_in_autocast: bool) \
+            -> dict[str, torch.Tensor]:
+        """micro_loss(index) over this rank's micro-batches (index: a slice of the rank's batch), a backward after
+        each with the gradients synchronised across ranks on the last only, then one optimizer step."""
+        parts: dict[str, list[torch.Tensor]] = {}
+        bad = 0
+        count = self.local_batch // self.micro_batch
+        for i in range(count):
+            index, sync = slice(i * self.micro_batch, (i + 1) * self.micro_batch), i == count - 1
+            with self.backend.autocast():
+                loss, metrics = micro_loss(index)
+                total, n = self._batch_loss(loss)
+                if backward_in_autocast:
+                    trainable.backward(total, sync)
+            if not backward_in_autocast:
+                trainable.backward(total, sync)
+            bad = bad + n
+            for k, v in metrics.items():
+                parts.setdefault(k, []).append(v)
+        norm, applied = trainable.step()
+        return self._finish({k: torch.cat(v) for k, v in parts.items()}, name, norm, applied, bad)
 
     def fake_score_phase(self) -> dict[str, torch.Tensor]:
         cond = self.networks.encoder(self.stream.next_batch(self.local_batch))
         rate = self.objective.prompt_drop
         cond = cond.drop(self._slice(torch.rand(self.cfg.train.batch_size, generator=self.rng, device=self.device) < rate))
         z, t, eps = self._noise()
-        with self.backend.autocast():
+
+        def micro_loss(i):
             with torch.no_grad():
-                x_gen = self.generator.inner(z, cond.emb, self.k)
-            loss, metrics = self.objective.fake_score_loss(self.fake_score.module, x_gen, cond, t, eps)
-            total, nan = self._batch_loss(loss)
-        self.fake_score.backward(total)
-        norm, applied = self.fake_score.step()
-        return self._finish(metrics, "fake_score", norm, applied, nan)
+                x_gen = self.generator.inner(z[i], cond[i].emb, self.k)
+            return self.objective.fake_score_loss(self.fake_score.module, x_gen, cond[i], t[i], eps[i])
+
+        return self._accumulate(self.fake_score, micro_loss, "fake_score", backward_in_autocast=False)
 
     def generator_phase(self) -> dict[str, torch.Tensor]:
         cond = self.networks.encoder(self.stream.next_batch(self.local_batch))
         z, t, eps = self._noise()
-        with self.fake_score.frozen() as fake_score, self.backend.autocast():
-            x_gen = self.generator.module(z, cond.emb, self.k)
-            loss, metrics = self.objective.generator_loss(self.teacher, fake_score, x_gen, cond, t, eps)
-            total, nan = self._batch_loss(loss)
-            self.generator.backward(total)
-        norm, applied = self.generator.step()
-        return self._finish(metrics, "generator", norm, applied, nan)
+        # the fake score stays frozen through the backward, which runs through its input
+        with self.fake_score.frozen() as fake_score:
+            def micro_loss(i):
+                x_gen = self.generator.module(z[i], cond[i].emb, self.k)
+                return self.objective.generator_loss(self.teacher, fake_score, x_gen, cond[i], t[i], eps[i])
+
+            return self._accumulate(self.generator, micro_loss, "generator", backward_in_autocast=True)
 
     def _finish(self, metrics, name, norm, applied, nan) -> dict[str, torch.Tensor]:
         self.skipped["nan_samples"] += int(nan)  # after step(), whose norm check has synchronised already

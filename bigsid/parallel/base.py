@@ -40,7 +40,9 @@ class Trainable:
         self.grad_clip = grad_clip
         self.params = [p for p in self.inner.parameters() if p.requires_grad]
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
+        """Accumulate the loss's gradients; `sync`: the last micro-batch before step(), where a multi-process
+        backend reduces gradients across ranks (one process has nothing to reduce)."""
         loss.backward()
 
     def stored_params(self) -> list[torch.Tensor]:

@@ -5,6 +5,8 @@ The fake score is wrapped for its own phase only: in the generator phase the bar
 
 from __future__ import annotations
 
+import contextlib
+
 from torch.nn.parallel import DistributedDataParallel
 
 from bigsid.parallel.base import Trainable
@@ -27,5 +29,12 @@ class DDPBackend(Collectives, LocalBackend):
             wrapped = DistributedDataParallel(net, device_ids=ids, gradient_as_bucket_view=True)
             # objectives read how a denoiser parameterises its output from the module they are handed
             wrapped.prediction_type = getattr(net, "prediction_type", None)
-            trainables.append(Trainable(wrapped, self.make_optimizer(net, lr), o.grad_clip, inner=net))
+            trainables.append(DDPTrainable(wrapped, self.make_optimizer(net, lr), o.grad_clip, inner=net))
         return tuple(trainables)
+
+
+class DDPTrainable(Trainable):
+    def backward(self, loss, sync=True):
+        # gradients of earlier micro-batches stay local; the last backward all-reduces their sum
+        with contextlib.nullcontext() if sync else self.module.no_sync():
+            loss.backward()

@@ -35,8 +35,8 @@ WEIGHTS = "weights.rank{rank}.safetensors"
 # Keys bigsid sets from its own config; a user DeepSpeed file may repeat them only with the same value.
 OWNED = {
     "train_batch_size": "train.batch_size",
-    "train_micro_batch_size_per_gpu": "train.batch_size / world size",
-    "gradient_accumulation_steps": "1 (bigsid takes one optimizer step per batch)",
+    "train_micro_batch_size_per_gpu": "train.micro_batch",
+    "gradient_accumulation_steps": "train.batch_size / (train.micro_batch x world size)",
     "gradient_clipping": "optim.grad_clip",
     "zero_optimization.stage": "parallel.zero_stage",
 }
@@ -82,10 +82,12 @@ def read_user_config(path: str) -> dict:
 def engine_config(cfg, world_size: int, user: dict) -> dict:
     """bigsid's DeepSpeed config, with the user's extra keys merged in; a contradiction is refused."""
     stage = cfg.parallel.zero_stage
+    local = cfg.train.batch_size // world_size
+    micro = cfg.train.micro_batch or local
     ours = {
         "train_batch_size": cfg.train.batch_size,
-        "train_micro_batch_size_per_gpu": cfg.train.batch_size // world_size,
-        "gradient_accumulation_steps": 1,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": local // micro,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": stage},
         "zero_allow_untested_optimizer": True,  # bigsid's torch.optim.Adam, partitioned by ZeRO
@@ -139,8 +141,11 @@ class DeepSpeedTrainable(Trainable):
         super().__init__(engine, engine.optimizer, grad_clip, inner=engine.module)
         self.engine = engine
 
-    def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss)
+    def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
+        # the trainer already divides each micro-batch's loss by the whole batch
+        self.engine.backward(loss, scale_wrt_gas=False)
+        if not sync:
+            self.engine.step()  # a micro-step inside the accumulation: DeepSpeed only counts it
 
     def step(self) -> tuple[torch.Tensor, bool]:
         self.engine.step()

@@ -134,6 +134,11 @@ def keep_gathered(net: nn.Module) -> None:
 class FSDP2Trainable(Trainable):
     gather_frozen_once = False
 
+    def backward(self, loss, sync=True):
+        # earlier micro-batches keep unsharded gradients; the last reduce-scatters their sum
+        self.inner.set_requires_gradient_sync(sync)
+        loss.backward()
+
     def stored_params(self):
         # While a module is unsharded (a root can stay so after a no-grad forward), FSDP2 computes with the
         # gathered copies: reshard, so EMA weights swapped into the shards are what the next forward uses.
