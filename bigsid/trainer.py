@@ -175,11 +175,13 @@ class MetricLog:
             self.tb.close()
 
 
-def to_images(latents: torch.Tensor, networks: Networks) -> torch.Tensor:
-    """Latents -> uint8 images [N, H, W, 3]: VAE-decoded, or, for a toy truth, the latents themselves."""
+def to_images(latents: torch.Tensor, networks: Networks, chunk: int = 8) -> torch.Tensor:
+    """Latents -> uint8 images [N, H, W, 3]: VAE-decoded `chunk` at a time (a full-batch decode at 512 px or more
+    is a step's likeliest out-of-memory), or, for a toy truth, the latents themselves."""
     if networks.vae is not None and networks.truth is None:
         vae = networks.vae
-        x = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample.float()
+        x = torch.cat([vae.decode(part.to(vae.dtype) / vae.config.scaling_factor).sample.float()
+                       for part in latents.split(chunk)])
         x = (x.clamp(-1, 1) + 1) / 2
     else:  # toy latents: first three channels, each image scaled to its own range
         x = latents.float()[:, :3]
@@ -495,10 +497,9 @@ class Trainer:
         z = torch.randn(len(prompts), *self.networks.latent_shape, generator=gen).to(self.device)
         with self.ema.applied(self.generator) as g:
             latents = g(z, self.networks.encoder(prompts).emb)
-        images = to_images(latents, self.networks)
         path = self.run_dir / "samples" / f"step-{self.step:09d}.png"
-        if self.backend.is_main:
-            save_grid(images, len(self.sample_prompts), path)
+        if self.backend.is_main:  # every rank ran the generator (it may be sharded); one decodes
+            save_grid(to_images(latents, self.networks), len(self.sample_prompts), path)
         return path
 
     def _ground_truth(self):
@@ -552,9 +553,9 @@ class Trainer:
         with self.ema.applied(self.generator) as g:
             g.eval()
             for prompts, z in ev.batches(self.networks.latent_shape):
-                images = to_images(g(z.to(self.device), self.networks.encoder(prompts).emb), self.networks)
+                latents = g(z.to(self.device), self.networks.encoder(prompts).emb)
                 if self.backend.is_main:
-                    ev.update(images, prompts)
+                    ev.update(to_images(latents, self.networks), prompts)
             g.train()
         if self.backend.is_main:
             metrics = ev.result(self.run_dir, self.nimg)
