@@ -122,7 +122,9 @@ def verify(folder: Path, rank: int = 0, world_size: int = 1) -> list[str]:
     problems = []
     for name in sorted(manifest)[rank::world_size]:
         expected, path = manifest[name], folder / name
-        if not path.is_file():
+        if not isinstance(expected, dict) or not path.resolve().is_relative_to(folder.resolve()):
+            problems.append(f"{MANIFEST} lists {name!r}, which is no file of this checkpoint")
+        elif not path.is_file():
             problems.append(f"{name} is missing")
         elif path.stat().st_size != expected.get("size"):
             problems.append(f"{name} has {path.stat().st_size} bytes, the manifest says {expected.get('size')}")
