@@ -256,7 +256,8 @@ def sample_teacher(teacher: nn.Module, schedule: VPSchedule, scheduler_config: d
     from diffusers import DDIMScheduler
 
     device = schedule.a.device
-    scheduler = DDIMScheduler.from_config({**scheduler_config, "clip_sample": False})
+    # fed the eps-prediction whatever the teacher predicts: a v-prediction config would read it as v
+    scheduler = DDIMScheduler.from_config({**scheduler_config, "clip_sample": False, "prediction_type": "epsilon"})
     scheduler.set_timesteps(steps)
     x = torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed)).to(device)
     cond = encoder([prompt] * n)
