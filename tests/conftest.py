@@ -48,3 +48,16 @@ def assert_same_update(trained: dict, reference: dict, initial: dict, lr: float,
     assert size >= lr * count ** 0.5 / 2, f"the reference hardly moved: rms update {size / count ** 0.5:.3g}, lr {lr}"
     assert bound <= size / 4, "the bound cannot tell a run that never stepped (error = |d|) from one that did"
     assert err <= bound, f"|d - d_ref| = {err:.4g} > {bound:.4g} (|d_ref| = {size:.4g}, {count} weights)"
+
+
+# The tiny diffusers Stable Diffusion teacher fitted (5 steps) to a 2 prompts x 2 modes GMM in a 4x4x4 latent:
+# seeded, so every test module would build the same one; built once per session and only read.
+TOY_TEACHER_GMM = dict(num_prompts=2, modes_per_prompt=2, latent_shape=[4, 4, 4])
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory):
+    from bigsid.config import GMMConfig
+    from bigsid.toy import prepare_toy_teacher
+
+    return prepare_toy_teacher(tmp_path_factory.mktemp("t") / "teacher", GMMConfig(**TOY_TEACHER_GMM), fit_steps=5)

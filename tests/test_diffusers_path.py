@@ -9,16 +9,11 @@ import torch
 from bigsid.cli import main
 from bigsid.config import ConfigError, GMMConfig, load_config
 from bigsid.models import CLIPPromptEncoder, TeacherError, UNetDenoiser, build_networks, load_diffusers_teacher, predict
-from bigsid.toy import GMM, build_toy_pipeline, fit_denoiser, prepare_toy_teacher
+from bigsid.toy import GMM, build_toy_pipeline, fit_denoiser
 from bigsid.trainer import Trainer
-from conftest import TINY_TOY
+from conftest import TINY_TOY, TOY_TEACHER_GMM
 
-GMM_CFG = GMMConfig(num_prompts=2, modes_per_prompt=2, latent_shape=[4, 4, 4])
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    return prepare_toy_teacher(tmp_path_factory.mktemp("t") / "teacher", GMM_CFG, fit_steps=5)
+GMM_CFG = GMMConfig(**TOY_TEACHER_GMM)
 
 
 def overrides(teacher_dir, run_dir, *extra):

@@ -16,13 +16,11 @@ from PIL import Image
 
 import evaluation  # noqa: F401  (first: makes torchvision importable where its operators are not)
 from bigsid.cli import main
-from bigsid.config import GMMConfig
-from bigsid.toy import byte_level_clip_tokenizer, frechet_from_stats, prepare_toy_teacher
+from bigsid.toy import byte_level_clip_tokenizer, frechet_from_stats
 from conftest import TINY_TOY
 from evaluation import clip, fid, generate
 from evaluation.settings import EvalError
 
-GMM_CFG = GMMConfig(num_prompts=2, modes_per_prompt=2, latent_shape=[4, 4, 4])
 FEATURES = 16  # the stand-in Inception's feature width
 
 
@@ -80,11 +78,6 @@ def metric_args(nets, *extra):
             f"fid.reference_stats={nets['stats']}", "clip.backend=transformers", f"clip.weights={nets['clip']}",
             "aesthetic.backend=transformers", f"aesthetic.weights={nets['clip_l14']}", f"aesthetic.head={nets['head']}",
             "num_images=6", "batch_size=4", *extra]
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    return prepare_toy_teacher(tmp_path_factory.mktemp("t") / "teacher", GMM_CFG, fit_steps=5)
 
 
 @pytest.fixture(scope="module")

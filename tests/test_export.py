@@ -19,14 +19,12 @@ from safetensors.torch import load_file, save_file
 
 from bigsid import checkpoint
 from bigsid.cli import main
-from bigsid.config import GMMConfig, load_config, to_dict
+from bigsid.config import load_config, to_dict
 from bigsid.export import (ExportError, export, load_distilled, load_generator_state, sample_latents,
                            sampling_timesteps)
 from bigsid.models import OneStepGenerator, load_diffusers_teacher
-from bigsid.toy import prepare_toy_teacher
 from conftest import TINY_TOY
 
-GMM_CFG = GMMConfig(num_prompts=2, modes_per_prompt=2, latent_shape=[4, 4, 4])
 PROMPTS = ["toy prompt 0", "toy prompt 1", "a photo of a cat"]
 U = 2.0 ** -24  # fp32 unit roundoff
 
@@ -35,11 +33,6 @@ def overrides(teacher_dir, run_dir, *extra):
     # ema_rampup=0: a 500-image half-life keeps the EMA visibly apart from the raw weights after two steps.
     return [*TINY_TOY, "teacher.kind=diffusers", f"teacher.path={teacher_dir}", f"train.run_dir={run_dir}",
             "train.batch_size=4", "train.total_nimg=8", "eval.num_samples=16", "train.ema_rampup=0", *extra]
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    return prepare_toy_teacher(tmp_path_factory.mktemp("t") / "teacher", GMM_CFG, fit_steps=5)
 
 
 @pytest.fixture(scope="module")
