@@ -203,8 +203,11 @@ def build_networks(cfg: Config) -> Networks:
         # seeds torch with train.seed first, so `bigsid eval` rebuilds the same fitted teacher the run trained with.
         student = toy.MLPDenoiser(truth.dim, len(truth.prompts) + 1, cfg.teacher.student_width,
                                   cfg.teacher.student_depth)
-        toy.fit_denoiser(student, encoder, truth, schedule, steps=cfg.teacher.student_fit_steps,
-                         seed=cfg.train.seed)
+        fit = toy.fit_denoiser(student, encoder, truth, schedule, steps=cfg.teacher.student_fit_steps,
+                               seed=cfg.train.seed)
+        # the fit's own loss; how far its sampler is from the exact denoiser's is checked at the first evaluation
+        log.info("toy teacher fitted to the exact denoiser: final v mse %.4g after %d steps", fit,
+                 cfg.teacher.student_fit_steps)
         teacher = toy.GMMDenoiser(truth, schedule) if cfg.teacher.gmm_teacher == "exact" else student
         vae, shape, vocabulary = None, tuple(truth.latent_shape), truth.prompts
         scheduler_config = dict(SD_SCHEDULER_CONFIG)
