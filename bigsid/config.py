@@ -52,12 +52,16 @@ class TeacherConfig:
     student_depth: int = 3
     student_fit_steps: int = 1500
     prediction_type: str = ""  # override the scheduler config's prediction_type; "" keeps it
+    # T5 tokens per prompt (pixart, sd3); 0: the stock pipeline's (PixArt-alpha 120, PixArt-Sigma 300, SD3 256)
+    text_max_length: int = 0
 
 
 @dataclass
 class GeneratorConfig:
-    # The generator sees sqrt(1 - abar_t_init) * z at t_init and returns its x0-prediction (SiD-LSG: 625,
-    # where the VE sigma of the SD schedule is 2.5, EDM's sigma_init).
+    # The generator sees s_t_init * z at grid time t_init and returns its x0-prediction (bigsid/diffusion.py). On a
+    # VP teacher s = sqrt(1 - abar): SiD-LSG's 625 is where SD's schedule has VE sigma s/a = 2.5 (EDM's sigma_init;
+    # SIM's "2.5 z at sigma 2.5"); other beta schedules reach 2.5 elsewhere (PixArt's linear betas: 440). A flow
+    # teacher starts from pure noise at 999 (x_t = z), where its own sampler starts.
     t_init: int = 625
     steps: int = 1  # > 1: a few-step generator (see models.OneStepGenerator); each iteration trains a random prefix
     # LoRA: train a peft adapter of this rank on the generator's UNet instead of all its weights (0: full).
@@ -189,7 +193,7 @@ class Config:
 CHOICES = {
     "teacher.kind": ("toy_gmm", "diffusers"),
     "teacher.gmm_teacher": ("fitted", "exact"),
-    "teacher.prediction_type": ("", "epsilon", "v_prediction", "sample"),
+    "teacher.prediction_type": ("", "epsilon", "v_prediction", "sample", "flow"),
     "objective.name": ("sid", "sim", "dmd"),
     "objective.sim_distance": ("pseudo_huber", "l2"),
     "objective.sim_c_units": ("x0", "score"),
@@ -302,6 +306,8 @@ def validate(cfg: Config, check_data: bool = True) -> Config:
     for key, choices in CHOICES.items():
         _check(flat[key] in choices, key, "one of " + ", ".join(repr(c) for c in choices), flat[key])
     o, t, tr, g = cfg.objective, cfg.teacher, cfg.train, cfg.teacher.gmm
+    _check(cfg.teacher.text_max_length >= 0, "teacher.text_max_length", ">= 0 (0: the pipeline's own)",
+           cfg.teacher.text_max_length)
     _check(0 <= o.t_min < o.t_max <= 999, "objective.t_min/t_max", "0 <= t_min < t_max <= 999",
            (o.t_min, o.t_max))
     _check(cfg.generator.lora_rank >= 0 and cfg.generator.lora_alpha >= 0, "generator.lora_rank/lora_alpha",

@@ -1,7 +1,15 @@
-"""VP diffusion maths on whole batches: x_t = a_t * x0 + s_t * eps with a_t = sqrt(abar_t), s_t = sqrt(1 - abar_t).
+"""Noise schedules on whole batches: x_t = a_t * x0 + s_t * eps on an integer time grid t in [0, N).
 
-The schedule comes from the teacher's own diffusers scheduler config, so teacher, generator and fake score
-agree with the network that was pretrained on it. Every conversion is closed form over the batch.
+Two families share every formula the objectives use:
+- VP (DDPM-family teachers: SD 1.x/2.x, SDXL, PixArt): a_t = sqrt(abar_t), s_t = sqrt(1 - abar_t); the network is
+  called at the integer t.
+- Rectified flow (SD3-class teachers): x_t = (1 - sigma) x0 + sigma eps, so a_t = 1 - sigma_t, s_t = sigma_t, with
+  sigma_t = shift * u / (1 + (shift - 1) * u) at u = (t + 1) / N, the grid and shift of the teacher's
+  FlowMatchEulerDiscreteScheduler; the network is called at its training timestep sigma_t * N.
+The integer grid keeps one meaning for every time setting: t_min/t_max and the generator's t_init index the
+teacher's own training timesteps on both (t = N - 1 is pure noise for a flow teacher, x_t = eps). SiD's weights
+are written in x0 terms (w = 1 / mean|x_gen - f_phi|, SIM's k = a_t / s_t^2, EDM's sigma = s_t / a_t), so they
+carry over without change. The schedule comes from the teacher's own diffusers scheduler config.
 """
 
 from __future__ import annotations
@@ -11,8 +19,10 @@ from diffusers import DDPMScheduler
 
 SUPPORTED_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler",
                         "EulerAncestralDiscreteScheduler", "LMSDiscreteScheduler", "DPMSolverMultistepScheduler",
-                        "UniPCMultistepScheduler", "HeunDiscreteScheduler", "LCMScheduler")
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+                        "UniPCMultistepScheduler", "HeunDiscreteScheduler", "LCMScheduler",
+                        "FlowMatchEulerDiscreteScheduler")
+# flow: the rectified-flow velocity u = dx_t/dsigma = eps - x0 (what diffusers' flow transformers predict)
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 
 
 class ScheduleError(ValueError):
@@ -26,36 +36,42 @@ SD_SCHEDULER_CONFIG = {
 }
 
 
-class VPSchedule(torch.nn.Module):
-    """Discrete-time VP schedule indexed by integer t in [0, num_train_timesteps)."""
+class Schedule(torch.nn.Module):
+    """x_t = a_t x0 + s_t eps at integer t; conversions between the parameterisations, t draws, network times."""
 
-    def __init__(self, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon"):
+    kind: str
+    prediction_types: tuple[str, ...]
+
+    def __init__(self, a: torch.Tensor, s: torch.Tensor, timesteps: torch.Tensor, prediction_type: str):
         super().__init__()
-        if prediction_type not in PREDICTION_TYPES:
-            raise ScheduleError(f"prediction_type {prediction_type!r} is not one of {PREDICTION_TYPES}")
+        if prediction_type not in self.prediction_types:
+            raise ScheduleError(f"prediction_type {prediction_type!r} does not go with a {self.kind} schedule: "
+                                f"one of {self.prediction_types}")
         self.prediction_type = prediction_type
-        abar = alphas_cumprod.double()
-        self.register_buffer("a", abar.sqrt().float(), persistent=False)
-        self.register_buffer("s", (1 - abar).sqrt().float(), persistent=False)
+        self.register_buffer("a", a.float(), persistent=False)
+        self.register_buffer("s", s.float(), persistent=False)
+        self.register_buffer("timesteps", timesteps, persistent=False)
 
     @classmethod
-    def from_scheduler_config(cls, config: dict, prediction_type: str = "") -> "VPSchedule":
+    def from_scheduler_config(cls, config: dict, prediction_type: str = "") -> "Schedule":
+        """The schedule of a teacher's diffusers scheduler config: rectified flow for FlowMatchEulerDiscreteScheduler,
+        VP for the DDPM family."""
         name = config.get("_class_name", "DDPMScheduler")
         if name not in SUPPORTED_SCHEDULERS:
             raise ScheduleError(f"scheduler {name} is not supported: bigsid needs a discrete-time VP (DDPM-family) "
-                                f"schedule, one of {', '.join(SUPPORTED_SCHEDULERS)}")
-        if config.get("timestep_type", "discrete") != "discrete" or config.get("use_karras_sigmas") \
-                or config.get("beta_schedule", "linear") not in ("linear", "scaled_linear", "squaredcos_cap_v2"):
-            raise ScheduleError(f"scheduler config {name} with beta_schedule={config.get('beta_schedule')!r} is not a "
-                                "discrete VP schedule bigsid can reproduce")
-        # Only the betas matter for the forward process; clip_sample would clamp latents, so force it off.
-        keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
-        ddpm = DDPMScheduler(**{k: config[k] for k in keys if config.get(k) is not None}, clip_sample=False)
-        return cls(ddpm.alphas_cumprod, prediction_type or config.get("prediction_type", "epsilon"))
+                                f"or a rectified-flow schedule, one of {', '.join(SUPPORTED_SCHEDULERS)}")
+        kind = FlowSchedule if name == "FlowMatchEulerDiscreteScheduler" else VPSchedule
+        if cls is not Schedule and kind is not cls:
+            raise ScheduleError(f"scheduler {name} is a {kind.kind} schedule, not {cls.kind}")
+        return kind._from_config(config, prediction_type)
 
     @property
     def num_timesteps(self) -> int:
         return self.a.numel()
+
+    def timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """The time the network was trained to be called at, for grid times t."""
+        return self.timesteps[t]
 
     def coeffs(self, t: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
         """a_t, s_t for integer timesteps t[B], shaped to broadcast against a [B, ...] tensor of `ndim` dims."""
@@ -67,23 +83,77 @@ class VPSchedule(torch.nn.Module):
         return a * x0 + s * eps
 
     def convert(self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, src: str, dst: str) -> torch.Tensor:
-        """Convert a network output between epsilon, v_prediction and sample (x0) parameterisations."""
+        """Convert a network output between epsilon, v_prediction (v = a eps - s x0), flow (u = eps - x0) and
+        sample (x0), from x_t = a x0 + s eps alone: the formulas hold on both schedules (a^2 + s^2 = 1 on VP, a + s
+        = 1 on flow, but neither is assumed), and none divides by a_t unless the network predicts eps."""
         if src == dst:
             return pred
         a, s = self.coeffs(t, x_t.ndim)
+        # float64 callers (tests, exact references) get float64 arithmetic on the same coefficient values
+        a, s = (c.to(torch.promote_types(c.dtype, x_t.dtype)) for c in (a, s))
         if src == "epsilon":
             x0 = (x_t - s * pred) / a
         elif src == "v_prediction":
-            x0 = a * x_t - s * pred
+            x0 = (a * x_t - s * pred) / (a.square() + s.square())
+        elif src == "flow":
+            x0 = (x_t - s * pred) / (a + s)
         else:
             x0 = pred
         if dst == "sample":
             return x0
-        eps = (x_t - a * x0) / s if src != "epsilon" else pred
+        eps = pred if src == "epsilon" else (x_t - a * x0) / s
         if dst == "epsilon":
             return eps
-        return a * eps - s * x0  # v = a * eps - s * x0
+        return a * eps - s * x0 if dst == "v_prediction" else eps - x0
 
     def sample_t(self, n: int, t_min: int, t_max: int, device, generator: torch.Generator | None = None):
-        """t ~ U{t_min..t_max}, the discrete uniform the SiD-LSG and DMD code use."""
+        """t ~ U{t_min..t_max}, the discrete uniform the SiD-LSG and DMD code use (for a flow teacher, uniform over
+        its shifted training grid, which is where its own training put the most weight)."""
         return torch.randint(t_min, t_max + 1, (n,), device=device, generator=generator)
+
+    def nearest_t(self, sigma: float) -> int:
+        """The grid time whose VE noise level s_t / a_t is closest to `sigma` (SIM's "generator input at sigma
+        2.5" on any schedule)."""
+        ve = (self.s / self.a.clamp_min(1e-12)).double()
+        return int((ve - sigma).abs().argmin())
+
+
+class VPSchedule(Schedule):
+    """Discrete-time VP schedule (DDPM family)."""
+
+    kind = "VP"
+    prediction_types = ("epsilon", "v_prediction", "sample")
+
+    @classmethod
+    def _from_config(cls, config: dict, prediction_type: str) -> "VPSchedule":
+        name = config.get("_class_name", "DDPMScheduler")
+        if config.get("timestep_type", "discrete") != "discrete" or config.get("use_karras_sigmas") \
+                or config.get("beta_schedule", "linear") not in ("linear", "scaled_linear", "squaredcos_cap_v2"):
+            raise ScheduleError(f"scheduler config {name} with beta_schedule={config.get('beta_schedule')!r} is not a "
+                                "discrete VP schedule bigsid can reproduce")
+        # Only the betas matter for the forward process; clip_sample would clamp latents, so force it off.
+        keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
+        ddpm = DDPMScheduler(**{k: config[k] for k in keys if config.get(k) is not None}, clip_sample=False)
+        abar = ddpm.alphas_cumprod.double()
+        return cls(abar.sqrt(), (1 - abar).sqrt(), torch.arange(abar.numel()),
+                   prediction_type or config.get("prediction_type", "epsilon"))
+
+
+class FlowSchedule(Schedule):
+    """Rectified flow with the teacher's static timestep shift (SD3: 3.0)."""
+
+    kind = "rectified-flow"
+    prediction_types = ("flow", "sample")
+
+    @classmethod
+    def _from_config(cls, config: dict, prediction_type: str) -> "FlowSchedule":
+        # resolution-dependent shifts (FLUX) and remapped sigma grids change sigma per image size or per sampler:
+        # not a fixed training schedule this engine can index
+        if config.get("use_dynamic_shifting") or any(config.get(k) for k in (
+                "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "shift_terminal", "invert_sigmas")):
+            raise ScheduleError("FlowMatchEulerDiscreteScheduler with dynamic shifting or a remapped sigma grid is "
+                                "not supported: bigsid needs the static-shift rectified flow of SD3-class teachers")
+        n, shift = int(config.get("num_train_timesteps", 1000)), float(config.get("shift", 1.0))
+        u = torch.arange(1, n + 1, dtype=torch.float64) / n
+        sigma = shift * u / (1 + (shift - 1) * u)
+        return cls(1 - sigma, sigma, (sigma * n).float(), prediction_type or "flow")

@@ -24,7 +24,9 @@ import torch
 from safetensors.torch import load_file
 
 from bigsid import checkpoint
-from bigsid.models import CLIPPromptEncoder, OneStepGenerator, load_diffusers_teacher, lora_config
+from bigsid.families import load_teacher
+from bigsid.models import OneStepGenerator, lora_config
+from bigsid.text import Cond, PromptEncoder
 from bigsid.parallel import deepspeed as deepspeed_layout
 
 STOCK_PIPELINES = ("StableDiffusionPipeline",)  # SD 1.x / 2.x: the teachers bigsid distills
@@ -131,12 +133,12 @@ def sampling_timesteps(scheduler, steps: int) -> list[int]:
 
 
 @torch.no_grad()
-def sample_latents(generator: OneStepGenerator, z: torch.Tensor, emb: torch.Tensor,
+def sample_latents(generator: OneStepGenerator, z: torch.Tensor, cond: Cond,
                    timesteps: list[int]) -> torch.Tensor:
     """bigsid's sampler at the exported scheduler's timesteps: the generator's own chain (OneStepGenerator)."""
     if timesteps != generator.timesteps(len(timesteps)):
         raise ExportError(f"timesteps {timesteps} are not the generator's chain {generator.timesteps(len(timesteps))}")
-    return generator(z, emb, chain=len(timesteps))
+    return generator(z, cond, chain=len(timesteps))
 
 
 @dataclass
@@ -144,7 +146,7 @@ class Distilled:
     """A checkpoint's generator ready to sample, with what the export and its model card need."""
 
     generator: OneStepGenerator
-    encoder: CLIPPromptEncoder
+    encoder: PromptEncoder
     vae: torch.nn.Module
     scheduler: object  # one_step_scheduler: the stock pipeline's convention for this generator
     teacher: str
@@ -197,11 +199,12 @@ def load_distilled(source: str | Path, ema: bool = True, teacher: str | None = N
     revision = "" if teacher else config["teacher"]["revision"]
     _check_teacher_family(path, revision)
     weights = load_generator_state(folder, ema)
-    net, schedule, encoder, vae, scheduler_config = load_diffusers_teacher(path, revision,
-                                                                           config["teacher"]["prediction_type"])
+    loaded = load_teacher(path, revision, config["teacher"]["prediction_type"],
+                          config["teacher"].get("text_max_length", 0))
+    net, schedule, encoder, vae = loaded.denoiser, loaded.schedule, loaded.encoder, loaded.vae
     lora = lora_config(config)
     if lora is not None:
-        net.unet.add_adapter(lora)
+        net.network.add_adapter(lora)
     generator = OneStepGenerator(net, schedule, config["generator"]["t_init"], config["generator"].get("steps", 1))
     expected = generator.state_dict()
     _check_fit(weights, expected, path)
@@ -210,7 +213,7 @@ def load_distilled(source: str | Path, ema: bool = True, teacher: str | None = N
                                                if "lora_" not in k)
     generator.load_state_dict(weights)
     generator.requires_grad_(False).eval()
-    scheduler = one_step_scheduler(scheduler_config, generator.t_init, schedule.prediction_type)
+    scheduler = one_step_scheduler(loaded.scheduler_config, generator.t_init, schedule.prediction_type)
     return Distilled(generator, encoder, vae.eval(), scheduler, path, revision, lora, lora_on_teacher, folder, state,
                      ema)
 
@@ -255,7 +258,7 @@ def export(source: str | Path, out: str | Path, ema: bool = True, teacher: str |
         raise ExportError(f"{d.folder}: weights outside the LoRA adapter differ from the teacher's, so the adapter "
                           "alone would not reproduce the generator; export with --fuse-lora")
     partial = _output_folder(out, force, [d.folder] + ([Path(d.teacher)] if Path(d.teacher).exists() else []))
-    unet = d.generator.net.unet
+    unet = d.generator.net.network
     if as_lora:
         from peft.utils import get_peft_model_state_dict
 
@@ -270,8 +273,7 @@ def export(source: str | Path, out: str | Path, ema: bool = True, teacher: str |
             unet.fuse_lora()
             unet.unload_lora()
         pipe = StableDiffusionPipeline.from_pretrained(
-            d.teacher, revision=d.revision or None, unet=unet, scheduler=d.scheduler, vae=d.vae,
-            text_encoder=d.encoder.text_encoder, tokenizer=d.encoder.tokenizer)
+            d.teacher, revision=d.revision or None, unet=unet, scheduler=d.scheduler, vae=d.vae)
         pipe.save_pretrained(partial, safe_serialization=True)
     model_card(d, out, timesteps, as_lora).save(partial / CARD)
     _replace(partial, out)
@@ -457,7 +459,7 @@ def sample(model: str | Path, prompts: list[str], out: str | Path, seeds: int = 
         pipe = _stock_pipeline(model).to(device)
         steps = 1 if steps is None else steps
         sampling_timesteps(pipe.scheduler, steps)
-        unet = pipe.unet
+        unet = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
 
         def generate(batch: list[str], z: torch.Tensor) -> list:
             return pipe(batch, latents=z, num_inference_steps=steps, guidance_scale=0).images
@@ -466,10 +468,10 @@ def sample(model: str | Path, prompts: list[str], out: str | Path, seeds: int = 
         for module in (d.generator, d.encoder, d.vae):
             module.to(device)
         timesteps = sampling_timesteps(d.scheduler, d.generator.steps if steps is None else steps)
-        unet = d.generator.net.unet
+        unet = d.generator.net.network
 
         def generate(batch: list[str], z: torch.Tensor) -> list:
-            latents = sample_latents(d.generator, z, d.encoder(batch).emb, timesteps)
+            latents = sample_latents(d.generator, z, d.encoder(batch), timesteps)
             decoded = d.vae.decode(latents / d.vae.config.scaling_factor).sample
             return VaeImageProcessor().postprocess(decoded, output_type="pil")  # as the stock pipeline does
 

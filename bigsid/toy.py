@@ -27,7 +27,8 @@ from torch import nn
 
 from bigsid.config import GMMConfig
 from bigsid.diffusion import SD_SCHEDULER_CONFIG, VPSchedule
-from bigsid.models import Cond, predict
+from bigsid.models import predict
+from bigsid.text import Cond
 
 TRUTH_FILE = "bigsid_toy.json"
 log = logging.getLogger("bigsid.toy")
@@ -110,10 +111,10 @@ class GMMDenoiser(nn.Module):
         self.truth = truth
         self.schedule = schedule
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         a, s = self.schedule.coeffs(t, 2)
         x0 = self.truth.posterior_mean(x_t.flatten(1).to(torch.promote_types(x_t.dtype, torch.float32)), a, s,
-                                       emb.argmax(-1))
+                                       cond.emb.argmax(-1))
         return x0.view_as(x_t).to(x_t.dtype)
 
 
@@ -131,7 +132,7 @@ class VocabEncoder(nn.Module):
         if unknown:
             raise ValueError(f"prompts {unknown[:3]} are not in the toy vocabulary {self.prompts}")
         index = torch.tensor([lookup[p] for p in prompts], device=self.uncond.device)
-        return Cond(nn.functional.one_hot(index, len(self.prompts) + 1).float(), self.uncond)
+        return Cond(nn.functional.one_hot(index, len(self.prompts) + 1).float(), uncond=Cond(self.uncond))
 
 
 class MLPDenoiser(nn.Module):
@@ -155,9 +156,9 @@ class MLPDenoiser(nn.Module):
             d_in = width
         self.body = nn.Sequential(*layers, nn.Linear(width, dim))
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         phase = (t.float() / 1000)[:, None] * self.freqs[None]
-        h = torch.cat([x_t.flatten(1), phase.sin(), phase.cos(), emb.to(x_t.dtype)], dim=1)
+        h = torch.cat([x_t.flatten(1), phase.sin(), phase.cos(), cond.emb.to(x_t.dtype)], dim=1)
         return self.body(h).view_as(x_t)
 
 
@@ -175,7 +176,7 @@ def fit_denoiser(net: nn.Module, encoder: nn.Module, truth: GMM, schedule: VPSch
     exact, prompts = GMMDenoiser(truth, schedule), truth.prompts + [""]
     one_hot = torch.eye(len(prompts))
     with torch.no_grad():
-        table = encoder(prompts).emb  # text is encoded once; each step indexes it
+        table = encoder(prompts)  # text is encoded once; each step indexes it
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
@@ -186,8 +187,9 @@ def fit_denoiser(net: nn.Module, encoder: nn.Module, truth: GMM, schedule: VPSch
         t = torch.randint(0, schedule.num_timesteps, (batch,), generator=gen)
         x_t = schedule.add_noise(x0, torch.randn(x0.shape, generator=gen), t)
         with torch.no_grad():
-            target = predict(exact, schedule, x_t, t, Cond(one_hot[index], one_hot[-1:]), out="v_prediction")
-        cond = Cond(table[index], table[-1:])
+            target = predict(exact, schedule, x_t, t, Cond(one_hot[index], uncond=Cond(one_hot[-1:])),
+                             out="v_prediction")
+        cond = table[index]
         loss = (predict(net, schedule, x_t, t, cond, out="v_prediction") - target).square().mean()
         loss.backward()
         opt.step()
@@ -245,7 +247,7 @@ def sample_generator(generator: nn.Module, encoder: nn.Module, prompt: str, n: i
     for start in range(0, n, batch):
         m = min(batch, n - start)
         z = torch.randn(m, *shape, generator=gen).to(device)
-        out.append(generator(z, encoder([prompt] * m).emb).float().cpu())
+        out.append(generator(z, encoder([prompt] * m)).float().cpu())
     return torch.cat(out)
 
 
@@ -443,7 +445,8 @@ def build_toy_pipeline(truth: GMM, seed: int = 0):
 
 def prepare_toy_teacher(folder: str | Path, gmm: GMMConfig, fit_steps: int = 3000, seed: int = 0) -> Path:
     """Fit a tiny SD pipeline's UNet to the exact GMM denoiser and save it as a diffusers folder with its truth."""
-    from bigsid.models import CLIPPromptEncoder, UNetDenoiser
+    from bigsid.families import UNetDenoiser
+    from bigsid.text import CLIPPromptEncoder
 
     folder = Path(folder)
     truth = GMM.from_config(gmm)

@@ -315,7 +315,7 @@ class Trainer:
 
         def micro_loss(i):
             with torch.no_grad():
-                x_gen = self.generator.inner(z[i], cond[i].emb, self.k)
+                x_gen = self.generator.inner(z[i], cond[i], self.k)
             return self.objective.fake_score_loss(self.fake_score.module, x_gen, cond[i], t[i], eps[i])
 
         return self._accumulate(self.fake_score, micro_loss, "fake_score", backward_in_autocast=False)
@@ -326,7 +326,7 @@ class Trainer:
         # the fake score stays frozen through the backward, which runs through its input
         with self.fake_score.frozen() as fake_score:
             def micro_loss(i):
-                x_gen = self.generator.module(z[i], cond[i].emb, self.k)
+                x_gen = self.generator.module(z[i], cond[i], self.k)
                 return self.objective.generator_loss(self.teacher, fake_score, x_gen, cond[i], t[i], eps[i])
 
             return self._accumulate(self.generator, micro_loss, "generator", backward_in_autocast=True)
@@ -496,7 +496,7 @@ class Trainer:
         gen = torch.Generator().manual_seed(0)
         z = torch.randn(len(prompts), *self.networks.latent_shape, generator=gen).to(self.device)
         with self.ema.applied(self.generator) as g:
-            latents = g(z, self.networks.encoder(prompts).emb)
+            latents = g(z, self.networks.encoder(prompts))
         path = self.run_dir / "samples" / f"step-{self.step:09d}.png"
         if self.backend.is_main:  # every rank ran the generator (it may be sharded); one decodes
             save_grid(to_images(latents, self.networks), len(self.sample_prompts), path)
@@ -553,7 +553,7 @@ class Trainer:
         with self.ema.applied(self.generator) as g:
             g.eval()
             for prompts, z in ev.batches(self.networks.latent_shape):
-                latents = g(z.to(self.device), self.networks.encoder(prompts).emb)
+                latents = g(z.to(self.device), self.networks.encoder(prompts))
                 if self.backend.is_main:
                     ev.update(to_images(latents, self.networks), prompts)
             g.train()

@@ -58,13 +58,13 @@ def _generator(path: Path, settings: EvalSettings, device: torch.device) -> Sour
         for module in (d.generator, d.encoder, d.vae):
             module.to(device)
         timesteps = export.sampling_timesteps(d.scheduler, d.generator.steps)
-        unet = d.generator.net.unet.config
+        unet = d.generator.net.network.config
         shape = (unet.in_channels, unet.sample_size, unet.sample_size)
 
         @torch.no_grad()
         def generate(prompts: list[str], seeds: list[int]) -> list:
             z = noise(shape, seeds).to(device)
-            latents = export.sample_latents(d.generator, z, d.encoder(prompts).emb, timesteps)
+            latents = export.sample_latents(d.generator, z, d.encoder(prompts), timesteps)
             decoded = d.vae.decode(latents / d.vae.config.scaling_factor).sample
             return VaeImageProcessor().postprocess(decoded, output_type="pil")  # as the stock pipeline does
         return generate
@@ -80,7 +80,7 @@ def _stock(pipe, steps: int, guidance: float, device: torch.device):
     """generate() of a stock diffusers pipeline, called on the noise of each seed."""
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
-    unet = pipe.unet.config
+    unet = (pipe.unet if hasattr(pipe, "unet") else pipe.transformer).config
     shape = (unet.in_channels, unet.sample_size, unet.sample_size)
 
     @torch.no_grad()

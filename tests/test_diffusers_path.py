@@ -8,7 +8,9 @@ import torch
 
 from bigsid.cli import main
 from bigsid.config import ConfigError, GMMConfig, load_config
-from bigsid.models import CLIPPromptEncoder, TeacherError, UNetDenoiser, build_networks, load_diffusers_teacher, predict
+from bigsid.families import FAMILIES, TeacherError, UNetDenoiser, load_teacher
+from bigsid.models import build_networks, predict
+from bigsid.text import CLIPPromptEncoder, Cond
 from bigsid.toy import GMM, build_toy_pipeline, fit_denoiser
 from bigsid.trainer import Trainer
 from conftest import TINY_TOY, TOY_TEACHER_GMM
@@ -22,10 +24,11 @@ def overrides(teacher_dir, run_dir, *extra):
 
 
 def test_teacher_loads_with_from_pretrained_and_keeps_its_truth(teacher_dir):
-    unet, schedule, encoder, vae, scheduler_config = load_diffusers_teacher(str(teacher_dir))
-    assert isinstance(unet, UNetDenoiser) and unet.prediction_type == "epsilon"
-    assert scheduler_config["beta_schedule"] == "scaled_linear"
-    assert encoder.uncond.shape == (1, encoder.max_length, 32)
+    teacher = load_teacher(str(teacher_dir))
+    assert teacher.family is FAMILIES["sd"]
+    assert isinstance(teacher.denoiser, UNetDenoiser) and teacher.denoiser.prediction_type == "epsilon"
+    assert teacher.scheduler_config["beta_schedule"] == "scaled_linear"
+    assert teacher.encoder(["a"]).uncond.emb.shape == (1, teacher.encoder.max_length, 32)
     nets = build_networks(load_config(None, overrides(teacher_dir, "unused")))
     assert nets.latent_shape == (4, 4, 4) and nets.vocabulary == ["toy prompt 0", "toy prompt 1"]
     assert nets.generator.net is not nets.teacher and nets.fake_score is not nets.teacher
@@ -46,14 +49,15 @@ def test_distillation_steps_run_on_the_diffusers_path_in_bf16(teacher_dir, tmp_p
 
 
 def test_v_prediction_teacher(teacher_dir, tmp_path):
-    unet, schedule, _, _, _ = load_diffusers_teacher(str(teacher_dir), prediction_type="v_prediction")
+    teacher = load_teacher(str(teacher_dir), prediction_type="v_prediction")
+    unet, schedule = teacher.denoiser, teacher.schedule
     assert unet.prediction_type == "v_prediction" == schedule.prediction_type
     x_t, t, emb = torch.randn(2, 4, 4, 4), torch.tensor([100, 900]), torch.randn(2, 32, 32)
-    from bigsid.models import Cond
+    cond = Cond(emb, uncond=Cond(emb[:1]))
 
     with torch.no_grad():
-        raw = unet(x_t, t, emb)
-        x0 = predict(unet, schedule, x_t, t, Cond(emb, emb[:1]))
+        raw = unet(x_t, t, cond)
+        x0 = predict(unet, schedule, x_t, t, cond)
     a, s = schedule.coeffs(t, 4)
     torch.testing.assert_close(x0, a * x_t - s * raw)
 
@@ -72,9 +76,9 @@ def test_fitting_to_the_truth_lowers_the_teacher_error():
 
 
 def test_long_prompts_are_truncated_and_said_once(teacher_dir, caplog):
-    _, _, encoder, _, _ = load_diffusers_teacher(str(teacher_dir))
+    encoder = load_teacher(str(teacher_dir)).encoder
     long = "a very long prompt " * 20
-    with caplog.at_level(logging.WARNING, logger="bigsid.models"):
+    with caplog.at_level(logging.WARNING, logger="bigsid.text"):
         a = encoder([long, "x"])
         encoder([long])
     assert a.emb.shape == (2, encoder.max_length, 32)
@@ -85,8 +89,8 @@ def test_bad_teacher_folders_are_refused_clearly(tmp_path, capsys):
     with pytest.raises(ConfigError, match="no such folder"):
         load_config(None, ["teacher.kind=diffusers", f"teacher.path={tmp_path / 'missing'}"])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(TeacherError, match="scheduler config"):
-        load_diffusers_teacher(str(tmp_path / "empty"))
+    with pytest.raises(TeacherError, match="model_index.json"):
+        load_teacher(str(tmp_path / "empty"))
     assert main(["train", "-", "teacher.kind=diffusers", f"teacher.path={tmp_path / 'missing'}"]) == 2
     assert "teacher.path" in capsys.readouterr().err
 

@@ -2,8 +2,9 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from bigsid.diffusion import SD_SCHEDULER_CONFIG, ScheduleError, VPSchedule
-from bigsid.models import Cond, predict
+from bigsid.diffusion import SD_SCHEDULER_CONFIG, FlowSchedule, Schedule, ScheduleError, VPSchedule
+from bigsid.models import predict
+from bigsid.text import Cond
 
 SCHEDULE = VPSchedule.from_scheduler_config(SD_SCHEDULER_CONFIG)
 
@@ -17,23 +18,53 @@ def test_schedule_matches_diffusers_and_is_variance_preserving():
     assert (SCHEDULE.s[625] / SCHEDULE.a[625]).item() == pytest.approx(2.50, abs=0.01)
 
 
-@pytest.mark.parametrize("src", ["epsilon", "v_prediction", "sample"])
-@pytest.mark.parametrize("dst", ["epsilon", "v_prediction", "sample"])
-def test_conversions_invert(src, dst):
+FLOW = FlowSchedule.from_scheduler_config({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0})
+
+
+def test_flow_schedule_matches_diffusers():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    ref = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    # diffusers builds its sigmas in float32 from float32 grid points (a few roundings of 2^-24 each); 1e-6 relative
+    torch.testing.assert_close(FLOW.s.flip(0), ref.sigmas.float(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(FLOW.timestep(torch.arange(1000)).flip(0), ref.timesteps.float(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(FLOW.a + FLOW.s, torch.ones(1000))
+    assert FLOW.s[999] == 1 and FLOW.a[999] == 0  # t = N - 1 is pure noise: x_t = eps
+
+
+CASES = [(SCHEDULE, src, dst) for src in ("epsilon", "v_prediction", "sample")
+         for dst in ("epsilon", "v_prediction", "sample", "flow")]
+CASES += [(FLOW, src, dst) for src in ("flow", "sample") for dst in ("epsilon", "v_prediction", "sample", "flow")]
+
+
+@pytest.mark.parametrize("schedule,src,dst", CASES, ids=[f"{s.kind}-{a}-{b}" for s, a, b in CASES])
+def test_conversions_invert(schedule, src, dst):
     gen = torch.Generator().manual_seed(0)
-    x0, eps = torch.randn(64, 4, 3, 3, generator=gen), torch.randn(64, 4, 3, 3, generator=gen)
-    t = torch.randint(0, 1000, (64,), generator=gen)
-    x_t = SCHEDULE.add_noise(x0, eps, t)
-    a, s = SCHEDULE.coeffs(t, 4)
-    truth = {"epsilon": eps, "sample": x0, "v_prediction": a * eps - s * x0}
-    torch.testing.assert_close(SCHEDULE.convert(truth[src], x_t, t, src, dst), truth[dst], rtol=1e-4, atol=2e-4)
+    x0, eps = (torch.randn(256, 4, 3, 3, generator=gen, dtype=torch.float64) for _ in range(2))
+    t = torch.cat([torch.tensor([0, schedule.num_timesteps - 1]), torch.randint(0, 1000, (254,), generator=gen)])
+    a, s = (c.double() for c in schedule.coeffs(t, 4))
+    x_t = a * x0 + s * eps
+    truth = {"epsilon": eps, "sample": x0, "v_prediction": a * eps - s * x0, "flow": eps - x0}
+    # float64: each side is a handful (< 12) of operations on values of size at most M = (|x0| + |eps|) / min(a, s)
+    # over the tested times (the conversions divide by a only from eps, by s to eps), each rounding within 2^-53 of
+    # its result; 24 roundings of M bound the difference.
+    floor = torch.minimum(a, s) if src == "epsilon" or dst in ("epsilon", "v_prediction", "flow") else torch.ones_like(a)
+    bound = 24 * 2.0 ** -53 * (x0.abs() + eps.abs()) / floor
+    err = (schedule.convert(truth[src], x_t, t, src, dst) - truth[dst]).abs()
+    assert (err <= bound).all(), f"off by {(err / bound).max():.3g} bounds"
 
 
 def test_unsupported_schedulers_are_refused_with_the_reason():
-    with pytest.raises(ScheduleError, match="FlowMatchEulerDiscreteScheduler is not supported"):
+    with pytest.raises(ScheduleError, match="ScoreSdeVeScheduler is not supported"):
+        Schedule.from_scheduler_config({"_class_name": "ScoreSdeVeScheduler"})
+    with pytest.raises(ScheduleError, match="rectified-flow schedule, not VP"):
         VPSchedule.from_scheduler_config({"_class_name": "FlowMatchEulerDiscreteScheduler"})
+    with pytest.raises(ScheduleError, match="dynamic shifting"):  # FLUX's resolution-dependent shift
+        Schedule.from_scheduler_config({"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": True})
     with pytest.raises(ScheduleError, match="prediction_type"):
         VPSchedule.from_scheduler_config(SD_SCHEDULER_CONFIG, "flow")
+    with pytest.raises(ScheduleError, match="prediction_type"):
+        FLOW.from_scheduler_config({"_class_name": "FlowMatchEulerDiscreteScheduler"}, "epsilon")
     clipped = VPSchedule.from_scheduler_config({**SD_SCHEDULER_CONFIG, "clip_sample": True})
     torch.testing.assert_close(clipped.a, SCHEDULE.a)  # clip_sample never reaches the maths
 
@@ -51,25 +82,25 @@ class Linear(torch.nn.Module):
         super().__init__()
         self.calls = 0
 
-    def forward(self, x_t, t, emb):
+    def forward(self, x_t, t, cond):
         self.calls += 1
-        return 0.5 * x_t + emb.view(-1, 1, 1, 1)
+        return 0.5 * x_t + cond.emb.view(-1, 1, 1, 1)
 
 
 def test_guidance_is_cfg_in_eps_space_in_one_batched_call():
     net = Linear()
     gen = torch.Generator().manual_seed(0)
     x_t, t = torch.randn(8, 4, 2, 2, generator=gen), torch.randint(20, 980, (8,), generator=gen)
-    cond = Cond(torch.randn(8, 1, generator=gen), torch.full((1, 1), -0.3))
+    cond = Cond(torch.randn(8, 1, generator=gen), uncond=Cond(torch.full((1, 1), -0.3)))
     guided = predict(net, SCHEDULE, x_t, t, cond, guidance=4.5)
     assert net.calls == 1
     eps_c = predict(net, SCHEDULE, x_t, t, cond, out="epsilon")
-    eps_u = predict(net, SCHEDULE, x_t, t, Cond(cond.uncond.expand(8, 1), cond.uncond), out="epsilon")
+    eps_u = predict(net, SCHEDULE, x_t, t, Cond(cond.uncond.emb.expand(8, 1), uncond=cond.uncond), out="epsilon")
     expected = SCHEDULE.convert(eps_u + 4.5 * (eps_c - eps_u), x_t, t, "epsilon", "sample")
     torch.testing.assert_close(guided, expected)
 
 
 def test_prompt_drop_uses_the_empty_prompt_embedding():
-    cond = Cond(torch.ones(4, 3, 2), torch.zeros(1, 3, 2))
+    cond = Cond(torch.ones(4, 3, 2), uncond=Cond(torch.zeros(1, 3, 2)))
     dropped = cond.drop(torch.tensor([True, False, False, True]))
     assert dropped.emb.flatten(1).sum(1).tolist() == [0, 6, 6, 0]

@@ -22,7 +22,8 @@ from bigsid.cli import main
 from bigsid.config import load_config, to_dict
 from bigsid.export import (ExportError, export, load_distilled, load_generator_state, sample_latents,
                            sampling_timesteps)
-from bigsid.models import OneStepGenerator, load_diffusers_teacher
+from bigsid.families import load_teacher
+from bigsid.models import OneStepGenerator
 from conftest import TINY_TOY
 
 PROMPTS = ["toy prompt 0", "toy prompt 1", "a photo of a cat"]
@@ -65,7 +66,7 @@ def noise(n, seed=7):
 
 
 def bigsid_latents(d, prompts, z, steps=1):
-    return sample_latents(d.generator, z, d.encoder(prompts).emb, sampling_timesteps(d.scheduler, steps))
+    return sample_latents(d.generator, z, d.encoder(prompts), sampling_timesteps(d.scheduler, steps))
 
 
 @contextlib.contextmanager
@@ -96,7 +97,7 @@ def unet_calls(unet):
 OPS = 20
 
 
-def assert_chain(generator, z, emb, latents, calls, ops=OPS, same_unet=True):
+def assert_chain(generator, z, cond, latents, calls, ops=OPS, same_unet=True):
     """`calls` and `latents` are the generator's chain from z: at each of its timesteps the UNet on the prompts'
     embeddings and on the input bigsid computes from the previous call, the last output converted to the sample as
     bigsid converts it; each to the rounding of `ops` fp32 operations a side (0: bit for bit). `same_unet`: the
@@ -112,11 +113,11 @@ def assert_chain(generator, z, emb, latents, calls, ops=OPS, same_unet=True):
     a, s = schedule.a[timesteps[0]], schedule.s[timesteps[0]]
     expected, magnitude = s * z, (s * z).abs() / a
     for i, (x_t, t, hidden, out) in enumerate(calls):
-        assert torch.equal(hidden, emb), "the prompts are encoded as bigsid encodes them"
+        assert torch.equal(hidden, cond.emb), "the prompts are encoded as bigsid encodes them"
         within_rounding(x_t, expected, magnitude, f"UNet input at t={t}")
         t = torch.full((len(z),), t)
         if same_unet:
-            assert torch.equal(net(x_t, t, emb), out)
+            assert torch.equal(net(x_t, t, cond), out)
         x0 = schedule.convert(out, x_t, t, net.prediction_type, "sample")
         a, s = schedule.a[t[0]], schedule.s[t[0]]
         magnitude = x_t.abs() / a + (1 + s / a) * out.abs()
@@ -129,13 +130,13 @@ def assert_chain(generator, z, emb, latents, calls, ops=OPS, same_unet=True):
 def assert_stock_call_is_bigsids(d, pipe, prompts, z, steps=1, same_unet=True, **call):
     """The stock call `pipe(prompts, num_inference_steps=steps, guidance_scale=0, **call)` (`call` gives it z) runs
     the chain bigsid's sampler runs; returns its latents."""
-    emb = d.encoder(prompts).emb
+    cond = d.encoder(prompts)
     with unet_calls(d.generator.net.unet) as calls:
-        ours = sample_latents(d.generator, z, emb, sampling_timesteps(d.scheduler, steps))
-    assert_chain(d.generator, z, emb, ours, calls, ops=0)  # the helper describes bigsid's sampler exactly
+        ours = sample_latents(d.generator, z, cond, sampling_timesteps(d.scheduler, steps))
+    assert_chain(d.generator, z, cond, ours, calls, ops=0)  # the helper describes bigsid's sampler exactly
     with unet_calls(pipe.unet) as calls:
         stock = pipe(prompts, num_inference_steps=steps, guidance_scale=0, output_type="latent", **call).images
-    assert_chain(d.generator, z, emb, stock, calls, same_unet=same_unet)
+    assert_chain(d.generator, z, cond, stock, calls, same_unet=same_unet)
     return stock
 
 
@@ -167,7 +168,8 @@ def write_checkpoint(run_dir, generator, config, step=3):
 
 
 def perturbed_generator(teacher_dir, prediction_type=""):
-    net, schedule, *_ = load_diffusers_teacher(str(teacher_dir), prediction_type=prediction_type)
+    teacher = load_teacher(str(teacher_dir), prediction_type=prediction_type)
+    net, schedule = teacher.denoiser, teacher.schedule
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.02 * torch.randn_like(p))
@@ -250,7 +252,7 @@ def test_v_prediction_teacher_and_few_steps(teacher_dir, tmp_path):
     d = load_distilled(tmp_path / "run")
     z = noise(len(PROMPTS))
     with torch.no_grad():
-        assert torch.equal(bigsid_latents(d, PROMPTS, z), d.generator(z, d.encoder(PROMPTS).emb))
+        assert torch.equal(bigsid_latents(d, PROMPTS, z), d.generator(z, d.encoder(PROMPTS)))
     for steps, timesteps in ((1, [625]), (2, [625, 312]), (3, [625, 416, 208])):
         assert sampling_timesteps(d.scheduler, steps) == timesteps
         assert_stock_call_is_bigsids(d, pipe, PROMPTS, z, steps, latents=z)
@@ -287,7 +289,8 @@ def test_lora_generator_exports_as_lora_and_fused(teacher_dir, tmp_path):
     targets = ["to_q", "to_k", "to_v", "to_out.0"]
     # The LoRA settings training records (see bigsid.models.lora_config); alpha != rank, so the scale must travel.
     config["generator"] |= {"lora_rank": 4, "lora_alpha": 8, "lora_target_modules": targets}
-    net, schedule, *_ = load_diffusers_teacher(str(teacher_dir))
+    teacher = load_teacher(str(teacher_dir))
+    net, schedule = teacher.denoiser, teacher.schedule
     net.requires_grad_(False)
     net.unet.add_adapter(peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     generator = OneStepGenerator(net, schedule, 625)
@@ -325,8 +328,8 @@ def test_lora_generator_exports_as_lora_and_fused(teacher_dir, tmp_path):
     merged.net.unet.unload_lora()
     assert_fused_weights(adapter.net.unet, merged.net.unet.state_dict(), 1e-12)
     with torch.no_grad():
-        emb = d.encoder(PROMPTS).emb.double()
-        expected, actual = adapter(z.double(), emb), merged(z.double(), emb)
+        cond = d.encoder(PROMPTS).to(torch.float64)
+        expected, actual = adapter(z.double(), cond), merged(z.double(), cond)
     assert ((actual - expected).abs() <= 1e-12 * expected.abs().max()).all()
 
     # Weights outside the adapter that moved away from the teacher's cannot travel in a LoRA file.

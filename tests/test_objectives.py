@@ -12,7 +12,7 @@ from torch import nn
 
 from bigsid.config import ObjectiveConfig
 from bigsid.diffusion import SD_SCHEDULER_CONFIG, VPSchedule
-from bigsid.models import Cond
+from bigsid.text import Cond
 from bigsid.objectives import DMD, SIM, SiD
 
 SCHEDULE = VPSchedule.from_scheduler_config(SD_SCHEDULER_CONFIG)
@@ -28,14 +28,14 @@ class GaussianDenoiser(nn.Module):
         super().__init__()
         self.mu, self.sigma = mu, sigma
 
-    def forward(self, x_t, t, emb):
+    def forward(self, x_t, t, cond):
         a, s = SCHEDULE.coeffs(t, x_t.ndim)
         v = a ** 2 * self.sigma ** 2 + s ** 2
         return self.mu + a * self.sigma ** 2 / v * (x_t - a * self.mu)
 
 
 def cond(n):
-    return Cond(torch.zeros(n, 1), torch.zeros(1, 1))
+    return Cond(torch.zeros(n, 1), uncond=Cond(torch.zeros(1, 1)))
 
 
 def setup(mu0, sigma0, n, seed=0):
@@ -202,9 +202,9 @@ def test_guided_scores_use_kappa4_for_the_teacher_and_kappa2_for_the_fake(name):
     calls = []
 
     class Recorder(GaussianDenoiser):
-        def forward(self, x_t, t, emb):
+        def forward(self, x_t, t, cond):
             calls.append((self.tag, x_t.shape[0]))
-            return super().forward(x_t, t, emb)
+            return super().forward(x_t, t, cond)
 
     teacher = Recorder(torch.zeros(DIM), 1.0)
     teacher.tag = "teacher"

@@ -1,0 +1,234 @@
+"""Teacher families: how each diffusers pipeline's network is called, loaded, sharded and exported.
+
+A family is detected from the teacher folder's model_index.json and fixes everything bigsid does differently per
+model: the denoiser's call convention (what of the `Cond` it passes), the text encoders (bigsid.text), the schedule
+(VP or rectified flow, from the scheduler config), the blocks that become FSDP2 units and compile regions, and the
+stock pipeline an export loads in (the teacher's own). The objectives, the trainer and the backends see none of it.
+
+  family   pipelines                               network                    schedule
+  sd       StableDiffusionPipeline                 UNet2DConditionModel       VP, eps or v
+  sdxl     StableDiffusionXLPipeline               UNet2DConditionModel       VP, eps or v
+  pixart   PixArtAlphaPipeline, PixArtSigmaPipeline PixArtTransformer2DModel  VP, eps (learned variance dropped)
+  sd3      StableDiffusion3Pipeline                SD3Transformer2DModel      rectified flow, velocity
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from bigsid.diffusion import Schedule
+from bigsid.text import (CLIPPromptEncoder, Cond, PromptEncoder, SD3PromptEncoder, SDXLPromptEncoder,
+                         T5PromptEncoder)
+
+log = logging.getLogger("bigsid.families")
+
+
+class TeacherError(ValueError):
+    """The teacher cannot be loaded as configured; the message says what to change."""
+
+
+class UNetDenoiser(nn.Module):
+    """A diffusers UNet2DConditionModel as a denoiser: SD 1.x/2.x (eps or v), and SDXL, whose UNet also takes the
+    pooled text embedding and the size ids (`addition_embed_type: text_time`)."""
+
+    def __init__(self, unet: nn.Module, prediction_type: str):
+        super().__init__()
+        self.unet = unet
+        self.prediction_type = prediction_type
+
+    @property
+    def network(self) -> nn.Module:
+        return self.unet
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        # a teacher stored in bf16 is also called outside autocast (its evaluation sampler): inputs follow it
+        dtype = self.unet.dtype
+        cond = cond.to(dtype)
+        added = None if cond.pooled is None else {"text_embeds": cond.pooled, "time_ids": cond.size}
+        return self.unet(x_t.to(dtype), t, encoder_hidden_states=cond.emb, added_cond_kwargs=added,
+                         return_dict=False)[0]
+
+
+class PixArtDenoiser(nn.Module):
+    """A PixArt-alpha/Sigma transformer: T5 tokens with their mask, resolution and aspect-ratio conditioning where
+    the model takes it (the 1024 px models), and of its learned-variance output only the eps channels."""
+
+    def __init__(self, transformer: nn.Module, prediction_type: str):
+        super().__init__()
+        self.transformer = transformer
+        self.prediction_type = prediction_type
+
+    @property
+    def network(self) -> nn.Module:
+        return self.transformer
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        dtype = self.transformer.dtype
+        cond = cond.to(dtype)
+        added = {"resolution": None, "aspect_ratio": None}
+        if self.transformer.use_additional_conditions:
+            added = {"resolution": cond.size[:, :2], "aspect_ratio": cond.size[:, 2:]}
+        out = self.transformer(x_t.to(dtype), encoder_hidden_states=cond.emb, encoder_attention_mask=cond.mask,
+                               timestep=t, added_cond_kwargs=added, return_dict=False)[0]
+        return out[:, :x_t.shape[1]]  # learned sigma: the variance channels follow the mean's
+
+
+class SD3Denoiser(nn.Module):
+    """An SD3/SD3.5 transformer (rectified-flow velocity), called at its training timestep sigma * 1000."""
+
+    def __init__(self, transformer: nn.Module, prediction_type: str = "flow"):
+        super().__init__()
+        self.transformer = transformer
+        self.prediction_type = prediction_type
+
+    @property
+    def network(self) -> nn.Module:
+        return self.transformer
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        dtype = self.transformer.dtype
+        cond = cond.to(dtype)
+        return self.transformer(x_t.to(dtype), encoder_hidden_states=cond.emb, pooled_projections=cond.pooled,
+                                timestep=t, return_dict=False)[0]
+
+
+def unet_stages(unet: nn.Module) -> list[nn.Module]:
+    """A diffusers UNet's down, mid and up blocks, in order."""
+    return [*unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else []), *unet.up_blocks]
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    pipelines: tuple[str, ...]  # model_index.json _class_name values
+    network: str  # the pipeline's component (and subfolder) that denoises: unet | transformer
+    network_class: str  # its diffusers class
+    denoiser: type
+    encoders: tuple[str, ...]  # text-encoder components, in the order the family's PromptEncoder takes them
+
+    def stages(self, network: nn.Module) -> list[nn.Module]:
+        """The blocks that become FSDP2 units, in forward order: a UNet's down/mid/up blocks (each holds a few
+        resnets and attentions, a unit big enough to keep all-gathers efficient), a transformer's blocks (each one
+        layer of the same size: the natural unit)."""
+        if self.network == "unet":
+            return unet_stages(network)
+        return list(network.transformer_blocks)
+
+
+FAMILIES = {f.name: f for f in (
+    Family("sd", ("StableDiffusionPipeline",), "unet", "UNet2DConditionModel", UNetDenoiser,
+           ("text_encoder",)),
+    Family("sdxl", ("StableDiffusionXLPipeline",), "unet", "UNet2DConditionModel", UNetDenoiser,
+           ("text_encoder", "text_encoder_2")),
+    Family("pixart", ("PixArtAlphaPipeline", "PixArtSigmaPipeline"), "transformer", "PixArtTransformer2DModel",
+           PixArtDenoiser, ("text_encoder",)),
+    Family("sd3", ("StableDiffusion3Pipeline",), "transformer", "SD3Transformer2DModel", SD3Denoiser,
+           ("text_encoder", "text_encoder_2", "text_encoder_3")),
+)}
+# T5 lengths the stock pipelines encode with by default (PixArt-alpha 120 tokens, Sigma 300, SD3 256)
+T5_MAX_LENGTH = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300, "StableDiffusion3Pipeline": 256}
+
+
+def _load(load, path: str, subfolder: str | None, revision: str, what: str):
+    try:
+        return load(path, **({"subfolder": subfolder} if subfolder else {}), revision=revision or None)
+    except (OSError, ValueError) as err:
+        raise TeacherError(f"cannot load the teacher's {what} from {path!r} ({subfolder or '.'}/): {err}. "
+                           "teacher.path must be a diffusers pipeline folder of a supported family "
+                           f"({', '.join(p for f in FAMILIES.values() for p in f.pipelines)}) or a hub id reachable "
+                           "from this machine") from None
+
+
+def pipeline_config(path: str, revision: str = "") -> dict:
+    from diffusers import DiffusionPipeline
+
+    return dict(_load(DiffusionPipeline.load_config, path, None, revision, "model_index.json"))
+
+
+def detect(index: dict, path: str) -> Family:
+    """The family of a pipeline from its model_index.json, or a TeacherError naming what was found."""
+    name = index.get("_class_name", "")
+    for family in FAMILIES.values():
+        if name in family.pipelines:
+            return family
+    supported = ", ".join(p for f in FAMILIES.values() for p in f.pipelines)
+    raise TeacherError(f"{path!r} is a {name or 'pipeline without a _class_name'} folder, which bigsid cannot "
+                       f"distill: supported pipelines are {supported}")
+
+
+def _component(index: dict, name: str, path: str, revision: str, what: str):
+    """Load component `name` of the pipeline with the class model_index.json names (transformers or diffusers)."""
+    import importlib
+
+    spec = index.get(name)
+    if not spec or spec[0] is None:
+        raise TeacherError(f"the teacher {path!r} has no {what} ({name} in model_index.json is empty): this family "
+                           "needs it; use the model's full pipeline folder")
+    cls = getattr(importlib.import_module(spec[0]), spec[1])
+    return _load(cls.from_pretrained, path, name, revision, what)
+
+
+def load_encoder(family: Family, index: dict, path: str, revision: str, network: nn.Module,
+                 text_max_length: int = 0) -> PromptEncoder:
+    """The family's PromptEncoder with its tokenizers and text encoders from the pipeline folder."""
+    if text_max_length and family.name in ("sd", "sdxl"):
+        raise TeacherError(f"teacher.text_max_length={text_max_length} applies to T5 encoders (pixart, sd3); a "
+                           f"{family.name} teacher's CLIP encoders have a fixed length: leave it at 0")
+    tokenizer_names = ["tokenizer" + name[len("text_encoder"):] for name in family.encoders]
+    tokenizers = [_component(index, n, path, revision, f"tokenizer {n}") for n in tokenizer_names]
+    encoders = [_component(index, n, path, revision, f"text encoder {n}") for n in family.encoders]
+    pixels = network.config.sample_size * 8  # VAE factor 8 in every supported family
+    t5_length = text_max_length or T5_MAX_LENGTH.get(index["_class_name"], 0)
+    if family.name == "sd":
+        return CLIPPromptEncoder(tokenizers[0], encoders[0])
+    if family.name == "sdxl":
+        return SDXLPromptEncoder(tokenizers, encoders, pixels, pixels,
+                                 bool(index.get("force_zeros_for_empty_prompt", True)))
+    if family.name == "pixart":
+        return T5PromptEncoder(tokenizers[0], encoders[0], t5_length, (pixels, pixels))
+    return SD3PromptEncoder(tokenizers, encoders, t5_length)
+
+
+@dataclass
+class Teacher:
+    """A loaded teacher pipeline, ready for build_networks and export."""
+
+    family: Family
+    denoiser: nn.Module
+    schedule: Schedule
+    encoder: PromptEncoder
+    vae: nn.Module
+    scheduler_config: dict
+    index: dict  # model_index.json
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        c = self.denoiser.network.config
+        return (c.in_channels, c.sample_size, c.sample_size)
+
+
+def load_teacher(path: str, revision: str = "", prediction_type: str = "", text_max_length: int = 0,
+                 torch_dtype: torch.dtype | None = None) -> Teacher:
+    """A teacher from a diffusers pipeline folder or hub id, of any supported family."""
+    import diffusers
+    from diffusers import AutoencoderKL
+
+    index = pipeline_config(path, revision)
+    family = detect(index, path)
+    scheduler_config = dict(_load(diffusers.DDPMScheduler.load_config, path, "scheduler", revision,
+                                  "scheduler config"))
+    schedule = Schedule.from_scheduler_config(scheduler_config, prediction_type)
+    network_class = getattr(diffusers, family.network_class)
+    network = _load(lambda *a, **k: network_class.from_pretrained(*a, **k, torch_dtype=torch_dtype), path,
+                    family.network, revision, family.network)
+    encoder = load_encoder(family, index, path, revision, network, text_max_length)
+    vae = _load(AutoencoderKL.from_pretrained, path, "vae", revision, "VAE")
+    denoiser = family.denoiser(network, schedule.prediction_type)
+    return Teacher(family, denoiser, schedule, encoder, vae, scheduler_config, index)
