@@ -37,7 +37,9 @@ from torch import nn
 from bigsid import plan
 from bigsid.config import load_config
 from bigsid.diffusion import SD_SCHEDULER_CONFIG, VPSchedule
-from bigsid.models import Cond, Networks, OneStepGenerator, UNetDenoiser
+from bigsid.families import UNetDenoiser
+from bigsid.models import Networks, OneStepGenerator
+from bigsid.text import Cond
 from bigsid.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,28 +48,23 @@ RESULTS = ROOT / "benchmarks" / "results"
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "GH200": 989.4, "A100": 312.0, "L40S": 362.0}
 
 
-class AddedCondDenoiser(UNetDenoiser):
-    """UNetDenoiser for UNets with SDXL's added conditions (pooled text embedding, size/crop ids): constant ones,
-    which cost what real ones do."""
-
-    def forward(self, x_t, t, emb):
-        cfg = self.unet.config
-        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-        added = {"text_embeds": emb.new_zeros(x_t.shape[0], pooled), "time_ids": emb.new_zeros(x_t.shape[0], 6)}
-        return self.unet(x_t, t, encoder_hidden_states=emb, added_cond_kwargs=added, return_dict=False)[0]
-
-
 class RandomPromptEncoder(nn.Module):
-    """Every prompt encodes to one fixed random embedding: the text encoder is not what is being timed."""
+    """Every prompt encodes to one fixed random conditioning (with SDXL's pooled embedding and size ids where the
+    UNet takes them): the text encoder is not what is being timed."""
 
-    def __init__(self, tokens: int, dim: int):
+    def __init__(self, tokens: int, unet_config: dict):
         super().__init__()
         gen = torch.Generator().manual_seed(0)
-        self.register_buffer("emb", torch.randn(1, tokens, dim, generator=gen))
-        self.register_buffer("uncond", torch.zeros(1, tokens, dim))
+        self.register_buffer("emb", torch.randn(1, tokens, unet_config["cross_attention_dim"], generator=gen))
+        pooled = 0
+        if unet_config.get("addition_embed_type") == "text_time":
+            pooled = unet_config["projection_class_embeddings_input_dim"] - 6 * unet_config["addition_time_embed_dim"]
+        self.register_buffer("pooled", torch.randn(1, pooled, generator=gen) if pooled else None)
+        self.register_buffer("size", torch.ones(1, 6) if pooled else None)
 
     def forward(self, prompts: list[str]) -> Cond:
-        return Cond(self.emb.expand(len(prompts), -1, -1), self.uncond)
+        one = Cond(self.emb, self.pooled, size=self.size)
+        return dataclasses.replace(one[[0] * len(prompts)], uncond=one)
 
 
 def random_networks(model: plan.ModelSpec, checkpointing: tuple[str, ...], t_init: int,
@@ -79,8 +76,7 @@ def random_networks(model: plan.ModelSpec, checkpointing: tuple[str, ...], t_ini
     with torch.device(device):  # initialised where it runs: seconds on a GPU for SDXL, not minutes on the host
         unet = UNet2DConditionModel.from_config(model.unet_config)
     unet.set_attn_processor(AttnProcessor2_0())
-    wrapper = AddedCondDenoiser if model.unet_config.get("addition_embed_type") == "text_time" else UNetDenoiser
-    teacher = wrapper(unet, "epsilon")
+    teacher = UNetDenoiser(unet, "epsilon")
     generator_net, fake_score = copy.deepcopy(teacher), copy.deepcopy(teacher)
     teacher.requires_grad_(False).eval()
     for name, net in (("generator", generator_net), ("fake_score", fake_score), ("teacher", teacher)):
@@ -89,7 +85,7 @@ def random_networks(model: plan.ModelSpec, checkpointing: tuple[str, ...], t_ini
         if name in checkpointing:
             net.unet.enable_gradient_checkpointing()
     schedule = VPSchedule.from_scheduler_config(SD_SCHEDULER_CONFIG)
-    encoder = RandomPromptEncoder(model.text_tokens, model.unet_config["cross_attention_dim"])
+    encoder = RandomPromptEncoder(model.text_tokens, model.unet_config)
     shape = (model.unet_config["in_channels"], model.latent_size, model.latent_size)
     return Networks(teacher, OneStepGenerator(generator_net, schedule, t_init), fake_score, schedule, encoder, shape,
                     dict(SD_SCHEDULER_CONFIG), vocabulary=["a benchmark prompt"])
