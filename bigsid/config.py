@@ -137,6 +137,9 @@ class TrainConfig:
     # the generator phase keeps activations of all three, so the teacher's count as much as the others'.
     activation_checkpointing: list[str] = field(default_factory=list)
     attention: str = "sdpa"  # sdpa (torch scaled_dot_product_attention) | xformers
+    # torch.compile each repeated block of the three networks (bigsid/compile.py); the first steps take longer
+    compile: bool = False
+    channels_last: bool = False  # the UNets' weights and input in NHWC, the layout GPU convolutions run fastest in
     progress: bool = True
 
 
@@ -349,6 +352,12 @@ def validate(cfg: Config, check_data: bool = True) -> Config:
                               "pip install 'bigsid[xformers]', or use train.attention=sdpa")
     _check(tr.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1", tr.keep_checkpoints)
     _check_device(tr.device)
+    if tr.compile:
+        from bigsid.compile import compile_unavailable
+
+        problem = compile_unavailable(_device_type(tr.device))
+        if problem:
+            raise ConfigError(problem)
     _check(bool(tr.run_dir), "train.run_dir", "a directory path", tr.run_dir)
     _check(g.num_prompts >= 1 and g.modes_per_prompt >= 1, "teacher.gmm.num_prompts/modes_per_prompt", ">= 1",
            (g.num_prompts, g.modes_per_prompt))
@@ -395,6 +404,15 @@ def _check_device(name: str) -> None:
         device = None
     if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index is not None):
         raise ConfigError(f"train.device = {name!r}: expected auto, cpu, cuda or cuda:N")
+
+
+def _device_type(name: str) -> str:
+    """cpu or cuda: what train.device (already checked) resolves to on this machine."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name).type
 
 
 def _check_data(d: DataConfig) -> None:

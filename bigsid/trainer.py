@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from bigsid import checkpoint
+from bigsid.compile import compile_blocks, to_channels_last
 from bigsid.config import Config, save_config, to_dict
 from bigsid.models import Networks, build_networks
 from bigsid.objectives import build_objective
@@ -220,7 +221,12 @@ class Trainer:
         torch.manual_seed(tr.seed)  # same initial networks on every rank
         self.networks = networks or build_networks(cfg)
         self.objective = build_objective(cfg.objective, self.networks.schedule)
+        denoisers = (self.networks.teacher, self.networks.generator.net, self.networks.fake_score)
+        if tr.channels_last:
+            to_channels_last(*denoisers)  # before the backend shards or copies the weights
         self.generator, self.fake_score = self.backend.prepare(self.networks)
+        if tr.compile:
+            compile_blocks(*denoisers)  # after sharding and wrapping: the units stay the modules they were
         self.teacher = self.networks.teacher
         self.ema = EMA(self.generator)
         self.device = self.backend.device

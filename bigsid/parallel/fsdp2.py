@@ -28,6 +28,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from bigsid.checkpoint import CheckpointError, read_rank_state, reading
+from bigsid.compile import repeated_blocks, unet_stages
 from bigsid.parallel.base import Backend, BackendError, Trainable
 from bigsid.parallel.dist import Collectives, init_process_group
 from bigsid.parallel.local import _save_tensors
@@ -105,15 +106,11 @@ def load_dcp(state: dict, path: Path, **kwargs) -> None:
 
 
 def blocks(net: nn.Module) -> list[nn.Module]:
-    """The units to shard, innermost first: each resnet and attention module of a diffusers UNet, then its
-    down/mid/up blocks (a whole SDXL up-block is ~1.2 B parameters, too large to gather at once); for the toy
-    MLP, its layers."""
+    """The units to shard, innermost first: the repeated blocks (each resnet and attention module of a diffusers
+    UNet; the toy MLP's layers), then a UNet's down/mid/up blocks (a whole SDXL up-block is ~1.2 B parameters, too
+    large to gather at once). train.compile compiles the repeated ones, each inside its own unit."""
     unet = getattr(net, "unet", None)
-    if unet is None:
-        return [m for m in getattr(net, "body", []) if any(True for _ in m.parameters())]
-    outer = [*unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else []), *unet.up_blocks]
-    inner = [m for block in outer for m in (*getattr(block, "resnets", []), *(getattr(block, "attentions", None) or []))]
-    return inner + outer
+    return repeated_blocks(net) + (unet_stages(unet) if unet is not None else [])
 
 
 def reshard(net: nn.Module) -> None:

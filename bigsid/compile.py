@@ -1,0 +1,93 @@
+"""train.compile and train.channels_last: how the UNets run, not what they compute.
+
+Compilation is regional: each repeated block of each network (a UNet's resnets and attention blocks; the toy MLP's
+layers) is compiled on its own with `module.compile()`, after the backend has sharded or wrapped it. The blocks of
+one kind share their compiled code wherever their shapes agree, so compile time grows with the number of distinct
+blocks, not with depth; the sharding units are the modules they were (FSDP2's and ZeRO-3's gather hooks run eagerly
+around a compiled block, as both mark them), and activation checkpointing recomputes a block through its compiled
+forward.
+"""
+
+from __future__ import annotations
+
+import sysconfig
+
+import torch
+from torch import nn
+
+# Blocks are compiled for static shapes (automatic dynamic shapes make inductor fail on their symbolic spatial sizes),
+# so dynamo keeps a cache entry per block, shape and calling context (grad or not, batch or guided batch, frozen or
+# trained weights), all on the one code object the blocks share (Module._call_impl): for three SD1.5 UNets that is
+# hundreds, past dynamo's default limits (8 per block, 256 in all), beyond which it silently runs blocks eagerly.
+RECOMPILE_LIMIT = 64  # per block
+ACCUMULATED_RECOMPILE_LIMIT = 4096  # over all blocks of the three networks
+
+
+def compile_unavailable(device_type: str) -> str | None:
+    """Why torch.compile cannot run here for `device_type` (with what to change), or None when it can. Checked before
+    anything loads: inductor fails only at the first forward otherwise, after the networks are built."""
+    import torch._dynamo
+
+    if not torch._dynamo.is_dynamo_supported():
+        return (f"torch {torch.__version__} cannot compile on Python {sysconfig.get_python_version()} here: install "
+                "a torch build whose torch.compile supports this Python, or set train.compile=false")
+    if device_type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            return ("train.compile on CUDA needs Triton, which this torch install lacks: pip install triton (the "
+                    "version your torch wheel requires), or set train.compile=false")
+        return None
+    from torch._inductor.cpp_builder import get_cpp_compiler
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    try:
+        get_cpp_compiler()
+    except InvalidCxxCompiler:
+        return ("train.compile on the CPU needs a C++ compiler for inductor's kernels and none is on PATH: install "
+                "one (apt-get install g++, or set CXX), or set train.compile=false")
+    return None
+
+
+def unet_stages(unet: nn.Module) -> list[nn.Module]:
+    """A diffusers UNet's down, mid and up blocks, in order."""
+    return [*unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else []), *unet.up_blocks]
+
+
+def repeated_blocks(net: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a denoiser: each resnet and attention block of a diffusers UNet; the toy MLP's layers."""
+    unet = getattr(net, "unet", None)
+    if unet is None:
+        return [m for m in getattr(net, "body", []) if any(True for _ in m.parameters())]
+    return [m for stage in unet_stages(unet)
+            for m in (*getattr(stage, "resnets", []), *(getattr(stage, "attentions", None) or []))]
+
+
+def compile_block(block: nn.Module) -> None:
+    """Compile one block in place (its first call with each shape compiles; later ones reuse the code)."""
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, ACCUMULATED_RECOMPILE_LIMIT)
+    block.compile(dynamic=False)
+
+
+def compile_blocks(*nets: nn.Module) -> None:
+    """Compile every repeated block of the given denoisers in place."""
+    for net in nets:
+        for block in repeated_blocks(net):
+            compile_block(block)
+
+
+def to_channels_last(*nets: nn.Module) -> None:
+    """The UNets' 4-D weights, and their input, in channels_last (NHWC): tensor cores' convolution layout, which
+    spares the transposes cuDNN otherwise makes around each convolution. FSDP2 and ZeRO-3 gather their units as
+    contiguous tensors, so the weights keep the format only where they are not sharded; the input's format decides
+    then, since a convolution's output is channels_last when its input or weights are, and every activation after
+    the first convolution inherits it. The toy MLP has no convolutions."""
+    for net in nets:
+        unet = getattr(net, "unet", None)
+        if unet is None:
+            continue
+        unet.to(memory_format=torch.channels_last)
+        unet.conv_in.register_forward_pre_hook(
+            lambda module, args: (args[0].contiguous(memory_format=torch.channels_last), *args[1:]))

@@ -1,0 +1,118 @@
+"""train.compile and train.channels_last: the blocks they change, the numbers they keep, the torch they refuse."""
+
+import copy
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from torch import nn
+from torch._dynamo.utils import counters
+
+from bigsid import plan
+from bigsid.compile import compile_block, repeated_blocks
+from bigsid.config import ConfigError, load_config
+from bigsid.trainer import Trainer
+from conftest import TINY_TOY
+
+
+class Denoiser(nn.Module):
+    """The tiny UNet as bigsid's denoisers hold it (`.unet`)."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x, t, emb):
+        return self.unet(x, t, encoder_hidden_states=emb, return_dict=False)[0]
+
+
+def loss_and_grads(net: nn.Module, dtype: torch.dtype):
+    """A fake-score-style loss sum ||net(x_t) - eps||^2 at fixed inputs: (output, loss, parameter gradients)."""
+    gen = torch.Generator().manual_seed(1)
+    x, eps, emb = (torch.randn(shape, generator=gen).to(dtype) for shape in ((2, 4, 16, 16), (2, 4, 16, 16),
+                                                                             (2, 32, 32)))
+    net.zero_grad()
+    out = net(x, torch.tensor([100, 700]), emb)
+    loss = (out - eps).square().sum()
+    loss.backward()
+    return out.detach().double(), loss.detach().double(), torch.cat([p.grad.flatten() for p in net.parameters()]).double()
+
+
+def rounding_bound(eager, exact):
+    """|compiled - eager| where both are fp32 evaluations of one function: each is the exact value plus its rounding
+    error, so the difference is at most the sum of the two errors. The eager error is measured against float64 (whose
+    own error is ~1e-9 of it); inductor's kernels reorder reductions (group norm's mean and variance, the loss's sum)
+    and fuse element-wise ops, which changes which roundings happen but not their size per operation: its error is
+    allowed twice the eager one, so the difference is at most 3x the eager error."""
+    return 3 * (eager - exact).norm()
+
+
+def test_a_compiled_block_keeps_the_loss_and_gradients_to_fp32_rounding():
+    """One block compiled (the whole tiny UNet takes minutes to compile on the CPU; each block compiles alike):
+    the UNet's output, a loss on it and every parameter gradient agree with eager fp32 to rounding."""
+    torch.manual_seed(0)
+    eager = Denoiser(UNet2DConditionModel.from_config(plan.load_model("tiny").unet_config))
+    exact = copy.deepcopy(eager).double()
+    compiled = copy.deepcopy(eager)
+    block = repeated_blocks(compiled)[0]
+    compile_block(block)
+    counters.clear()
+    out_c, loss_c, grads_c = loss_and_grads(compiled, torch.float32)
+    assert counters["stats"]["unique_graphs"] >= 1  # dynamo did compile the block, not run it eagerly
+    out_e, loss_e, grads_e = loss_and_grads(eager, torch.float32)
+    out_x, loss_x, grads_x = loss_and_grads(exact, torch.float64)
+    d_out = (out_c - out_e).norm()
+    assert d_out <= rounding_bound(out_e, out_x)
+    assert (grads_c - grads_e).norm() <= rounding_bound(grads_e, grads_x)
+    # The loss moves by its first-order change 2 (out - eps) . d_out <= 2 sqrt(loss) |d_out| (Cauchy-Schwarz), plus
+    # d_out^2, plus each side's fp32 sum of n squares, off by at most n u loss (u = 2^-24).
+    n, u = out_e.numel(), 2.0 ** -24
+    assert (loss_c - loss_e).abs() <= 2 * loss_e.sqrt() * d_out + d_out ** 2 + 2 * n * u * loss_e
+    # the bounds are tight enough to notice a wrong kernel: a 1e-4 relative change of the output breaks the first
+    assert 1e-4 * out_e.norm() > rounding_bound(out_e, out_x)
+
+
+@pytest.fixture
+def trainer_overrides(teacher_dir, tmp_path):
+    return [*TINY_TOY, "teacher.kind=diffusers", f"teacher.path={teacher_dir}", f"train.run_dir={tmp_path}",
+            "train.batch_size=2", "train.device=cpu"]
+
+
+def test_train_compile_compiles_exactly_the_repeated_blocks_of_the_three_networks(trainer_overrides):
+    trainer = Trainer(load_config(None, [*trainer_overrides, "train.compile=true"]))
+    nets = (trainer.teacher, trainer.generator.inner.net, trainer.fake_score.inner)
+    blocks = {id(b) for net in nets for b in repeated_blocks(net)}
+    assert len(blocks) == 3 * 12  # the tiny UNet: 8 resnets and 4 attention blocks
+    compiled = {id(m) for net in nets for m in net.modules() if m._compiled_call_impl is not None}
+    assert compiled == blocks
+
+
+def test_channels_last_reaches_the_activations_and_keeps_the_output(trainer_overrides):
+    """The trainer's latents come in contiguous (NCHW); with train.channels_last the UNet's weights and its
+    activations are NHWC, and its output is the contiguous network's to fp32 rounding (other convolution kernels)."""
+    trainer = Trainer(load_config(None, [*trainer_overrides, "train.channels_last=true"]))
+    unet = trainer.fake_score.inner.unet
+    assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    contiguous = copy.deepcopy(unet).to(memory_format=torch.contiguous_format)
+    contiguous.conv_in._forward_pre_hooks.clear()  # the hook that makes the input channels_last
+    exact = copy.deepcopy(contiguous).double()
+    seen = []
+    unet.down_blocks[0].resnets[0].register_forward_hook(lambda m, args, out: seen.append(out))
+    gen = torch.Generator().manual_seed(1)
+    x, emb = torch.randn(2, 4, 4, 4, generator=gen), torch.randn(2, 32, 32, generator=gen)
+    t = torch.tensor([100, 700])
+    with torch.no_grad():
+        out = Denoiser(unet)(x, t, emb).double()
+        reference = Denoiser(contiguous)(x, t, emb).double()
+        expected = Denoiser(exact)(x.double(), t, emb.double())
+    assert seen[0].is_contiguous(memory_format=torch.channels_last) and not seen[0].is_contiguous()
+    assert (out - reference).norm() <= rounding_bound(reference, expected)
+
+
+def test_compile_is_refused_before_anything_loads_where_inductor_cannot_build(monkeypatch, tmp_path):
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("no-such-compiler-anywhere",))
+    with pytest.raises(ConfigError, match=r"C\+\+ compiler.*train.compile=false"):
+        load_config(None, ["train.compile=true", "train.device=cpu", f"train.run_dir={tmp_path}"])
+    load_config(None, ["train.compile=false", "train.device=cpu", f"train.run_dir={tmp_path}"])
