@@ -133,6 +133,12 @@ class TrainConfig:
     # once every rank's writes are done (local, ddp, fsdp2; preemption and final checkpoints are synchronous).
     async_checkpoint: bool = False
     max_consecutive_skips: int = 20  # non-finite steps in a row before the run stops on its last good state
+    # Steps between polls, where the host reads what the device recorded (non-finite weights, too many skipped
+    # steps) and, over all ranks, the preemption signal: the one all-reduce and device round trip of a step that
+    # neither logs, samples, evaluates nor checkpoints (those steps poll too). At 10, nine steps in ten queue work
+    # without waiting for the device, and a stop or requeue comes at most 10 steps late: at seconds per step, well
+    # inside the 300 s of warning slurm/ asks SLURM for (--signal=B:USR1@300).
+    poll_every: int = 10
     # Recompute activations in the backward pass of these networks (any of generator, fake_score, teacher):
     # the generator phase keeps activations of all three, so the teacher's count as much as the others'.
     activation_checkpointing: list[str] = field(default_factory=list)
@@ -346,6 +352,7 @@ def validate(cfg: Config, check_data: bool = True) -> Config:
     _check(set(tr.activation_checkpointing) <= {"generator", "fake_score", "teacher"},
            "train.activation_checkpointing", "a list of generator, fake_score, teacher", tr.activation_checkpointing)
     _check(tr.max_consecutive_skips >= 1, "train.max_consecutive_skips", ">= 1", tr.max_consecutive_skips)
+    _check(tr.poll_every >= 1, "train.poll_every", ">= 1", tr.poll_every)
     if tr.attention == "xformers":
         if importlib.util.find_spec("xformers") is None:
             raise ConfigError("train.attention = 'xformers' but xformers is not installed: "

@@ -132,7 +132,8 @@ class VocabEncoder(nn.Module):
         if unknown:
             raise ValueError(f"prompts {unknown[:3]} are not in the toy vocabulary {self.prompts}")
         index = torch.tensor([lookup[p] for p in prompts], device=self.uncond.device)
-        return Cond(nn.functional.one_hot(index, len(self.prompts) + 1).float(), uncond=Cond(self.uncond))
+        # rows of the identity: one_hot would read the indices back to check their range, stalling the step
+        return Cond(torch.eye(len(self.prompts) + 1, device=index.device)[index], uncond=Cond(self.uncond))
 
 
 class MLPDenoiser(nn.Module):

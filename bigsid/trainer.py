@@ -34,6 +34,10 @@ log = logging.getLogger("bigsid.trainer")
 
 # Exit status after a preemption checkpoint: EX_TEMPFAIL, "try again". slurm/ scripts requeue on it.
 PREEMPTED_EXIT = 75
+# The first step at which a stop condition held, on the device; NEVER: not (yet) on this rank.
+NEVER = torch.iinfo(torch.int64).max
+_STOPS = ("generator", "fake_score", "skips")  # non-finite weights of each trained network; too many skipped steps
+_K_DRAWS = 1  # keeps the few-step prefix draws apart from any other host stream seeded by train.seed
 
 
 class TrainingError(RuntimeError):
@@ -46,8 +50,8 @@ class Preempted(Exception):
 
 
 class PreemptionFlag:
-    """SIGUSR1 (SLURM's --signal) and SIGTERM set a flag; the loop checks it at step boundaries only, so a
-    checkpoint is never written from inside a signal handler or half-way through an update."""
+    """SIGUSR1 (SLURM's --signal) and SIGTERM set a flag; the loop reads it at poll steps only (Trainer._poll), so
+    a checkpoint is never written from inside a signal handler or half-way through an update."""
 
     def __init__(self, signals=(signal.SIGUSR1, signal.SIGTERM)):
         self.signum = None
@@ -235,7 +239,6 @@ class Trainer:
         self.step = 0
         self.nimg = 0
         self.skipped = {"nan_samples": 0, "nonfinite_steps": 0}
-        self.consecutive_skips = 0
         self.k = None  # steps of a few-step generator's chain trained this iteration (None: all)
         self.ground_truth = None  # a toy run's reference and teacher sampler sets never change: built once
         self.pending = None  # (folder, train state, this rank's write Future) of a checkpoint being written
@@ -246,6 +249,14 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log = MetricLog(self.run_dir, self.backend.is_main)
         self.rng = torch.Generator(device=self.device).manual_seed(tr.seed + 1)
+        # Kept on the device and read only at log, checkpoint and poll steps, so a step that does none of these
+        # never waits for the device: [NaN samples on this rank, skipped steps (rank 0 alone counts them: every
+        # rank skips alike)] since the last skip_counts(); the skips of the current run of skipped steps; the
+        # updates applied this step (1 or 0); the first step at which each of _STOPS held.
+        self.unread = torch.zeros(2, dtype=torch.int64, device=self.device)
+        self.skip_run = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.step_applied = torch.ones((), device=self.device)
+        self.stops = torch.full((len(_STOPS),), NEVER, dtype=torch.int64, device=self.device)
         self.resume()
         self.log.truncate(self.step)  # after any restart, resumed or not
         self.shard_counts: dict = {}  # bad-data counts per shard in the last metrics row
@@ -311,7 +322,7 @@ class Trainer:
             for k, v in metrics.items():
                 parts.setdefault(k, []).append(v)
         norm, applied = trainable.step()
-        return self._finish({k: torch.cat(v) for k, v in parts.items()}, name, norm, applied, bad)
+        return self._finish({k: torch.cat(v) for k, v in parts.items()}, name, norm, applied.to(self.device), bad)
 
     def fake_score_phase(self) -> dict[str, torch.Tensor]:
         cond = self.networks.encoder(self.stream.next_batch(self.local_batch))
@@ -338,11 +349,16 @@ class Trainer:
             return self._accumulate(self.generator, micro_loss, "generator", backward_in_autocast=True)
 
     def _finish(self, metrics, name, norm, applied, nan) -> dict[str, torch.Tensor]:
-        self.skipped["nan_samples"] += int(nan)  # after step(), whose norm check has synchronised already
-        self.skipped["nonfinite_steps"] += int(not applied)
-        out = {k: v[torch.isfinite(v)].mean() for k, v in metrics.items()}
+        """The phase's metrics and counts, all left on the device (no boolean mask: its size would be read back)."""
+        skipped = (1 - applied).long() * int(self.backend.is_main)
+        self.unread += torch.stack([nan, skipped])
+        self.step_applied = self.step_applied * applied
+        out = {}
+        for k, v in metrics.items():  # the mean of the finite values: NaN where none is
+            finite = torch.isfinite(v)
+            out[k] = torch.where(finite, v, 0).sum() / finite.sum()
         out[f"{name}/grad_norm"] = norm.detach()
-        out[f"{name}/applied"] = torch.tensor(float(applied))
+        out[f"{name}/applied"] = applied
         return out
 
     def lr_factor(self) -> float:
@@ -353,42 +369,78 @@ class Trainer:
         return o.lr_min_ratio + (1 - o.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def train_step(self) -> dict[str, torch.Tensor]:
-        steps = self.cfg.generator.steps
-        # a few-step generator trains a random prefix of its chain, the same for both phases and all ranks
-        self.k = None if steps == 1 else int(torch.randint(1, steps + 1, (1,), generator=self.rng, device=self.device))
+        steps, seed = self.cfg.generator.steps, self.cfg.train.seed
+        # A few-step generator trains a random prefix of its chain, the same for both phases and all ranks. It sets
+        # how many networks run, so the host needs it: drawn there, from (seed, step), not read back from the device.
+        self.k = None if steps == 1 else int(np.random.default_rng([seed, _K_DRAWS, self.step]).integers(1, steps + 1))
         factor = self.lr_factor()
         for trainable, lr in ((self.generator, self.cfg.optim.lr_generator),
                               (self.fake_score, self.cfg.optim.lr_fake_score)):
             for group in trainable.optimizer.param_groups:
                 group["lr"] = lr * factor
         metrics = {"lr_factor": torch.tensor(factor)}
+        self.step_applied = torch.ones((), device=self.device)
         for _ in range(self.cfg.train.fake_steps):
             metrics |= self.fake_score_phase()
         metrics |= self.generator_phase()
-        self._stop_on_nonfinite_weights()
         self.nimg += self.cfg.train.batch_size
         self.step += 1
-        all_applied = all(bool(v) for k, v in metrics.items() if k.endswith("/applied"))
-        self.consecutive_skips = 0 if all_applied else self.consecutive_skips + 1
+        self._note_stops()
         tr = self.cfg.train
         self.ema.update(self.generator, EMA.beta(tr.batch_size, self.nimg, tr.ema_halflife_nimg, tr.ema_rampup))
         return metrics
 
-    def _stop_on_nonfinite_weights(self) -> None:
-        """Checked after every iteration's updates, before the EMA or any checkpoint can take the weights in: so
-        every checkpoint, the one the consecutive-skip stop writes included, holds finite weights."""
-        broken = [name for name, tr in self._trainables().items() if not tr.weights_finite()]
-        if not self.backend.any(bool(broken)):  # sharded weights: another rank's shard may be the broken one
-            return
-        self.finish_checkpoint()  # an asynchronous checkpoint in flight holds an earlier, finite step
-        last = checkpoint.latest_checkpoint(self.run_dir)
-        what = f"{' and '.join(broken)} weights" if broken else "weights on another rank"
-        raise TrainingError(
-            f"the {what} became non-finite in the update of step "
-            f"{self.step + 1}; nothing was saved from it. The last good state is "
-            + (f"{last} (run the same command to resume from it)" if last is not None else
-               f"not saved: {self.run_dir} has no complete checkpoint")
-            + ". Lower the learning rates, set optim.grad_clip, or use train.precision=fp32")
+    def _note_stops(self) -> None:
+        """Record on the device the first step whose update made a network's weights non-finite (a finite gradient
+        can still step to inf: an overflowing learning rate) and the first at which max_consecutive_skips steps in a
+        row were skipped. _poll reads them."""
+        self.skip_run = (self.skip_run + 1) * (1 - self.step_applied).long()
+        held = torch.stack([*(~tr.weights_finite() for tr in self._trainables().values()),
+                            self.skip_run >= self.cfg.train.max_consecutive_skips])
+        self.stops = torch.minimum(self.stops, torch.where(held, self.step, NEVER))
+
+    def skip_counts(self) -> dict[str, int]:
+        """NaN samples and skipped steps over all ranks since the run began (a collective: every rank calls it)."""
+        nan, steps = self.backend.reduce(self.unread, "sum")
+        self.unread.zero_()
+        self.skipped = {"nan_samples": self.skipped["nan_samples"] + nan,
+                        "nonfinite_steps": self.skipped["nonfinite_steps"] + steps}
+        return self.skipped
+
+    def _poll(self, signum: int | None) -> None:
+        """Read, over all ranks and in one reduction, what the host must act on: the stop conditions the device
+        recorded, a preemption signal, whether an asynchronous checkpoint is written. Every write of weights (a
+        checkpoint, sample grids, an evaluation) comes at a poll step, after the poll: so weights from an update at
+        or after one that went non-finite are never saved. The EMA may have taken them in meanwhile; it is never
+        saved either, as the run stops here."""
+        done = self.pending is None or self.pending[2] is None or self.pending[2].done()
+        host = torch.tensor([int(signum is None), int(done)], device=self.device)
+        *stops, quiet, all_done = self.backend.reduce(torch.cat([self.stops, host]), "min")
+        at = dict(zip(_STOPS, stops))
+        broken = [name for name in ("generator", "fake_score") if at[name] != NEVER]
+        if broken:
+            self.finish_checkpoint()  # an asynchronous checkpoint in flight holds an earlier, finite step
+            last = checkpoint.latest_checkpoint(self.run_dir)
+            raise TrainingError(
+                f"the {' and '.join(broken)} weights became non-finite in the update of step "
+                f"{min(at[name] for name in broken)}; nothing was saved from it. The last good state is "
+                + (f"{last} (run the same command to resume from it)" if last is not None else
+                   f"not saved: {self.run_dir} has no complete checkpoint")
+                + ". Lower the learning rates, set optim.grad_clip, or use train.precision=fp32")
+        if at["skips"] != NEVER:
+            folder = self.save_checkpoint()
+            max_skips = self.cfg.train.max_consecutive_skips
+            raise TrainingError(
+                f"{max_skips} steps in a row (up to step {at['skips']}) had non-finite gradients; stopped at step "
+                f"{self.step} with the last good weights in {folder}. Lower the learning rates, set optim.grad_clip, "
+                "use train.precision=fp32, or check the teacher and the prompts")
+        if not quiet:
+            folder = self.save_checkpoint()
+            self.log.close()
+            log.warning("signal %s: checkpoint %s written at step %d; exiting for requeue", signum, folder, self.step)
+            raise Preempted(folder)
+        if self.pending is not None and all_done:
+            self.finish_checkpoint()
 
     # ---- the run ----
 
@@ -455,38 +507,28 @@ class Trainer:
 
     def _loop(self, total_steps, bar, last_time, last_nimg, flag: PreemptionFlag) -> None:
         tr = self.cfg.train
+        due = lambda every: every and self.step % every == 0
         while self.step < total_steps:
             metrics = self.train_step()
-            if self.consecutive_skips >= tr.max_consecutive_skips:
-                folder = self.save_checkpoint()
-                raise TrainingError(
-                    f"{self.consecutive_skips} steps in a row had non-finite gradients; stopped at step {self.step} "
-                    f"with the last good weights in {folder}. Lower the learning rates, set optim.grad_clip, use "
-                    "train.precision=fp32, or check the teacher and the prompts")
             if bar is not None:
                 bar.update(1)
-            if tr.log_every and self.step % tr.log_every == 0:
+            if (due(tr.poll_every) or due(tr.sample_every) or due(tr.eval_every) or due(tr.checkpoint_every)
+                    or self.step == total_steps):
+                self._poll(flag.signum)
+            if due(tr.log_every):
                 values = self.backend.mean(metrics)
                 now = time.perf_counter()
-                values |= {"images_per_s": (self.nimg - last_nimg) / (now - last_time), **self.skipped,
+                values |= {"images_per_s": (self.nimg - last_nimg) / (now - last_time), **self.skip_counts(),
                            **self._data_counts()}
                 last_time, last_nimg = now, self.nimg
                 self.log.write(self.step, self.nimg, values)
                 if bar is not None:
                     bar.set_postfix(gen=f"{values['generator/loss']:.3g}", fake=f"{values['fake_score/loss']:.3g}")
-            if tr.sample_every and self.step % tr.sample_every == 0:
+            if due(tr.sample_every):
                 self.save_samples()
-            if tr.eval_every and self.step % tr.eval_every == 0:
+            if due(tr.eval_every):
                 self.evaluate()
-            if self.backend.any(flag.signum is not None):
-                folder = self.save_checkpoint()
-                self.log.close()
-                log.warning("signal %s: checkpoint %s written at step %d; exiting for requeue", flag.signum,
-                            folder, self.step)
-                raise Preempted(folder)
-            if self.pending is not None and self.backend.all(self.pending[2] is None or self.pending[2].done()):
-                self.finish_checkpoint()
-            if tr.checkpoint_every and self.step % tr.checkpoint_every == 0:
+            if due(tr.checkpoint_every):
                 self.save_checkpoint(asynchronous=tr.async_checkpoint)
 
     @torch.no_grad()
@@ -581,7 +623,7 @@ class Trainer:
         written = self.backend.save(folder, self._trainables(), self.ema.state_dict(), rank_state, asynchronous)
         data = self.backend.gather(self.stream.state_dict())  # every rank has its own stream position
         state = {"step": self.step, "nimg": self.nimg, "world_size": self.backend.world_size,
-                 "skipped": dict(self.skipped), "data": data, "config": to_dict(self.cfg)}
+                 "skipped": dict(self.skip_counts()), "data": data, "config": to_dict(self.cfg)}
         self.pending = (folder, state, written)
         return folder.with_suffix("") if asynchronous else self.finish_checkpoint()
 

@@ -145,11 +145,11 @@ def test_a_nan_sample_skips_the_update_and_is_counted(tmp_path):
         undo()
         assert not changed(before, trainable.module), (skips, name)
         assert metrics[f"{name}/applied"] == 0 and not torch.isfinite(metrics[f"{name}/grad_norm"])
-        assert tr.skipped == {"nan_samples": skips + 1, "nonfinite_steps": skips + 1}
+        assert tr.skip_counts() == {"nan_samples": skips + 1, "nonfinite_steps": skips + 1}
         metrics = phase()
         assert metrics[f"{name}/applied"] == 1 and changed(before, trainable.module), (skips, name)
         assert all(torch.isfinite(v).all() for v in trainable.module.state_dict().values())
-        assert tr.skipped == {"nan_samples": skips + 1, "nonfinite_steps": skips + 1}
+        assert tr.skip_counts() == {"nan_samples": skips + 1, "nonfinite_steps": skips + 1}
 
 
 def test_metrics_log_keeps_what_a_restart_does_not_redo(tmp_path, caplog, monkeypatch):
@@ -278,7 +278,7 @@ def test_nonfinite_gradient_skips_the_update(tmp_path):
     tr.objective.generator_loss = lambda *a, **k: (inner(*a, **k)[0] * float("inf"), {})
     before = snapshot(tr.generator.module)
     tr.generator_phase()
-    assert tr.skipped["nonfinite_steps"] == 1
+    assert tr.skip_counts()["nonfinite_steps"] == 1
     assert not changed(before, tr.generator.module)
 
 
@@ -315,7 +315,7 @@ def test_preemption_signal_checkpoints_then_resume_matches(tmp_path):
 
     full = make(tmp_path / "full")
     full.run()
-    tr = make(tmp_path / "pre", "train.checkpoint_every=0")
+    tr = make(tmp_path / "pre", "train.checkpoint_every=0", "train.poll_every=4")
     inner = tr.train_step
 
     def step_then_signal():
@@ -327,9 +327,10 @@ def test_preemption_signal_checkpoints_then_resume_matches(tmp_path):
     tr.train_step = step_then_signal
     with pytest.raises(Preempted):
         tr.run()
-    assert [p.name for p in complete_checkpoints(tmp_path / "pre")] == ["step-000000003"]
+    # the signal at step 3 is read at the next poll, step 4
+    assert [p.name for p in complete_checkpoints(tmp_path / "pre")] == ["step-000000004"]
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGUSR1))
-    # the same command again resumes at step 3 and ends where the uninterrupted run did
+    # the same command again resumes at step 4 and ends where the uninterrupted run did
     args = [*TINY_TOY, f"train.run_dir={tmp_path / 'pre'}", "train.checkpoint_every=0"]
     assert main(["train", "-", *args]) == 0
     resumed = make(tmp_path / "pre", "train.checkpoint_every=0")
@@ -339,12 +340,13 @@ def test_preemption_signal_checkpoints_then_resume_matches(tmp_path):
     assert PREEMPTED_EXIT == 75
 
 
-def test_consecutive_nonfinite_steps_stop_the_run_on_its_last_good_state(tmp_path):
-    import pytest
-
+@pytest.mark.parametrize("poll_every,stop_step", [(1, 5), (4, 8)])
+def test_consecutive_nonfinite_steps_stop_the_run_on_its_last_good_state(tmp_path, poll_every, stop_step):
+    """Steps 3, 4, 5, ... are non-finite; the third in a row is seen at the first poll from step 5 on."""
     from bigsid.trainer import TrainingError
 
-    tr = make(tmp_path, "train.max_consecutive_skips=3", "train.checkpoint_every=0")
+    args = ["train.max_consecutive_skips=3", "train.checkpoint_every=0", f"train.poll_every={poll_every}"]
+    tr = make(tmp_path, *args)
     inner = tr.objective.generator_loss
     good = {}
 
@@ -355,12 +357,18 @@ def test_consecutive_nonfinite_steps_stop_the_run_on_its_last_good_state(tmp_pat
         return (loss * float("nan") if tr.step >= 2 else loss), metrics
 
     tr.objective.generator_loss = poisoned
-    with pytest.raises(TrainingError, match="3 steps in a row"):
+    with pytest.raises(TrainingError, match=f"3 steps in a row \\(up to step 5\\).*stopped at step {stop_step}"):
         tr.run()
-    assert tr.step == 5 and tr.skipped["nonfinite_steps"] == 3
-    saved = make(tmp_path, "train.max_consecutive_skips=3", "train.checkpoint_every=0")
-    assert saved.step == 5
+    assert tr.step == stop_step and saved_skips(tmp_path) == stop_step - 2
+    saved = make(tmp_path, *args)
+    assert saved.step == stop_step
     assert not changed(good, saved.generator.module)
+
+
+def saved_skips(run_dir) -> int:
+    from bigsid.checkpoint import latest_checkpoint, read_state
+
+    return read_state(latest_checkpoint(run_dir))["skipped"]["nonfinite_steps"]
 
 
 @pytest.mark.parametrize("network,checkpoint_every,last_good",
@@ -387,7 +395,8 @@ def test_nonfinite_weights_stop_the_run_and_are_never_saved(tmp_path, network, c
     expected = re.escape(f"{tmp_path / 'checkpoints' / last_good} (run") if last_good else "no complete checkpoint"
     with pytest.raises(TrainingError, match=f"{network} weights became non-finite in the update of step 4.*{expected}"):
         tr.run()
-    assert tr.step == 3  # the broken step is not counted
+    # seen at the first poll from step 4 on: the checkpoint step 4, or the default poll at step 10
+    assert tr.step == (4 if checkpoint_every else 10)
     assert [p.name for p in complete_checkpoints(tmp_path)] == ([last_good] if last_good else [])
     for file in tmp_path.glob("checkpoints/*/*.safetensors"):  # partial folders included
         assert all(torch.isfinite(v).all() for v in load_file(file).values()), file

@@ -54,22 +54,28 @@ class Trainable:
         norm = nn.utils.clip_grad_norm_(self.params, self.grad_clip if self.grad_clip > 0 else float("inf"))
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # sharded: the global norm
 
-    def weights_finite(self) -> bool:
-        """Whether this rank's part of the trained weights is all finite (the caller combines ranks): a finite
-        gradient can still step to inf or NaN (an overflowing learning rate). One fused pass: the max-abs norm,
-        NaN if any element is, and unlike a sum of squares it cannot overflow on finite weights."""
+    def weights_finite(self) -> torch.Tensor:
+        """Whether this rank's part of the trained weights is all finite, as a bool on the device (the caller
+        combines ranks and reads it when it must): a finite gradient can still step to inf or NaN (an overflowing
+        learning rate). One fused pass: the max-abs norm, NaN if any element is, and unlike a sum of squares it
+        cannot overflow on finite weights."""
         norms = torch._foreach_norm(local_shards(self.stored_params()), float("inf"))
-        return bool(torch.isfinite(torch.stack(norms)).all())
+        return torch.isfinite(torch.stack(norms)).all()
 
-    def step(self) -> tuple[torch.Tensor, bool]:
-        """(gradient norm, whether the update was applied). The norm is global, so every rank decides alike,
-        and a non-finite one never reaches the weights."""
+    def step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gradient norm, 1.0 if the update was applied else 0.0), both on the device. The norm is global, so
+        every rank decides alike, and a non-finite one never reaches the weights. The decision stays on the device:
+        the fused Adam kernel takes it as `found_inf` (GradScaler's protocol) and then leaves weights, moments and
+        step count as they were, which is what not calling step() would do, without the host reading the norm."""
         norm = self.grad_norm()
-        finite = bool(torch.isfinite(norm))
-        if finite:
+        skip = (~torch.isfinite(norm)).float()
+        self.optimizer.found_inf = skip
+        try:
             self.optimizer.step()
+        finally:
+            del self.optimizer.found_inf
         self.optimizer.zero_grad(set_to_none=True)
-        return norm, finite
+        return norm, 1.0 - skip
 
     @contextlib.contextmanager
     def frozen(self):
@@ -111,23 +117,22 @@ class Backend:
     def make_optimizer(self, module: nn.Module, lr: float) -> torch.optim.Optimizer:
         o = self.cfg.optim
         params = [p for p in module.parameters() if p.requires_grad]
-        return torch.optim.Adam(params, lr=lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+        # fused: one kernel per step, and the one Adam implementation that skips a non-finite step on the device
+        return torch.optim.Adam(params, lr=lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
+                                fused=True)
 
     def autocast(self):
         enabled = self.cfg.train.precision == "bf16"
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def mean(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Mean of each scalar over ranks."""
+        """Mean of each scalar over ranks, read to the host (a synchronisation: for log steps)."""
         return {k: float(v) for k, v in values.items()}
 
-    def any(self, flag: bool) -> bool:
-        """True on every rank if `flag` is true on any rank (preemption, stop requests)."""
-        return flag
-
-    def all(self, flag: bool) -> bool:
-        """True on every rank if `flag` is true on every rank."""
-        return not self.any(not flag)
+    def reduce(self, values: torch.Tensor, op: str) -> list:
+        """A 1-D tensor reduced elementwise over ranks ("sum", "min" or "max") and read to the host, one
+        synchronisation for everything the loop must know at a step boundary."""
+        return values.tolist()
 
     def gather(self, obj) -> list:
         """Every rank's `obj`, in rank order (on every rank)."""

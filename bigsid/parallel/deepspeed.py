@@ -93,10 +93,6 @@ def engine_config(cfg, world_size: int, user: dict) -> dict:
         "zero_allow_untested_optimizer": True,  # bigsid's torch.optim.Adam, partitioned by ZeRO
         "steps_per_print": 2**62,  # bigsid logs its own metrics
     }
-    if stage == 3:
-        # Every parameter partitioned, none kept whole: the EMA lives on the partitions, and a whole copy
-        # would go stale when EMA weights are swapped in for sampling.
-        ours["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     flat_ours, flat_user = _flatten(ours), _flatten(user)
     for key, value in flat_user.items():
         if key in flat_ours and flat_ours[key] != value:
@@ -135,11 +131,32 @@ def _partitioned(p: torch.Tensor) -> bool:
 
 class DeepSpeedTrainable(Trainable):
     """A trained network inside its engine: the engine does backward, reduction, clipping and the step, and
-    skips a step whose global gradient norm is not finite (on every rank alike)."""
+    skips a step whose global gradient norm is not finite (on every rank alike).
+
+    Under ZeRO-3, parameters of at most stage3_param_persistence_threshold elements (DeepSpeed's default, 1e5:
+    biases, norms, small convolutions) stay whole on every rank between steps, so they are not gathered at each use.
+    Their partitions remain what is stored (the EMA, checkpoints), and DeepSpeed rebuilds the whole copies from them
+    after each step; a write into the partitions at any other time (the EMA swapped in for sampling and swapped back)
+    leaves the whole copies stale until they are rebuilt here, before the next forward."""
 
     def __init__(self, engine, grad_clip: float):
         super().__init__(engine, engine.optimizer, grad_clip, inner=engine.module)
         self.engine = engine
+        self.persistent = [p for p in self.params if getattr(p, "ds_persist", False)]
+        self.rebuilt_from = self._partition_versions()
+        if self.persistent:
+            self.inner.register_forward_pre_hook(lambda module, args: self._rebuild_persistent())
+
+    def _partition_versions(self) -> list[int]:
+        """In-place writes into the persistent parameters' partitions, counted by autograd's version counters."""
+        return [p.ds_tensor._version for p in self.persistent]
+
+    def _rebuild_persistent(self) -> None:
+        # Every rank swaps and steps alike, so every rank sees the same versions and joins the same all-gather.
+        if self._partition_versions() != self.rebuilt_from:
+            self.persistent[0].partition(self.persistent)  # frees the whole copies, keeps the partitions
+            self.persistent[0].all_gather(self.persistent)
+            self.rebuilt_from = self._partition_versions()
 
     def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
         # the trainer already divides each micro-batch's loss by the whole batch
@@ -147,11 +164,13 @@ class DeepSpeedTrainable(Trainable):
         if not sync:
             self.engine.step()  # a micro-step inside the accumulation: DeepSpeed only counts it
 
-    def step(self) -> tuple[torch.Tensor, bool]:
+    def step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # ZeRO decides the skip on the host itself (its overflow check reads the norm), so this step synchronises
         self.engine.step()
+        self.rebuilt_from = self._partition_versions()  # the engine rebuilt the whole copies after its update
         norm = self.engine.get_global_grad_norm()
         norm = torch.tensor(float("nan") if norm is None else float(norm))
-        return norm, bool(torch.isfinite(norm))
+        return norm, torch.isfinite(norm).float()
 
     def stored_params(self) -> list[torch.Tensor]:
         # stage 3: each parameter's own partition (flat, padded); stage 2: the whole parameter

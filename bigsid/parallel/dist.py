@@ -42,10 +42,10 @@ class Collectives:
         dist.all_reduce(stacked)
         return dict(zip(names, (stacked / dist.get_world_size()).tolist()))
 
-    def any(self, flag: bool) -> bool:
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
+    def reduce(self, values, op):
+        values = values.detach().clone()
+        dist.all_reduce(values, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
+        return values.tolist()
 
     def gather(self, obj) -> list:
         out = [None] * dist.get_world_size()

@@ -1,0 +1,78 @@
+"""No host synchronisation in a step that does not log, sample, evaluate, checkpoint or poll.
+
+On an accelerator the host waits for the device whenever it reads a value back (`.item()`, `bool(tensor)`, a
+boolean mask's size, an all-reduced flag) and the queue of launched work drains. Tests run on the CPU, where such
+reads cost nothing, so they are counted instead: every dispatched op whose result is a host value or whose output
+shape depends on tensor values (torch tags these data_dependent_output and dynamic_output_shape), and the calls
+that read outside the dispatcher (tolist, numpy, torch.cuda.synchronize)."""
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from bigsid.config import load_config
+from bigsid.trainer import Trainer
+from conftest import TINY_TOY
+
+WAITS = (torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape)
+
+
+def waits_for_device(func, args) -> bool:
+    if func is torch.ops.aten.index.Tensor:  # integer indices are plain gathers; a boolean mask has a data size
+        return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1])
+    return any(tag in func.tags for tag in WAITS)
+
+
+class HostReads(TorchDispatchMode):
+    """Records (what, where) for every read; `where` is what the test says the code is doing at the time."""
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.where, self.reads = "set-up", []
+        for name in ("tolist", "numpy"):
+            monkeypatch.setattr(torch.Tensor, name, self._counted(name, getattr(torch.Tensor, name)))
+        monkeypatch.setattr(torch.cuda, "synchronize", self._counted("cuda.synchronize", torch.cuda.synchronize))
+
+    def _counted(self, name, inner):
+        def call(*args, **kwargs):
+            self.reads.append((name, self.where))
+            return inner(*args, **kwargs)
+        return call
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if waits_for_device(func, args):
+            self.reads.append((str(func), self.where))
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_counter_sees_each_kind_of_host_read(monkeypatch):
+    t = torch.tensor([1.0, float("nan")])
+    with HostReads(monkeypatch) as reads:
+        float(t[0]), bool(t[0] > 0), t[torch.isfinite(t)], t.tolist(), t[torch.tensor([1])]  # the last one: no read
+    assert [r for r, _ in reads.reads] == ["aten._local_scalar_dense.default"] * 2 + ["aten.index.Tensor", "tolist"]
+
+
+def test_steps_between_polls_never_wait_for_the_device(tmp_path, monkeypatch):
+    """Ten steps polling every 5, logging every 5, a few-step generator (its prefix length is drawn on the host) and
+    a NaN sample at step 3 (skipped, counted): host reads only at steps 5 and 10, outside train_step."""
+    tr = Trainer(load_config(None, [*TINY_TOY, f"train.run_dir={tmp_path}", "train.total_nimg=320",
+                                    "train.poll_every=5", "train.log_every=5", "train.checkpoint_every=0",
+                                    "generator.steps=2"]))
+    inner_step, inner_loss = tr.train_step, tr.objective.generator_loss
+
+    def step():
+        reads.where = "train_step"
+        try:
+            return inner_step()
+        finally:
+            reads.where = f"after step {tr.step}"
+
+    def loss(*args, **kwargs):
+        value, metrics = inner_loss(*args, **kwargs)
+        return (value.index_fill(0, torch.tensor([0]), float("nan")) if tr.step == 2 else value), metrics
+
+    tr.train_step, tr.objective.generator_loss = step, loss
+    with HostReads(monkeypatch) as reads:
+        tr._loop(10, None, 0.0, 0, flag=type("NoSignal", (), {"signum": None})())
+    assert tr.step == 10
+    assert {where for _, where in reads.reads} == {"after step 5", "after step 10"}, reads.reads
+    assert tr.skipped == {"nan_samples": 1, "nonfinite_steps": 1}
