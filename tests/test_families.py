@@ -1,0 +1,142 @@
+"""Teacher families on tiny random pipelines saved to disk: detection, conditioning as the stock pipeline encodes
+it, the objectives' fixed point on every family (flow included), training steps, bad input."""
+
+import copy
+import json
+import logging
+
+import pytest
+import torch
+
+from bigsid.config import ObjectiveConfig, load_config
+from bigsid.families import FAMILIES, TeacherError, load_teacher
+from bigsid.objectives import build_objective
+from bigsid.tiny import build_pipeline
+from bigsid.trainer import Trainer
+from conftest import TINY_TOY
+
+PROMPTS = ["a red cube", "two cats on a sofa", ""]
+
+
+@pytest.fixture(scope="module", params=["sdxl", "pixart", "sd3"])
+def family_dir(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param) / "pipe"
+    build_pipeline(request.param).save_pretrained(folder)
+    return request.param, folder
+
+
+@torch.no_grad()
+def test_conditioning_is_what_the_stock_pipeline_encodes(family_dir):
+    """Bit for bit: the same tokenizers, layers, padding and empty prompt as the family's own encode_prompt."""
+    from diffusers import DiffusionPipeline
+
+    name, folder = family_dir
+    teacher = load_teacher(str(folder))
+    assert teacher.family is FAMILIES[name]
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    cond = teacher.encoder(PROMPTS)
+    if name == "sdxl":
+        emb, neg, pooled, neg_pooled = pipe.encode_prompt(PROMPTS, device="cpu", negative_prompt=None)
+        size = pipe._get_add_time_ids((64, 64), (0, 0), (64, 64), emb.dtype,
+                                      pipe.text_encoder_2.config.projection_dim)
+        assert torch.equal(cond.size, size.expand(len(PROMPTS), -1))
+        # force_zeros_for_empty_prompt: the stock negative is zeros, not the encoded ""
+        assert not neg.any() and not cond.uncond.emb.any() and not cond.uncond.pooled.any()
+    elif name == "pixart":
+        emb, mask, _, _ = pipe.encode_prompt(PROMPTS, device="cpu", max_sequence_length=300)
+        _, _, neg, neg_mask = pipe.encode_prompt([""], device="cpu", max_sequence_length=300)
+        assert torch.equal(cond.mask, mask) and torch.equal(cond.uncond.mask, neg_mask)
+        assert torch.equal(cond.uncond.emb, neg)
+        assert cond.mask.sum(1).tolist()[:2] == [len(p) + 2 for p in PROMPTS[:2]]  # one piece a char, "▁", </s>
+        assert cond.size.tolist()[0] == [64, 64, 1.0]
+    else:
+        emb, _, pooled, _ = pipe.encode_prompt(PROMPTS, PROMPTS, PROMPTS, device="cpu")
+        # the empty prompt is encoded once, alone: compared with the stock encoding of a batch of one
+        _, neg, _, neg_pooled = pipe.encode_prompt([""], [""], [""], device="cpu")
+        assert torch.equal(cond.uncond.emb, neg) and torch.equal(cond.uncond.pooled, neg_pooled)
+    assert torch.equal(cond.emb, emb)
+    if cond.pooled is not None:
+        assert torch.equal(cond.pooled, pooled)
+
+
+@pytest.mark.parametrize("objective", ["sid", "sim", "dmd"])
+def test_fixed_point_on_every_family(family_dir, objective):
+    """A fake score equal to the teacher gives the generator no gradient, guided or not, on VP and flow alike; a
+    fake score that differs gives one. In float64: teacher and fake score run the same operations, so their
+    contributions to the input gradient are equal and opposite bit for bit, and only their accumulation rounds (a few
+    additions of terms no larger than one network's contribution T, each within 2^-53): 1e-9 |T| leaves a margin
+    of 10^6 for the guided halves of T cancelling each other. DMD does not differentiate through the networks, so its
+    gradient (f_psi - f_phi) w is exactly 0."""
+    from bigsid.models import predict
+
+    _, folder = family_dir
+    teacher = load_teacher(str(folder))
+    net, schedule = teacher.denoiser.requires_grad_(False).double(), teacher.schedule
+    cfg = ObjectiveConfig(name=objective, kappa2=2.0, kappa3=2.0, kappa4=2.0)
+    obj = build_objective(cfg, schedule)
+    gen = torch.Generator().manual_seed(0)
+    x_gen = torch.randn(3, *teacher.latent_shape, generator=gen, dtype=torch.float64).requires_grad_(True)
+    eps = torch.randn(x_gen.shape, generator=gen, dtype=torch.float64)
+    t = torch.tensor([30, 500, 970])
+    cond = teacher.encoder(PROMPTS).to(torch.float64)
+
+    def grad(fake_score):
+        loss, _ = obj.generator_loss(net, fake_score, x_gen, cond, t, eps)
+        return torch.autograd.grad(loss.sum(), x_gen)[0]
+
+    f_phi = predict(net, schedule, schedule.add_noise(x_gen, eps, t), t, cond, 2.0)
+    one_side = torch.autograd.grad((f_phi * (f_phi - x_gen).detach()).sum(), x_gen)[0]
+    residual = grad(copy.deepcopy(net))
+    bound = 0.0 if objective == "dmd" else 1e-9 * one_side.norm()
+    assert residual.norm() <= bound and one_side.norm() > 0
+    other = copy.deepcopy(net)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    assert grad(other).norm() > 1e-3 * one_side.norm()
+
+
+def test_training_steps_run_on_every_family(family_dir, tmp_path):
+    name, folder = family_dir
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\ntwo cats on a sofa\na house by a lake\n")
+    t_init = "generator.t_init=999" if name == "sd3" else "generator.t_init=625"
+    tr = Trainer(load_config(None, [*TINY_TOY, "teacher.kind=diffusers", f"teacher.path={folder}",
+                                    f"train.run_dir={tmp_path / 'run'}", "data.source=text", f"data.path={prompts}",
+                                    "train.batch_size=2", "train.total_nimg=4", "train.checkpoint_every=0",
+                                    "objective.kappa1=1.5", "objective.kappa2=1.5", "objective.kappa3=1.5",
+                                    "objective.kappa4=1.5", t_init]))
+    before = {k: v.clone() for k, v in tr.generator.module.state_dict().items()}
+    tr.run()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r[k] for r in rows for k in ("generator/loss", "fake_score/loss") if k in r]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+    after = tr.generator.module.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_long_prompts_are_truncated_to_t5s_limit_and_said_once(tmp_path, caplog):
+    folder = tmp_path / "pixart"
+    build_pipeline("pixart").save_pretrained(folder)
+    teacher = load_teacher(str(folder), text_max_length=16)
+    with caplog.at_level(logging.WARNING, logger="bigsid.text"):
+        cond = teacher.encoder(["x" * 40, "short"])
+        teacher.encoder(["y" * 40])
+    assert cond.emb.shape[1] == 16 and cond.mask[0].all()
+    assert sum("truncated" in r.message for r in caplog.records) == 1
+
+
+def test_bad_teachers_are_refused_before_any_long_work(tmp_path, teacher_dir):
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+    with pytest.raises(TeacherError, match="KandinskyPipeline.*supported pipelines are StableDiffusionPipeline"):
+        load_teacher(str(odd))
+    with pytest.raises(TeacherError, match="text_max_length=77 applies to T5 encoders"):
+        load_teacher(str(teacher_dir), text_max_length=77)
+    folder = tmp_path / "sd3"
+    build_pipeline("sd3").save_pretrained(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps(index | {"text_encoder_3": [None, None]}))
+    with pytest.raises(TeacherError, match="no text encoder text_encoder_3"):
+        load_teacher(str(folder))
