@@ -145,7 +145,8 @@ class DeepSpeedTrainable(Trainable):
         self.persistent = [p for p in self.params if getattr(p, "ds_persist", False)]
         self.rebuilt_from = self._partition_versions()
         if self.persistent:
-            self.inner.register_forward_pre_hook(lambda module, args: self._rebuild_persistent())
+            # before the engine's own hooks fetch anything for this forward
+            self.inner.register_forward_pre_hook(lambda module, args: self._rebuild_persistent(), prepend=True)
 
     def _partition_versions(self) -> list[int]:
         """In-place writes into the persistent parameters' partitions, counted by autograd's version counters."""
@@ -154,7 +155,9 @@ class DeepSpeedTrainable(Trainable):
     def _rebuild_persistent(self) -> None:
         # Every rank swaps and steps alike, so every rank sees the same versions and joins the same all-gather.
         if self._partition_versions() != self.rebuilt_from:
-            self.persistent[0].partition(self.persistent)  # frees the whole copies, keeps the partitions
+            # every parameter back to its partition (gathers in flight finished first), then the persistent ones
+            # gathered whole again: what the engine itself does around loading a checkpoint
+            self.engine.empty_partition_cache()
             self.persistent[0].all_gather(self.persistent)
             self.rebuilt_from = self._partition_versions()
 
