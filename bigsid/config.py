@@ -147,6 +147,8 @@ class TrainConfig:
     compile: bool = False
     channels_last: bool = False  # the UNets' weights and input in NHWC, the layout GPU convolutions run fastest in
     progress: bool = True
+    # Also log to this Weights & Biases project (pip install 'bigsid[wandb]'); empty: metrics.jsonl and TensorBoard
+    wandb_project: str = ""
 
 
 @dataclass
@@ -353,6 +355,9 @@ def validate(cfg: Config, check_data: bool = True) -> Config:
            "train.activation_checkpointing", "a list of generator, fake_score, teacher", tr.activation_checkpointing)
     _check(tr.max_consecutive_skips >= 1, "train.max_consecutive_skips", ">= 1", tr.max_consecutive_skips)
     _check(tr.poll_every >= 1, "train.poll_every", ">= 1", tr.poll_every)
+    if tr.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"train.wandb_project = {tr.wandb_project!r} but wandb is not installed: pip install "
+                          "'bigsid[wandb]', or leave train.wandb_project empty")
     if tr.attention == "xformers":
         if importlib.util.find_spec("xformers") is None:
             raise ConfigError("train.attention = 'xformers' but xformers is not installed: "

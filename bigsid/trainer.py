@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import signal
 import time
 from pathlib import Path
@@ -107,22 +108,79 @@ class EMA:
         return dict(zip(self.names, self.shadow))
 
 
+class PhaseClock:
+    """Wall time and peak device memory of each phase (text encoding, fake-score phase, generator phase, EMA) of the
+    steps that log, and of every checkpoint, sample grid and evaluation, for the next metrics row.
+
+    A phase's time is honest only if the device has finished what was queued before it and finishes its own work
+    inside it: on CUDA the clock drains the device at both ends of each phase it times. Those waits are what the
+    timing costs, so only log steps (and checkpoints, grids and evaluations, which wait for the device anyway) pay
+    them; other steps run unclocked. Peak memory is torch's allocator peak (CUDA only: the host has no such counter,
+    and a made-up figure would mislead), reset at each timed phase; memory/peak_gib also covers the unclocked steps
+    since the last log step."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.on = False
+        self.values: dict[str, float] = {}
+
+    def start_step(self, on: bool) -> None:
+        self.on = on
+        if on and self.cuda:  # the peak since the last timed phase: the unclocked steps, checkpoints, evaluations
+            self._peak(torch.cuda.max_memory_allocated(self.device))
+
+    @contextlib.contextmanager
+    def __call__(self, name: str, always: bool = False):
+        if not (self.on or always):
+            yield
+            return
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize(self.device)
+            key = f"time/{name}_s"  # a phase run twice in a step (train.fake_steps > 1) adds up
+            self.values[key] = self.values.get(key, 0.0) + time.perf_counter() - start
+            if self.cuda:
+                peak = torch.cuda.max_memory_allocated(self.device)
+                self.values[f"memory/{name}_gib"] = max(self.values.get(f"memory/{name}_gib", 0.0), peak / 2**30)
+                self._peak(peak)
+
+    def _peak(self, allocated: int) -> None:
+        self.values["memory/peak_gib"] = max(self.values.get("memory/peak_gib", 0.0), allocated / 2**30)
+
+    def take(self) -> dict[str, float]:
+        """What was measured since the last take(), in key order (the same on every rank: every rank times alike)."""
+        values, self.values = dict(sorted(self.values.items())), {}
+        return values
+
+
 class MetricLog:
-    """metrics.jsonl (one JSON object per logged step) and TensorBoard scalars, written by rank 0.
+    """metrics.jsonl (one JSON object per logged step), TensorBoard scalars and, with train.wandb_project, Weights &
+    Biases, written by rank 0.
 
     Rows are appended, so a crash leaves at most a torn last line; truncate() then makes the file hold exactly the
     rows of the steps the restarted run will not redo. Rewrites go through a temporary file and os.replace, so a
-    crash during one leaves the old file or the new one, never a mix."""
+    crash during one leaves the old file or the new one, never a mix. Weights & Biases keeps the first row it got
+    for a step and ignores a resumed run's rows for steps it has: a resume is exact, so those hold the same values
+    (but the timings)."""
 
-    def __init__(self, run_dir: Path, enabled: bool):
+    def __init__(self, run_dir: Path, enabled: bool, wandb_project: str = "", config: dict | None = None):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
-        self.tb = None
+        self.tb = self.wandb = None
         self.resumed_at, self.resumed_rows = 0, set()  # the key sets of the rows logged at the resumed step
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            if wandb_project:
+                self.wandb = _wandb_run(run_dir, wandb_project, config or {})
 
     def write(self, step: int, nimg: int, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -134,10 +192,12 @@ class MetricLog:
             self._rewrite([r for r in self._rows() if not (r["step"] == step and r.keys() == row.keys())])
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        for k, v in values.items():
-            if isinstance(v, (int, float)) and math.isfinite(v):
-                self.tb.add_scalar(k, v, nimg)
+        scalars = {k: v for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        for k, v in scalars.items():
+            self.tb.add_scalar(k, v, nimg)
         self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log({"nimg": nimg, **scalars}, step=step)
 
     def truncate(self, step: int) -> None:
         """Keep the rows of the steps up to `step`, where training resumes: later ones are logged again by the steps
@@ -178,6 +238,23 @@ class MetricLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def _wandb_run(run_dir: Path, project: str, config: dict):
+    """A Weights & Biases run for `run_dir`, the same one after every restart: its id is kept in the run directory."""
+    try:
+        import wandb
+    except ImportError:
+        raise ImportError("train.wandb_project is set, but wandb is not installed: pip install 'bigsid[wandb]', or "
+                          "leave train.wandb_project empty (metrics.jsonl and TensorBoard log either way)") from None
+    id_file = run_dir / "wandb_id"
+    if not id_file.is_file():
+        id_file.write_text(secrets.token_hex(8))
+    return wandb.init(project=project, id=id_file.read_text().strip(), resume="allow", dir=str(run_dir),
+                      name=run_dir.name, config=config)
 
 
 def to_images(latents: torch.Tensor, networks: Networks, chunk: int = 8) -> torch.Tensor:
@@ -247,7 +324,8 @@ class Trainer:
         # the CLI builds: the trainer only calls batches/update/result and never imports the evaluation package).
         self.image_eval = image_eval
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.log = MetricLog(self.run_dir, self.backend.is_main)
+        self.log = MetricLog(self.run_dir, self.backend.is_main, tr.wandb_project, to_dict(cfg))
+        self.clock = PhaseClock(self.device)
         self.rng = torch.Generator(device=self.device).manual_seed(tr.seed + 1)
         # Kept on the device and read only at log, checkpoint and poll steps, so a step that does none of these
         # never waits for the device: [NaN samples on this rank, skipped steps (rank 0 alone counts them: every
@@ -324,24 +402,32 @@ class Trainer:
         norm, applied = trainable.step()
         return self._finish({k: torch.cat(v) for k, v in parts.items()}, name, norm, applied.to(self.device), bad)
 
+    def _encode_prompts(self):
+        """This rank's share of the next global batch of prompts, read and encoded."""
+        with self.clock("text_encoding"):
+            return self.networks.encoder(self.stream.next_batch(self.local_batch))
+
     def fake_score_phase(self) -> dict[str, torch.Tensor]:
-        cond = self.networks.encoder(self.stream.next_batch(self.local_batch))
-        rate = self.objective.prompt_drop
-        cond = cond.drop(self._slice(torch.rand(self.cfg.train.batch_size, generator=self.rng, device=self.device) < rate))
-        z, t, eps = self._noise()
+        cond = self._encode_prompts()
+        with self.clock("fake_score"):
+            rate = self.objective.prompt_drop
+            cond = cond.drop(self._slice(torch.rand(self.cfg.train.batch_size, generator=self.rng,
+                                                    device=self.device) < rate))
+            z, t, eps = self._noise()
 
-        def micro_loss(i):
-            with torch.no_grad():
-                x_gen = self.generator.inner(z[i], cond[i], self.k)
-            return self.objective.fake_score_loss(self.fake_score.module, x_gen, cond[i], t[i], eps[i])
+            def micro_loss(i):
+                with torch.no_grad():
+                    x_gen = self.generator.inner(z[i], cond[i], self.k)
+                return self.objective.fake_score_loss(self.fake_score.module, x_gen, cond[i], t[i], eps[i])
 
-        return self._accumulate(self.fake_score, micro_loss, "fake_score", backward_in_autocast=False)
+            return self._accumulate(self.fake_score, micro_loss, "fake_score", backward_in_autocast=False)
 
     def generator_phase(self) -> dict[str, torch.Tensor]:
-        cond = self.networks.encoder(self.stream.next_batch(self.local_batch))
-        z, t, eps = self._noise()
+        cond = self._encode_prompts()
         # the fake score stays frozen through the backward, which runs through its input
-        with self.fake_score.frozen() as fake_score:
+        with self.clock("generator"), self.fake_score.frozen() as fake_score:
+            z, t, eps = self._noise()
+
             def micro_loss(i):
                 x_gen = self.generator.module(z[i], cond[i], self.k)
                 return self.objective.generator_loss(self.teacher, fake_score, x_gen, cond[i], t[i], eps[i])
@@ -385,9 +471,10 @@ class Trainer:
         metrics |= self.generator_phase()
         self.nimg += self.cfg.train.batch_size
         self.step += 1
-        self._note_stops()
-        tr = self.cfg.train
-        self.ema.update(self.generator, EMA.beta(tr.batch_size, self.nimg, tr.ema_halflife_nimg, tr.ema_rampup))
+        with self.clock("ema"):  # and the weights check before it
+            self._note_stops()
+            tr = self.cfg.train
+            self.ema.update(self.generator, EMA.beta(tr.batch_size, self.nimg, tr.ema_halflife_nimg, tr.ema_rampup))
         return metrics
 
     def _note_stops(self) -> None:
@@ -509,6 +596,7 @@ class Trainer:
         tr = self.cfg.train
         due = lambda every: every and self.step % every == 0
         while self.step < total_steps:
+            self.clock.start_step(bool(tr.log_every) and (self.step + 1) % tr.log_every == 0)
             metrics = self.train_step()
             if bar is not None:
                 bar.update(1)
@@ -519,17 +607,26 @@ class Trainer:
                 values = self.backend.mean(metrics)
                 now = time.perf_counter()
                 values |= {"images_per_s": (self.nimg - last_nimg) / (now - last_time), **self.skip_counts(),
-                           **self._data_counts()}
+                           **self._slowest(self.clock.take()), **self._data_counts()}
                 last_time, last_nimg = now, self.nimg
                 self.log.write(self.step, self.nimg, values)
                 if bar is not None:
                     bar.set_postfix(gen=f"{values['generator/loss']:.3g}", fake=f"{values['fake_score/loss']:.3g}")
             if due(tr.sample_every):
-                self.save_samples()
+                with self.clock("samples", always=True):
+                    self.save_samples()
             if due(tr.eval_every):
-                self.evaluate()
-            if due(tr.checkpoint_every):
-                self.save_checkpoint(asynchronous=tr.async_checkpoint)
+                with self.clock("eval", always=True):
+                    self.evaluate()
+            if due(tr.checkpoint_every):  # asynchronous: the time the loop waits, for the copy to host memory
+                with self.clock("checkpoint", always=True):
+                    self.save_checkpoint(asynchronous=tr.async_checkpoint)
+
+    def _slowest(self, values: dict[str, float]) -> dict[str, float]:
+        """Each timing and peak at its largest over ranks: the slowest rank sets the pace, the fullest runs out first
+        (a collective: every rank clocks the same phases, so holds the same keys)."""
+        return dict(zip(values, self.backend.reduce(torch.tensor(list(values.values()), dtype=torch.float64,
+                                                                 device=self.device), "max")))
 
     @torch.no_grad()
     def save_samples(self) -> Path | None:

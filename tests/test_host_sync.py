@@ -76,3 +76,42 @@ def test_steps_between_polls_never_wait_for_the_device(tmp_path, monkeypatch):
     assert tr.step == 10
     assert {where for _, where in reads.reads} == {"after step 5", "after step 10"}, reads.reads
     assert tr.skipped == {"nan_samples": 1, "nonfinite_steps": 1}
+
+
+def test_phases_are_clocked_at_log_steps_only_and_drain_the_device_there(tmp_path, monkeypatch):
+    """The clock as it runs on CUDA (the allocator's counters faked: this is a CPU test): it drains the device around
+    each phase of the log steps and around checkpoints, nowhere else, and each log row holds its measurements."""
+    import json
+
+    from bigsid.trainer import PhaseClock
+
+    tr = Trainer(load_config(None, [*TINY_TOY, f"train.run_dir={tmp_path}", "train.total_nimg=192",
+                                    "train.poll_every=3", "train.log_every=3", "train.checkpoint_every=2"]))
+    allocated = iter(range(1, 10**6))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: next(allocated) * 2**30)
+    tr.clock = PhaseClock(torch.device("cuda"))
+    inner = tr.train_step
+
+    def step():
+        reads.where = f"step {tr.step + 1}"
+        try:
+            return inner()
+        finally:
+            reads.where = f"after step {tr.step}"
+
+    tr.train_step = step
+    with HostReads(monkeypatch) as reads:
+        monkeypatch.setattr(torch.cuda, "synchronize", reads._counted("cuda.synchronize", lambda device: None))
+        tr._loop(6, None, 0.0, 0, flag=type("NoSignal", (), {"signum": None})())
+    drains = [where for what, where in reads.reads if what == "cuda.synchronize"]
+    # before and after each of 5 phases (prompts encoded twice: one per network's phase); around each checkpoint
+    assert drains == ["after step 2"] * 2 + ["step 3"] * 10 + ["after step 4"] * 2 + ["step 6"] * 10 + \
+        ["after step 6"] * 2
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3, 6]
+    phases = ("text_encoding", "fake_score", "generator", "ema")
+    for row in rows:  # the checkpoint of step 2 in row 3, of step 4 in row 6
+        assert all(row[f"time/{p}_s"] > 0 and row[f"memory/{p}_gib"] > 0 for p in phases), row
+        assert row["time/checkpoint_s"] > 0
+        assert row["memory/peak_gib"] == max(v for k, v in row.items() if k.startswith("memory/"))

@@ -229,6 +229,46 @@ def test_metrics_rows_appear_once_however_the_run_is_restarted(tmp_path):
     assert rows() == expected
 
 
+def test_weights_and_biases_gets_every_metrics_row_in_one_run_across_a_resume(tmp_path, monkeypatch):
+    """A stand-in wandb module (no network): each row of metrics.jsonl reaches it once, at its step, and the run that
+    resumes logs into the same W&B run."""
+    import importlib.machinery
+    import math
+    import sys
+    import types
+
+    from bigsid.config import ConfigError
+
+    calls = []
+
+    class Run:
+        def log(self, values, step):
+            calls.append(("log", step, values))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    wandb = types.ModuleType("wandb")
+    wandb.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    wandb.init = lambda **kwargs: calls.append(("init", kwargs)) or Run()
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    make(tmp_path, "train.wandb_project=distill", "train.total_nimg=160").run()  # stops at its checkpoint, step 5
+    make(tmp_path, "train.wandb_project=distill").run()
+    inits = [c[1] for c in calls if c[0] == "init"]
+    assert len(inits) == 2 and inits[0]["id"] == inits[1]["id"] and inits[1]["resume"] == "allow"
+    assert inits[0]["project"] == "distill" and inits[0]["config"]["train"]["wandb_project"] == "distill"
+    assert [c[0] for c in calls].count("finish") == 2
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    expected = [(r["step"], {k: v for k, v in r.items() if k != "step" and isinstance(v, (int, float))
+                             and math.isfinite(v)}) for r in rows]
+    assert [(c[1], c[2]) for c in calls if c[0] == "log"] == expected
+    assert [step for step, _ in expected] == [2, 4, 5, 6, 8, 10, 10]  # train rows, and the evaluations at 5 and 10
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    with pytest.raises(ConfigError, match=re.escape("pip install 'bigsid[wandb]', or leave train.wandb_project")):
+        make(tmp_path / "other", "train.wandb_project=distill")
+
+
 def test_bad_data_counts_are_logged_kept_across_a_resume_and_summarised(tmp_path, caplog):
     import logging
     import tarfile
@@ -300,7 +340,10 @@ def test_run_directory_and_learning(tmp_path):
     assert any((tmp_path / "tensorboard").iterdir())
     train_rows = [r for r in rows if "generator/loss" in r]
     assert len(train_rows) == 100 // 2
-    assert {"fake_score/loss", "generator/grad_norm", "images_per_s", "nan_samples"} <= set(train_rows[0])
+    assert {"fake_score/loss", "generator/grad_norm", "images_per_s", "nan_samples", "time/text_encoding_s",
+            "time/fake_score_s", "time/generator_s", "time/ema_s"} <= set(train_rows[0])
+    assert not any(k.startswith("memory/") for r in rows for k in r)  # the host has no allocator peak to report
+    assert train_rows[25]["time/checkpoint_s"] > 0 and train_rows[25]["step"] == 52  # the checkpoint of step 50
     assert sum("eval/fd_generator" in r for r in rows) == 1 + 2  # before training, steps 50 and 100
 
 
