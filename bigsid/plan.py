@@ -20,6 +20,11 @@ free), S the ranks a network is sharded over (1 for local and ddp), N the GPUs, 
                         with parallel.gather_frozen_once adds, in the generator phase, the teacher and the fake
                         score whole, c P (1 - 1/S) each (one at a time for DMD, whose frozen calls carry no graph)
   activations    -      measured per sample (below), times each call's batch
+  sampling       -      sample grids (trainer.save_samples, at train.sample_every and at the end; eval.sample_prompts x
+                        eval.sample_seeds images): every rank runs the EMA generator without grad (its stored weights
+                        backed up, 4P/S, and its forward in the training compute dtype on fsdp2, fp32 elsewhere); then
+                        rank 0 alone decodes the latents with the VAE DECODE_CHUNK at a time, in bf16 under
+                        train.precision=bf16, its peak measured on the meta device as the UNets' are
 DeepSpeed ZeRO (zero2/zero3) keeps bigsid's precision recipe (parallel/deepspeed.py): fp32 weights and EMA, whole
 for ZeRO-2 (plus a partitioned fp32 copy its optimizer steps) and /N for ZeRO-3 (the teacher too); grads and Adam
 /N; ZeRO-3 gathers fp32 units and autocast casts them as it goes. Checked against 2 CPU ranks (test_parallel.py).
@@ -39,8 +44,8 @@ Activations are measured, not modelled: one forward and backward of the real-siz
 memory, no compute) at the run's latent size and batch 1, following every tensor storage from allocation to
 release (LiveMemory), with CUDA's bf16 autocast policy and fused attention reproduced on meta tensors (_Autocast).
 Activations are linear in the batch; tests check the meta measurement against real CPU runs. Not counted: the
-objective's latent-size tensors (a few per sample), sample grids (EMA swap and VAE decoding), LoRA (planned as
-full training, an upper bound).
+objective's latent-size tensors (a few per sample), training-time image evaluation (--eval: its batches are the
+evaluation's own), LoRA (planned as full training, an upper bound).
 """
 
 from __future__ import annotations
@@ -67,6 +72,9 @@ CONTEXT_BYTES = 2 * GiB  # CUDA context, NCCL buffers, cuBLAS/cuDNN workspaces: 
 FRAGMENTATION = 0.05  # caching-allocator slack over the bytes actually allocated
 CONFIG_DIR = Path(__file__).parent / "unet_configs"
 PRESETS = ("sd15", "sd21", "sdxl", "tiny")  # unet_configs/NAME.json: the public UNet configs; tiny: the toy one
+# SD 1.x, 2.x and SDXL share one VAE architecture (unet_configs/vae.json; SDXL's differs in its scaling factor only)
+VAE_PRESETS = {"sd15": "vae", "sd21": "vae", "sdxl": "vae"}
+DECODE_CHUNK = 8  # latents per VAE decode: trainer.to_images' chunk
 # Parameters of the frozen networks beside the UNet (CLIP text encoder(s) + VAE) and the prompt length.
 _CLIP_L, _OPENCLIP_H, _OPENCLIP_BIGG, _VAE = 123_060_480, 340_387_840, 694_659_840, 83_653_863
 PRESET_EXTRAS = {"sd15": (_CLIP_L + _VAE, 77), "sd21": (_OPENCLIP_H + _VAE, 77),
@@ -94,6 +102,7 @@ class ModelSpec:
     latent_size: int  # latent height = width
     text_tokens: int
     encoder_params: int  # text encoder(s) + VAE
+    vae_config: dict | None = None  # the VAE that decodes sample grids (None: unknown, not counted)
 
     @property
     def config_json(self) -> str:
@@ -177,7 +186,17 @@ def load_model(unet: str | None = None, cfg: Config | None = None, resolution: i
     if resolution is not None and (resolution < 8 or resolution % 8):
         raise PlanError(f"--resolution {resolution}: expected a multiple of 8 pixels")
     latent = resolution // 8 if resolution is not None else int(config["sample_size"])
-    return ModelSpec(name, config, latent, tokens, encoders)
+    source = unet if unet is not None else cfg.teacher.path
+    return ModelSpec(name, config, latent, tokens, encoders, _vae_config(source))
+
+
+def _vae_config(source: str) -> dict | None:
+    """The VAE config of a preset, a known hub id or a pipeline folder; None for a bare UNet config."""
+    preset = VAE_PRESETS.get(source) or VAE_PRESETS.get(KNOWN_HUB_IDS.get(source, ("",))[0])
+    if preset:
+        return _read_json(CONFIG_DIR / f"{preset}.json")
+    folder = Path(source).expanduser() / "vae"
+    return _read_json(folder / "config.json") if (folder / "config.json").is_file() else None
 
 
 def _from_argument(unet: str) -> tuple[str, dict, int, int]:
@@ -422,6 +441,22 @@ def call_flops(config_json: str, latent: int, tokens: int, kind: str) -> int:
     return counter.get_total_flops()
 
 
+@functools.lru_cache(maxsize=16)
+def decode_bytes(vae_json: str, latent: int, batch: int, bf16: bool, device_type: str = "cuda") -> int:
+    """Peak bytes of one VAE decode of `batch` latents (no grad), measured on the meta device: every activation and,
+    in bf16, autocast's casts of the VAE's fp32 weights, which a no-grad call frees op by op."""
+    from diffusers import AutoencoderKL
+
+    config = json.loads(vae_json)
+    with torch.device("meta"):
+        vae = AutoencoderKL.from_config(config)
+    tracker = LiveMemory()
+    z = torch.randn(batch, config["latent_channels"], latent, latent, device="meta")
+    with torch.no_grad(), tracker, _Autocast(tracker, bf16, device_type):
+        vae.decode(z)
+    return tracker.peak
+
+
 # ---- a step's calls ----
 
 @dataclass(frozen=True)
@@ -468,7 +503,7 @@ class Backend:
 
 
 CATEGORIES = ("teacher", "weights", "optimizer", "ema", "encoders", "ddp_buckets", "grads", "weight_copies",
-              "gathered", "temporaries", "activations")
+              "gathered", "temporaries", "activations", "sampling")
 RESIDENT = CATEGORIES[:6]  # held from one step to the next
 
 
@@ -578,7 +613,7 @@ def peak_terms(model: ModelSpec, cfg: Config, backend: Backend, checkpointing: t
     g_fake, f_trained = phases["fake_score"]
     gen = phases["generator"]
     g_trained, frozen = gen[0], gen[1:]
-    return [
+    return sampling_terms(model, cfg, backend, state, device_type) + [
         # the generator's no-grad forward: its output is all it leaves behind
         PeakTerm("fake_score", fixed([g_fake], False), transient([g_fake])),
         # the fake score's forward done, autocast still caching the generator's weight copies
@@ -589,6 +624,28 @@ def peak_terms(model: ModelSpec, cfg: Config, backend: Backend, checkpointing: t
         backward("generator", g_trained, autocast_open=True),
         PeakTerm("optimizer", {**held, "grads": grads, "temporaries": temporaries}),
     ]
+
+
+def sampling_terms(model: ModelSpec, cfg: Config, backend: Backend, state: dict[str, float],
+                   device_type: str) -> list[PeakTerm]:
+    """The two moments of a sample grid (module doc): the EMA generator's no-grad forward on every rank, with the
+    raw weights backed up, then rank 0's VAE decode. A diffusers run without eval.sample_prompts makes no grid."""
+    images = len(cfg.eval.sample_prompts) * cfg.eval.sample_seeds
+    if not images:
+        return []
+    bf16 = cfg.train.precision == "bf16"
+    held = {k: state[k] for k in RESIDENT}
+    forward = measure_call(model.config_json, model.latent_size, model.text_tokens, "no_grad", False,
+                           bf16 and backend.name == "fsdp2", device_type)
+    latents = 4 * images * model.unet_config["in_channels"] * model.latent_size ** 2
+    terms = [PeakTerm("samples", {**held, "gathered": gathered_bytes(backend, model, bf16, False),
+                                  "sampling": state["ema"] + (forward.kept + forward.transient) * images + latents})]
+    if model.vae_config is not None:
+        # SD's VAE decoder overflows fp16 (activations past 65504) but not bf16, whose range is fp32's
+        decode = decode_bytes(json.dumps(model.vae_config, sort_keys=True), model.latent_size,
+                              min(DECODE_CHUNK, images), bf16, device_type)
+        terms.append(PeakTerm("samples", {**held, "sampling": latents + decode}))
+    return terms
 
 
 @dataclass

@@ -644,7 +644,12 @@ class Trainer:
             latents = g(z, self.networks.encoder(prompts))
         path = self.run_dir / "samples" / f"step-{self.step:09d}.png"
         if self.backend.is_main:  # every rank ran the generator (it may be sharded); one decodes
-            save_grid(to_images(latents, self.networks), len(self.sample_prompts), path)
+            # In bf16 under train.precision=bf16: SD's VAE decoder overflows fp16 (activations past 65504, hence the
+            # fp16-fix VAEs) but not bf16, whose range is fp32's, and its ~3 significant digits suit a grid to look
+            # at. Training-time evaluation (_evaluate_images) decodes in fp32, so its metrics do not move.
+            with self.backend.autocast():
+                images = to_images(latents, self.networks)
+            save_grid(images, len(self.sample_prompts), path)
         return path
 
     def _ground_truth(self):

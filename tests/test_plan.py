@@ -2,6 +2,7 @@
 UNets' parameter counts. Activations are measured by the planner on the meta device at batch 1; the real runs
 here use other batches, real tensors and torch's own autocast."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,28 @@ def test_plan_matches_a_measured_training_step(teacher_dir, tmp_path, precision,
     measured = weights + optimizer + ema + live.peak
     assert est.allocated == pytest.approx(measured, rel=0.03)
     assert live.peak > 0.15 * measured  # what the step adds to the state is a real part of what is checked
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_vae_decode_measured_on_meta_matches_a_real_decode(teacher_dir, tmp_path, bf16):
+    """A sample grid's VAE decode on the CPU (no grad; bf16 under torch's own autocast) against the planner's
+    measurement of the teacher folder's VAE config on the meta device: the same ops, so the same storages."""
+    from diffusers import AutoencoderKL
+
+    cfg = load_config(None, [*TINY_TOY, "teacher.kind=diffusers", f"teacher.path={teacher_dir}",
+                             f"train.run_dir={tmp_path}"])
+    model = plan.load_model(cfg=cfg)
+    vae = AutoencoderKL.from_pretrained(teacher_dir / "vae")
+    assert model.vae_config["block_out_channels"] == list(vae.config.block_out_channels)
+    z = torch.randn(plan.DECODE_CHUNK, vae.config.latent_channels, model.latent_size, model.latent_size)
+    live = plan.LiveMemory()
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16), live:
+        vae.decode(z)
+    planned = plan.decode_bytes(json.dumps(model.vae_config, sort_keys=True), model.latent_size, plan.DECODE_CHUNK,
+                                bf16, "cpu")
+    assert planned == pytest.approx(live.peak, rel=0.02)
+    # the decode's peak is a real part of a grid's memory: more than the decoded images themselves
+    assert live.peak > plan.DECODE_CHUNK * 3 * (8 * model.latent_size) ** 2 * 4
 
 
 def test_model_flops_match_a_counted_training_step(teacher_dir, tmp_path):
