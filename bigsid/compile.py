@@ -49,20 +49,6 @@ def compile_unavailable(device_type: str) -> str | None:
     return None
 
 
-def unet_stages(unet: nn.Module) -> list[nn.Module]:
-    """A diffusers UNet's down, mid and up blocks, in order."""
-    return [*unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else []), *unet.up_blocks]
-
-
-def repeated_blocks(net: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of a denoiser: each resnet and attention block of a diffusers UNet; the toy MLP's layers."""
-    unet = getattr(net, "unet", None)
-    if unet is None:
-        return [m for m in getattr(net, "body", []) if any(True for _ in m.parameters())]
-    return [m for stage in unet_stages(unet)
-            for m in (*getattr(stage, "resnets", []), *(getattr(stage, "attentions", None) or []))]
-
-
 def compile_block(block: nn.Module) -> None:
     """Compile one block in place (its first call with each shape compiles; later ones reuse the code)."""
     config = torch._dynamo.config
@@ -72,9 +58,10 @@ def compile_block(block: nn.Module) -> None:
 
 
 def compile_blocks(*nets: nn.Module) -> None:
-    """Compile every repeated block of the given denoisers in place."""
+    """Compile every repeated block of the given denoisers in place (each names its own: bigsid.families; the toy
+    MLP's layers; the exact toy teacher has none)."""
     for net in nets:
-        for block in repeated_blocks(net):
+        for block in net.blocks() if hasattr(net, "blocks") else []:
             compile_block(block)
 
 

@@ -1,8 +1,8 @@
 """Teacher families: how each diffusers pipeline's network is called, loaded, sharded and exported.
 
 A family is detected from the teacher folder's model_index.json and fixes everything bigsid does differently per
-model: the denoiser's call convention (what of the `Cond` it passes), the text encoders (bigsid.text), the schedule
-(VP or rectified flow, from the scheduler config), the blocks that become FSDP2 units and compile regions, and the
+model: the denoiser's call convention (what of the `Cond` it passes) and its sharding plan (`blocks`, `stages`), the text
+encoders (bigsid.text), the schedule (VP or rectified flow, from the scheduler config), and the
 stock pipeline an export loads in (the teacher's own). The objectives, the trainer and the backends see none of it.
 
   family   pipelines                               network                    schedule
@@ -47,6 +47,19 @@ class UNetDenoiser(nn.Module):
     def network(self) -> nn.Module:
         return self.unet
 
+    def blocks(self) -> list[nn.Module]:
+        """The repeated blocks, in forward order: each resnet and attention module (FSDP2's inner units, compile's
+        regions)."""
+        return [m for stage in self.stages()
+                for m in (*getattr(stage, "resnets", []), *(getattr(stage, "attentions", None) or []))]
+
+    def stages(self) -> list[nn.Module]:
+        """FSDP2's outer units: the down, mid and up blocks (with their down/upsamplers); a whole SDXL up-block is
+        ~1.2 B parameters, too large to gather at once, hence the inner units. The root keeps the time and added
+        embeddings and the in/out convolutions."""
+        unet = self.unet
+        return [*unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else []), *unet.up_blocks]
+
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         # a teacher stored in bf16 is also called outside autocast (its evaluation sampler): inputs follow it
         dtype = self.unet.dtype
@@ -68,6 +81,14 @@ class PixArtDenoiser(nn.Module):
     @property
     def network(self) -> nn.Module:
         return self.transformer
+
+    def blocks(self) -> list[nn.Module]:
+        """Each transformer block (self-attention, cross-attention to the T5 tokens, MLP): one unit each, all the
+        same size; the root keeps the patch embedding, adaLN-single, caption projection and output layer."""
+        return list(self.transformer.transformer_blocks)
+
+    def stages(self) -> list[nn.Module]:
+        return []
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         dtype = self.transformer.dtype
@@ -92,16 +113,19 @@ class SD3Denoiser(nn.Module):
     def network(self) -> nn.Module:
         return self.transformer
 
+    def blocks(self) -> list[nn.Module]:
+        """Each joint (MM-DiT) block, image and text streams together: one unit each; the root keeps the patch,
+        time, pooled-text and caption embeddings and the output layer."""
+        return list(self.transformer.transformer_blocks)
+
+    def stages(self) -> list[nn.Module]:
+        return []
+
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         dtype = self.transformer.dtype
         cond = cond.to(dtype)
         return self.transformer(x_t.to(dtype), encoder_hidden_states=cond.emb, pooled_projections=cond.pooled,
                                 timestep=t, return_dict=False)[0]
-
-
-def unet_stages(unet: nn.Module) -> list[nn.Module]:
-    """A diffusers UNet's down, mid and up blocks, in order."""
-    return [*unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else []), *unet.up_blocks]
 
 
 @dataclass(frozen=True)
@@ -112,14 +136,6 @@ class Family:
     network_class: str  # its diffusers class
     denoiser: type
     encoders: tuple[str, ...]  # text-encoder components, in the order the family's PromptEncoder takes them
-
-    def stages(self, network: nn.Module) -> list[nn.Module]:
-        """The blocks that become FSDP2 units, in forward order: a UNet's down/mid/up blocks (each holds a few
-        resnets and attentions, a unit big enough to keep all-gathers efficient), a transformer's blocks (each one
-        layer of the same size: the natural unit)."""
-        if self.network == "unet":
-            return unet_stages(network)
-        return list(network.transformer_blocks)
 
 
 FAMILIES = {f.name: f for f in (

@@ -111,13 +111,14 @@ class ModelSpec:
     @functools.cached_property
     def counts(self) -> tuple[int, list[int], int]:
         """(UNet parameters, FSDP unit sizes largest first, root parameters outside the units)."""
-        from bigsid.parallel.fsdp2 import blocks
+        from bigsid.families import UNetDenoiser
+        from bigsid.parallel import fsdp2
 
         unet = meta_unet(self.config_json)
         total = sum(p.numel() for p in unet.parameters())
         # units nest (resnets inside blocks): a unit gathers only the parameters no inner unit holds
         seen, units = set(), []
-        for block in blocks(_Wrapped(unet)):
+        for block in fsdp2.units(UNetDenoiser(unet, "epsilon")):
             own = [p for p in block.parameters() if id(p) not in seen]
             seen.update(id(p) for p in own)
             units.append(sum(p.numel() for p in own))
@@ -126,14 +127,6 @@ class ModelSpec:
     @property
     def params(self) -> int:
         return self.counts[0]
-
-
-class _Wrapped(torch.nn.Module):
-    """The UNet as bigsid's denoisers hold it (`.unet`), for the FSDP2 backend's own unit split."""
-
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
 
 
 @functools.lru_cache(maxsize=8)

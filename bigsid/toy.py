@@ -157,6 +157,13 @@ class MLPDenoiser(nn.Module):
             d_in = width
         self.body = nn.Sequential(*layers, nn.Linear(width, dim))
 
+    def blocks(self) -> list[nn.Module]:
+        """The layers: FSDP2's units and compile's regions (bigsid.families' denoisers name theirs alike)."""
+        return [m for m in self.body if any(True for _ in m.parameters())]
+
+    def stages(self) -> list[nn.Module]:
+        return []
+
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         phase = (t.float() / 1000)[:, None] * self.freqs[None]
         h = torch.cat([x_t.flatten(1), phase.sin(), phase.cos(), cond.emb.to(x_t.dtype)], dim=1)

@@ -9,21 +9,12 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 from bigsid import plan
-from bigsid.compile import compile_block, repeated_blocks
+from bigsid.compile import compile_block
+from bigsid.families import UNetDenoiser
 from bigsid.config import ConfigError, load_config
+from bigsid.text import Cond
 from bigsid.trainer import Trainer
 from conftest import TINY_TOY
-
-
-class Denoiser(nn.Module):
-    """The tiny UNet as bigsid's denoisers hold it (`.unet`)."""
-
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, x, t, emb):
-        return self.unet(x, t, encoder_hidden_states=emb, return_dict=False)[0]
 
 
 def loss_and_grads(net: nn.Module, dtype: torch.dtype):
@@ -32,7 +23,7 @@ def loss_and_grads(net: nn.Module, dtype: torch.dtype):
     x, eps, emb = (torch.randn(shape, generator=gen).to(dtype) for shape in ((2, 4, 16, 16), (2, 4, 16, 16),
                                                                              (2, 32, 32)))
     net.zero_grad()
-    out = net(x, torch.tensor([100, 700]), emb)
+    out = net(x, torch.tensor([100, 700]), Cond(emb))
     loss = (out - eps).square().sum()
     loss.backward()
     return out.detach().double(), loss.detach().double(), torch.cat([p.grad.flatten() for p in net.parameters()]).double()
@@ -51,10 +42,10 @@ def test_a_compiled_block_keeps_the_loss_and_gradients_to_fp32_rounding():
     """One block compiled (the whole tiny UNet takes minutes to compile on the CPU; each block compiles alike):
     the UNet's output, a loss on it and every parameter gradient agree with eager fp32 to rounding."""
     torch.manual_seed(0)
-    eager = Denoiser(UNet2DConditionModel.from_config(plan.load_model("tiny").unet_config))
+    eager = UNetDenoiser(UNet2DConditionModel.from_config(plan.load_model("tiny").unet_config), "epsilon")
     exact = copy.deepcopy(eager).double()
     compiled = copy.deepcopy(eager)
-    block = repeated_blocks(compiled)[0]
+    block = compiled.blocks()[0]
     compile_block(block)
     counters.clear()
     out_c, loss_c, grads_c = loss_and_grads(compiled, torch.float32)
@@ -81,7 +72,7 @@ def trainer_overrides(teacher_dir, tmp_path):
 def test_train_compile_compiles_exactly_the_repeated_blocks_of_the_three_networks(trainer_overrides):
     trainer = Trainer(load_config(None, [*trainer_overrides, "train.compile=true"]))
     nets = (trainer.teacher, trainer.generator.inner.net, trainer.fake_score.inner)
-    blocks = {id(b) for net in nets for b in repeated_blocks(net)}
+    blocks = {id(b) for net in nets for b in net.blocks()}
     assert len(blocks) == 3 * 12  # the tiny UNet: 8 resnets and 4 attention blocks
     compiled = {id(m) for net in nets for m in net.modules() if m._compiled_call_impl is not None}
     assert compiled == blocks

@@ -14,6 +14,7 @@ from bigsid.objectives import build_objective
 from bigsid.tiny import build_pipeline
 from bigsid.trainer import Trainer
 from conftest import TINY_TOY
+from test_parallel import assert_same_loss, launch, losses
 
 PROMPTS = ["a red cube", "two cats on a sofa", ""]
 
@@ -96,23 +97,44 @@ def test_fixed_point_on_every_family(family_dir, objective):
     assert grad(other).norm() > 1e-3 * one_side.norm()
 
 
+def overrides(name, folder, tmp_path, *extra, prompts=("a red cube",) * 2):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("".join(p + "\n" for p in prompts))
+    return [*TINY_TOY, "teacher.kind=diffusers", f"teacher.path={folder}", f"train.run_dir={tmp_path / 'run'}",
+            "data.source=text", f"data.path={prompts_file}", "train.batch_size=4", "train.total_nimg=8",
+            "train.log_every=1", "train.checkpoint_every=0", *(f"objective.kappa{i}=1.5" for i in range(1, 5)),
+            f"generator.t_init={999 if name == 'sd3' else 625}", *extra]
+
+
 def test_training_steps_run_on_every_family(family_dir, tmp_path):
     name, folder = family_dir
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red cube\ntwo cats on a sofa\na house by a lake\n")
-    t_init = "generator.t_init=999" if name == "sd3" else "generator.t_init=625"
-    tr = Trainer(load_config(None, [*TINY_TOY, "teacher.kind=diffusers", f"teacher.path={folder}",
-                                    f"train.run_dir={tmp_path / 'run'}", "data.source=text", f"data.path={prompts}",
-                                    "train.batch_size=2", "train.total_nimg=4", "train.checkpoint_every=0",
-                                    "objective.kappa1=1.5", "objective.kappa2=1.5", "objective.kappa3=1.5",
-                                    "objective.kappa4=1.5", t_init]))
+    tr = Trainer(load_config(None, overrides(name, folder, tmp_path, prompts=PROMPTS[:2])))
     before = {k: v.clone() for k, v in tr.generator.module.state_dict().items()}
     tr.run()
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    losses = [r[k] for r in rows for k in ("generator/loss", "fake_score/loss") if k in r]
-    assert losses and all(torch.isfinite(torch.tensor(losses)))
+    assert losses(tmp_path / "run").isfinite().all()
     after = tr.generator.module.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_fsdp2_shards_every_family_by_its_plan_and_matches_one_process(family_dir, tmp_path):
+    """Each family's blocks become FSDP2 units (none left to a whole-network unit), and 2 gloo ranks give the
+    one-process losses (tests/test_parallel.py argues the tolerance; one prompt, as there, so that the prompt
+    streams of both layouts agree)."""
+    from bigsid.parallel.fsdp2 import units
+
+    name, folder = family_dir
+    teacher = load_teacher(str(folder)).denoiser
+    plan = units(teacher)
+    assert plan and all(sum(p.numel() for p in u.parameters()) for u in plan)
+    covered = {id(p): p.numel() for u in plan for p in u.parameters()}
+    total = sum(p.numel() for p in teacher.parameters())
+    assert sum(covered.values()) > total / 2, "the root unit keeps most of the network"
+    Trainer(load_config(None, overrides(name, folder, tmp_path / "local"))).run()
+    launch(2, overrides(name, folder, tmp_path / "fsdp2", "parallel.backend=fsdp2"))
+    expected = losses(tmp_path / "local" / "run")
+    assert expected.shape == (2, 2)
+    assert_same_loss(losses(tmp_path / "fsdp2" / "run"), expected)
 
 
 def test_long_prompts_are_truncated_to_t5s_limit_and_said_once(tmp_path, caplog):

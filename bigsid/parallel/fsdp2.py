@@ -28,7 +28,6 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from bigsid.checkpoint import CheckpointError, read_rank_state, reading
-from bigsid.compile import repeated_blocks, unet_stages
 from bigsid.parallel.base import Backend, BackendError, Trainable
 from bigsid.parallel.dist import Collectives, init_process_group
 from bigsid.parallel.local import _save_tensors
@@ -105,12 +104,16 @@ def load_dcp(state: dict, path: Path, **kwargs) -> None:
         raise (ours[0] if ours else CheckpointError(f"cannot read the checkpoint {path}: {causes[0]!r}")) from None
 
 
-def blocks(net: nn.Module) -> list[nn.Module]:
-    """The units to shard, innermost first: the repeated blocks (each resnet and attention module of a diffusers
-    UNet; the toy MLP's layers), then a UNet's down/mid/up blocks (a whole SDXL up-block is ~1.2 B parameters, too
-    large to gather at once). train.compile compiles the repeated ones, each inside its own unit."""
-    unet = getattr(net, "unet", None)
-    return repeated_blocks(net) + (unet_stages(unet) if unet is not None else [])
+def units(net: nn.Module) -> list[nn.Module]:
+    """The units to shard, innermost first: the network's repeated blocks, then its stages, as its architecture's
+    plan says (bigsid.families: a UNet's resnets and attentions, then its down/mid/up blocks; a transformer's
+    blocks; the toy MLP's layers). train.compile compiles the repeated ones, each inside its own unit. A network
+    with no plan is refused: one unit holding the whole network would gather all of it on every rank at once."""
+    if not hasattr(net, "blocks"):
+        raise BackendError(f"FSDP2 has no sharding plan for a {type(net).__name__}: bigsid shards the networks of "
+                           "bigsid.families (UNets, PixArt and SD3 transformers) and the toy MLP; use "
+                           "parallel.backend=deepspeed (ZeRO partitions any module) or ddp")
+    return net.blocks() + net.stages()
 
 
 def reshard(net: nn.Module) -> None:
@@ -179,7 +182,7 @@ class FSDP2Backend(Collectives, Backend):
                                        reduce_dtype=torch.float32 if bf16 else None)
 
     def shard(self, module: nn.Module, net: nn.Module) -> nn.Module:
-        for block in blocks(net):
+        for block in units(net):
             fully_shard(block, mesh=self.mesh, mp_policy=self.mp)
         # FSDP2 keeps a root gathered from its forward to its backward (the backward starts there at once)
         return fully_shard(module, mesh=self.mesh, mp_policy=self.mp)
