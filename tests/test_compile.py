@@ -93,9 +93,9 @@ def test_channels_last_reaches_the_activations_and_keeps_the_output(trainer_over
     x, emb = torch.randn(2, 4, 4, 4, generator=gen), torch.randn(2, 32, 32, generator=gen)
     t = torch.tensor([100, 700])
     with torch.no_grad():
-        out = Denoiser(unet)(x, t, emb).double()
-        reference = Denoiser(contiguous)(x, t, emb).double()
-        expected = Denoiser(exact)(x.double(), t, emb.double())
+        out = UNetDenoiser(unet, "epsilon")(x, t, Cond(emb)).double()
+        reference = UNetDenoiser(contiguous, "epsilon")(x, t, Cond(emb)).double()
+        expected = UNetDenoiser(exact, "epsilon")(x.double(), t, Cond(emb.double()))
     assert seen[0].is_contiguous(memory_format=torch.channels_last) and not seen[0].is_contiguous()
     assert (out - reference).norm() <= rounding_bound(reference, expected)
 
