@@ -75,7 +75,7 @@ def tiny_clip_tokenizer(folder: Path):
 def measure(cfg: DataConfig, tokenizer, prompts: int, tokenize_batches: bool) -> tuple[float, float]:
     """(seconds to the first batch, prompts per second after it)."""
     start = time.perf_counter()
-    stream = build_prompt_stream(cfg, rank=0, world_size=1, seed=0,
+    stream = build_prompt_stream(cfg, seed=0,
                                  token_count=lambda p: len(tokenizer(p).input_ids), max_tokens=MAX_TOKENS)
     stream.next_batch(BATCH)  # includes starting the workers and their first reads
     first = time.perf_counter() - start
@@ -144,7 +144,7 @@ def main() -> int:
         f"`bigsid.data.pack` into {len(shards)} shards of {args.shard_size:,} in {pack_seconds:.1f} s",
         f"- tokenizer: {tokenizer_name}; the stream counts each prompt's tokens (the over-long check, "
         f"max_tokens={MAX_TOKENS}) in its workers",
-        f"- timed: {args.prompts:,} prompts per row in batches of {BATCH} after a first batch; rank 0 of 1, seed 0; "
+        f"- timed: {args.prompts:,} prompts per row in batches of {BATCH} after a first batch; seed 0; "
         "command: `python benchmarks/bench_data.py" + (f" --tokenizer {args.tokenizer}" if args.tokenizer else "")
         + (f" --captions {args.captions}" if args.captions != 200_000 else "") + "`",
         "",

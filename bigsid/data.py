@@ -1,11 +1,14 @@
 """Prompt streams: the teacher's toy vocabulary, a text file with one prompt per line, or webdataset tar shards.
 
-Split. A rank reads one stream per DataLoader worker (one stream when data.num_workers is 0). Stream g of
-G = world_size x streams per rank belongs to rank g // streams per rank. Each epoch, every rank draws the same
-permutation of the shards (text: of the lines) from (seed, epoch) and stream g takes every G-th entry, so no two
-streams read the same prompt within an epoch, and each epoch reshuffles. Samples within a shard are shuffled too,
-from (seed, epoch, shard). The trainer takes prompts from its workers round-robin, one at a time, so the sequence
-it sees is a function of (seed, rank, world_size, num_workers, position), never of which worker is faster.
+Order. One global sequence of prompts, whatever the number of ranks: every rank reads all of it and the trainer
+keeps its rank's slice of each global batch (prompts are a few bytes each; a shard that also holds images is read
+whole by every rank, so pack caption-only shards with `bigsid data pack`). The same config thus gives the same
+prompts on any number of ranks, and a checkpoint's position continues on any other. The sequence is read by one
+stream per DataLoader worker (one stream when data.num_workers is 0). Each epoch, the streams draw one permutation
+of the shards (text: of the lines) from (seed, epoch) and stream w of W takes every W-th entry, so no two streams
+read the same prompt within an epoch, and each epoch reshuffles. Samples within a shard are shuffled too, from
+(seed, epoch, shard). Prompts are taken from the streams round-robin, one at a time, so the sequence is a function
+of (seed, num_workers, position), never of which worker is faster.
 
 Position. Per stream, the next item to read: shards (epoch, slot in the stream's shard list, sample in the
 shard's shuffled order); text (epoch, index); vocab (draws). state_dict() holds the position after the last
@@ -286,7 +289,7 @@ class _ShardSource:
         self.shards = _expand_shards(pattern)
         if len(self.shards) < num_streams:
             raise DataError(f"data.path = {pattern!r} has {len(self.shards)} shards for {num_streams} streams "
-                            "(world_size x max(1, data.num_workers)), and each stream needs its own: lower "
+                            "(max(1, data.num_workers)), and each stream needs its own: lower "
                             "data.num_workers or write smaller shards (bigsid data pack --shard-size)")
         _probe(self.shards, self.member, self.field)
         self.seed, self.issues = seed, ()
@@ -344,7 +347,7 @@ class _TextSource:
                 found.add(issue, path, f"line {number}")
         if len(self.prompts) < num_streams:
             raise DataError(f"data.path = {path!r} has {len(self.prompts)} usable prompts for {num_streams} streams "
-                            f"(world_size x max(1, data.num_workers)); problems: {found.summary()}")
+                            f"(max(1, data.num_workers)); problems: {found.summary()}")
         self.path, self.seed, self.issues = path, seed, found.take()
         self.fingerprint = _fingerprint(self.prompts)
 
@@ -394,17 +397,14 @@ def _as_is(chunk):
     return chunk
 
 
-class _RankStreams(IterableDataset):
-    """One rank's streams; in a DataLoader, each worker process iterates its own."""
+class _Streams(IterableDataset):
+    """The streams of the sequence; in a DataLoader, each worker process iterates its own."""
 
-    def __init__(self, source, limit: _TokenLimit | None, rank: int, world_size: int,
-                 positions: list[tuple[int, ...]]):
-        self.source, self.limit, self.rank, self.world_size, self.positions = source, limit, rank, world_size, positions
+    def __init__(self, source, limit: _TokenLimit | None, positions: list[tuple[int, ...]]):
+        self.source, self.limit, self.positions = source, limit, positions
 
     def chunks(self, worker: int) -> Iterator[tuple[int, list[_Record]]]:
-        per_rank = len(self.positions)
-        records = self.source.records(self.rank * per_rank + worker, self.world_size * per_rank,
-                                      self.positions[worker])
+        records = self.source.records(worker, len(self.positions), self.positions[worker])
         if self.limit is not None:
             records = self.limit.check(records)
         while True:
@@ -415,14 +415,17 @@ class _RankStreams(IterableDataset):
 
 
 class PromptStream:
-    """The prompts of one rank (see the module docstring for the split, the position and the counters)."""
+    """The global prompt sequence (see the module docstring for the order, the position and the counters).
 
-    def __init__(self, source, limit: _TokenLimit | None, *, rank: int, world_size: int, num_workers: int):
+    log_problems: log each kind of problem once per shard (one rank does; every rank counts)."""
+
+    def __init__(self, source, limit: _TokenLimit | None, *, num_workers: int, log_problems: bool = True):
         self._source, self._limit, self._num_workers = source, limit, num_workers
-        self._rank, self._world_size = rank, world_size
-        # Resuming needs the same split: these must match between state_dict() and load_state_dict().
-        self._identity = {"source": source.kind, "fingerprint": source.fingerprint, "seed": source.seed, "rank": rank,
-                          "world_size": world_size, "num_workers": num_workers}
+        self._log_problems = log_problems
+        # Resuming needs the same sequence: these must match between state_dict() and load_state_dict(). "order"
+        # marks a position in the global sequence (states without it hold positions of per-rank streams).
+        self._identity = {"order": "global", "source": source.kind, "fingerprint": source.fingerprint,
+                          "seed": source.seed, "num_workers": num_workers}
         self._positions = [(0,) * source.position_size for _ in range(max(1, num_workers))]
         self._next_worker = 0
         self._chunks: Iterator[tuple[int, list[_Record]]] | None = None  # started on the first next_batch
@@ -430,7 +433,7 @@ class PromptStream:
         self._prompts = 0
         self._by_shard: defaultdict[str, Counter[str]] = defaultdict(Counter)
         self._logged: set[tuple[str, str]] = set()
-        self._tally(source.issues if rank == 0 else ())  # a text file's bad lines: every rank loads it, one counts
+        self._tally(source.issues)  # a text file's bad lines, found as it was loaded
 
     def next_batch(self, n: int) -> list[str]:
         if self._chunks is None:
@@ -455,8 +458,8 @@ class PromptStream:
         for key, value in self._identity.items():
             if state.get(key) != value:
                 raise DataError(f"the saved prompt-stream position has {key} = {state.get(key)!r} and this stream "
-                                f"{value!r}: an exact resume needs the same data source, seed, rank, world_size "
-                                "and data.num_workers (or start the prompt stream afresh: do not load its state)")
+                                f"{value!r}: an exact resume needs the same data source, seed and data.num_workers "
+                                "(or start the prompt stream afresh: do not load its state)")
         positions, next_worker = state.get("positions"), state.get("next_worker")
         well_formed = (isinstance(positions, list) and len(positions) == len(self._positions)
                        and all(isinstance(p, list) and len(p) == self._source.position_size
@@ -469,8 +472,8 @@ class PromptStream:
         self._positions, self._next_worker = [tuple(p) for p in positions], next_worker
 
     def load_counts(self, states: Iterable[dict]) -> None:
-        """Take the summed bad-data counts of saved states as this stream's. A resume on another world size restarts
-        the streams, but rank 0 can take on every old rank's counts, so that their sum over ranks runs on."""
+        """Take the summed bad-data counts of saved states as this stream's: the per-rank states of a checkpoint
+        written before the order was global cannot be continued, but their counts, summed, run on."""
         counts = [_saved_counts(state) for state in states if "counts" in state]
         if not counts:  # states saved before counts were kept: counting goes on from here
             return
@@ -489,7 +492,7 @@ class PromptStream:
         self._chunks, self._buffers = None, []
 
     def _start(self) -> None:
-        streams = _RankStreams(self._source, self._limit, self._rank, self._world_size, list(self._positions))
+        streams = _Streams(self._source, self._limit, list(self._positions))
         self._buffers = [deque() for _ in self._positions]
         if self._num_workers == 0:
             self._chunks = streams.chunks(0)
@@ -507,7 +510,7 @@ class PromptStream:
     def _tally(self, issues: Iterable[_Issue]) -> None:
         for kind, shard, count, detail in issues:
             self._by_shard[shard][kind] += count
-            if (shard, kind) not in self._logged:
+            if self._log_problems and (shard, kind) not in self._logged:
                 self._logged.add((shard, kind))
                 logger.warning("%s: %s (first: %s); further ones from this shard are counted in stats() only",
                                shard, ISSUES[kind], detail)
@@ -532,28 +535,15 @@ def _stats(prompts: int, by_shard: dict[str, Counter[str]]) -> dict:
             "by_shard": {shard: dict(kinds) for shard, kinds in by_shard.items()}}
 
 
-def merge_stats(stats: Iterable[dict]) -> dict:
-    """Several streams' stats() (every rank's, say) summed, in the same form."""
-    prompts, by_shard = 0, defaultdict(Counter)
-    for one in stats:
-        prompts += one["prompts"]
-        for shard, kinds in one["by_shard"].items():
-            by_shard[shard].update(kinds)
-    return _stats(prompts, by_shard)
-
-
-def build_prompt_stream(cfg: DataConfig, *, rank: int, world_size: int, seed: int,
-                        vocabulary: list[str] | None = None,
-                        token_count: Callable[[str], int] | None = None,
-                        max_tokens: int | None = None) -> PromptStream:
-    """The prompt stream of `rank`. `seed` must be the same on every rank: the ranks split one shuffled order.
+def build_prompt_stream(cfg: DataConfig, *, seed: int, vocabulary: list[str] | None = None,
+                        token_count: Callable[[str], int] | None = None, max_tokens: int | None = None,
+                        log_problems: bool = True) -> PromptStream:
+    """The global prompt sequence of (cfg, seed): the same on every rank, each keeping its slice of a batch.
 
     With token_count and max_tokens, prompts longer than max_tokens are counted as "truncated" (and passed on).
     With data.num_workers > 0, token_count runs in the workers (forked, so it needs no pickling on Linux).
     """
-    if not 0 <= rank < world_size:
-        raise DataError(f"rank {rank} is outside world_size {world_size}")
-    num_streams = world_size * max(1, cfg.num_workers)
+    num_streams = max(1, cfg.num_workers)
     if cfg.source == "vocab":
         source = _VocabSource(vocabulary, seed)
     elif cfg.source == "text":
@@ -563,7 +553,7 @@ def build_prompt_stream(cfg: DataConfig, *, rank: int, world_size: int, seed: in
     else:
         raise DataError(f"data.source = {cfg.source!r}: expected 'vocab', 'text' or 'webdataset'")
     limit = _TokenLimit(token_count, max_tokens) if token_count is not None and max_tokens is not None else None
-    return PromptStream(source, limit, rank=rank, world_size=world_size, num_workers=cfg.num_workers)
+    return PromptStream(source, limit, num_workers=cfg.num_workers, log_problems=log_problems)
 
 
 # ---- pack and inspect ----

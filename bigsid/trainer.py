@@ -345,15 +345,14 @@ class Trainer:
         from bigsid.data import build_prompt_stream
 
         enc = self.networks.encoder
-        return build_prompt_stream(self.cfg.data, rank=self.backend.rank, world_size=self.backend.world_size,
-                                   seed=self.cfg.train.seed, vocabulary=self.networks.vocabulary,
+        return build_prompt_stream(self.cfg.data, seed=self.cfg.train.seed, vocabulary=self.networks.vocabulary,
                                    token_count=getattr(enc, "token_count", None),
-                                   max_tokens=getattr(enc, "max_length", None))
+                                   max_tokens=getattr(enc, "max_length", None), log_problems=self.backend.is_main)
 
     # ---- one iteration ----
 
     # Every random draw is made for the global batch from one generator seeded alike on all ranks, and each rank
-    # takes its slice: a run's numbers do not depend on how many ranks share the batch.
+    # takes its slice, as of the global prompt sequence: a run's numbers do not depend on how many ranks share it.
     def _slice(self, x: torch.Tensor) -> torch.Tensor:
         start = self.backend.rank * self.local_batch
         return x[start:start + self.local_batch]
@@ -405,7 +404,9 @@ class Trainer:
     def _encode_prompts(self):
         """This rank's share of the next global batch of prompts, read and encoded."""
         with self.clock("text_encoding"):
-            return self.networks.encoder(self.stream.next_batch(self.local_batch))
+            prompts = self.stream.next_batch(self.cfg.train.batch_size)
+            start = self.backend.rank * self.local_batch
+            return self.networks.encoder(prompts[start:start + self.local_batch])
 
     def fake_score_phase(self) -> dict[str, torch.Tensor]:
         cond = self._encode_prompts()
@@ -560,18 +561,13 @@ class Trainer:
         self.log.close()
         return self.last_eval if self.backend.is_main else {}  # one rank reports
 
-    def _data_stats(self) -> dict:
-        """Every rank's prompt-stream stats() summed (a collective: every rank calls it)."""
-        from bigsid.data import merge_stats
-
-        return merge_stats(self.backend.gather(self.stream.stats()))
 
     def _data_counts(self) -> dict:
         """Bad-data counts for a metrics row: the prompts taken and the problems per kind so far, and per shard for
         the shards whose counts changed since the last row (all of them, over thousands of shards, would swamp it)."""
         from bigsid.data import ISSUES
 
-        stats = self._data_stats()
+        stats = self.stream.stats()  # every rank reads the whole sequence: the same counts everywhere
         per_kind = stats["skipped"] | stats["repaired"]
         changed = {shard: kinds for shard, kinds in stats["by_shard"].items() if self.shard_counts.get(shard) != kinds}
         self.shard_counts = stats["by_shard"]
@@ -579,9 +575,9 @@ class Trainer:
                 **({"data/by_shard": changed} if changed else {})}
 
     def _summarise_data(self) -> None:
-        stats = self._data_stats()
         if not self.backend.is_main:
             return
+        stats = self.stream.stats()
         per_kind = stats["skipped"] | stats["repaired"]
         if not per_kind:
             log.info("prompt data: %d prompts, no problems", stats["prompts"])
@@ -723,9 +719,9 @@ class Trainer:
         self.backend.barrier()
         rank_state = {"rng": self.rng.get_state()}
         written = self.backend.save(folder, self._trainables(), self.ema.state_dict(), rank_state, asynchronous)
-        data = self.backend.gather(self.stream.state_dict())  # every rank has its own stream position
         state = {"step": self.step, "nimg": self.nimg, "world_size": self.backend.world_size,
-                 "skipped": dict(self.skip_counts()), "data": data, "config": to_dict(self.cfg)}
+                 "skipped": dict(self.skip_counts()), "data": self.stream.state_dict(),
+                 "config": to_dict(self.cfg)}
         self.pending = (folder, state, written)
         return folder.with_suffix("") if asynchronous else self.finish_checkpoint()
 
@@ -771,14 +767,12 @@ class Trainer:
         if rank_state is None:  # more ranks than wrote the checkpoint: every rank saved the same generator state
             rank_state = checkpoint.read_rank_state(folder, 0)
         self.rng.set_state(rank_state["rng"])
-        if state["world_size"] == self.backend.world_size:
-            self.stream.load_state_dict(state["data"][self.backend.rank])
+        if isinstance(state["data"], dict):  # a position in the global sequence: it continues on any world size
+            self.stream.load_state_dict(state["data"])
         else:
-            # Prompt streams are split per rank, so another world size cannot continue them; weights, optimizer
-            # states, EMA and noise carry over exactly, and so do the bad-data counts, summed into rank 0's.
-            log.warning("resuming %s (world size %d) on %d ranks: prompt streams restart", folder,
-                        state["world_size"], self.backend.world_size)
-            if self.backend.is_main:
-                self.stream.load_counts(state["data"])
+            # Written when each rank read a stream of its own: those cannot be continued in the global sequence.
+            # Weights, optimizer states, EMA and noise carry over exactly, and so do the bad-data counts, summed.
+            log.warning("resuming %s, written with per-rank prompt streams: the prompt sequence restarts", folder)
+            self.stream.load_counts(state["data"])
         self.step, self.nimg, self.skipped = state["step"], state["nimg"], state["skipped"]
         log.info("resumed from %s at step %d (%d images)", folder, self.step, self.nimg)

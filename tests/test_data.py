@@ -11,6 +11,7 @@ import multiprocessing
 import pickle
 import re
 import tarfile
+from collections import Counter
 
 import pytest
 
@@ -42,65 +43,64 @@ def shard_of(caption: str) -> int:
     return int(caption.split()[1])
 
 
-def test_vocab_stream_is_a_seeded_function_of_rank():
+def test_vocab_stream_is_a_seeded_function_of_seed_and_workers():
     vocabulary = [f"prompt {i}" for i in range(7)]
 
-    def draws(rank, seed, world_size=2):
-        stream = build_prompt_stream(DataConfig(), rank=rank, world_size=world_size, seed=seed, vocabulary=vocabulary)
-        return stream.next_batch(3000)
+    def draws(seed, workers=0):
+        stream = build_prompt_stream(DataConfig(num_workers=workers), seed=seed, vocabulary=vocabulary)
+        try:
+            return stream.next_batch(3000)
+        finally:
+            stream.close()
 
-    first = draws(0, 3)
-    assert first == draws(0, 3)
-    assert first != draws(1, 3) and first != draws(0, 4)
+    first = draws(3)
+    assert first == draws(3)
+    assert first != draws(4) and first != draws(3, workers=2)
     counts = [first.count(p) for p in vocabulary]
     assert min(counts) > 0.8 * 3000 / 7 and max(counts) < 1.2 * 3000 / 7  # uniform draws from the whole list
     with pytest.raises(DataError, match="toy prompt list"):
-        build_prompt_stream(DataConfig(), rank=0, world_size=1, seed=0, vocabulary=None)
-
-
-def test_text_source_splits_each_epoch_across_ranks_and_counts_bad_lines(tmp_path):
-    path = tmp_path / "prompts.txt"
-    lines = [f"line {i}".encode() for i in range(30)]
-    path.write_bytes(b"\n".join(lines[:10] + [b"", b"  \t", b"\xff\xfe broken"] + lines[10:]) + b"\n")
-    cfg = DataConfig(source="text", path=str(path))
-    streams = [build_prompt_stream(cfg, rank=r, world_size=3, seed=5) for r in range(3)]
-    epochs = [[s.next_batch(10) for s in streams] for _ in range(2)]
-    for ranks in epochs:
-        everything = [p for rank in ranks for p in rank]
-        assert sorted(everything) == sorted(line.decode() for line in lines)  # disjoint and complete
-    assert epochs[0][0] != epochs[1][0]  # reshuffled per epoch
-    stats = streams[0].stats()
-    assert stats["skipped"] == {"empty_caption": 2, "invalid_utf8": 1}
-    assert stats["by_shard"] == {str(path): {"empty_caption": 2, "invalid_utf8": 1}}
-    assert stats["prompts"] == 20
-    summed = data.merge_stats(s.stats() for s in streams)  # every rank loads the file; its bad lines count once
-    assert summed["skipped"] == {"empty_caption": 2, "invalid_utf8": 1} and summed["prompts"] == 60
+        build_prompt_stream(DataConfig(), seed=0, vocabulary=None)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_shard_streams_are_disjoint_per_rank_and_worker(tmp_path, workers):
-    pattern = caption_shards(tmp_path, shards=8, per_shard=5)
-    cfg = DataConfig(source="webdataset", path=pattern, num_workers=workers)
-    streams = [build_prompt_stream(cfg, rank=r, world_size=2, seed=1) for r in range(2)]
+def test_text_source_reads_each_line_once_per_epoch_and_counts_bad_lines(tmp_path, workers):
+    path = tmp_path / "prompts.txt"
+    lines = [f"line {i}".encode() for i in range(30)]
+    path.write_bytes(b"\n".join(lines[:10] + [b"", b"  \t", b"\xff\xfe broken"] + lines[10:]) + b"\n")
+    stream = build_prompt_stream(DataConfig(source="text", path=str(path), num_workers=workers), seed=5)
     try:
-        read_by_rank0 = []
-        for _ in range(2):  # each rank reads 20 prompts per epoch: 4 shards, or 2 per worker
-            batches = [s.next_batch(20) for s in streams]
-            everything = [p for batch in batches for p in batch]
-            assert len(set(everything)) == 40  # every caption once: no stream overlaps another
-            for batch in batches:
-                shard_sets = [{shard_of(p) for p in batch[w::max(1, workers)]} for w in range(max(1, workers))]
-                assert sum(len(s) for s in shard_sets) == len(set().union(*shard_sets))  # workers read apart
-            read_by_rank0.append({shard_of(p) for p in batches[0]})
-        assert read_by_rank0[0] != read_by_rank0[1]  # shards are dealt afresh each epoch
+        epochs = [stream.next_batch(30) for _ in range(2)]
     finally:
-        for s in streams:
-            s.close()
+        stream.close()
+    for epoch in epochs:
+        assert sorted(epoch) == sorted(line.decode() for line in lines)  # the workers' shares: disjoint, complete
+    assert epochs[0] != epochs[1]  # reshuffled per epoch
+    stats = stream.stats()
+    assert stats["skipped"] == {"empty_caption": 2, "invalid_utf8": 1}
+    assert stats["by_shard"] == {str(path): {"empty_caption": 2, "invalid_utf8": 1}}
+    assert stats["prompts"] == 60
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_shard_streams_read_every_caption_once_per_epoch_and_workers_apart(tmp_path, workers):
+    pattern = caption_shards(tmp_path, shards=8, per_shard=5)
+    stream = build_prompt_stream(DataConfig(source="webdataset", path=pattern, num_workers=workers), seed=1)
+    try:
+        first_shards = []
+        for _ in range(2):  # an epoch: 40 prompts, 8 shards (4 per worker)
+            epoch = stream.next_batch(40)
+            assert len(set(epoch)) == 40  # every caption once: no stream overlaps another
+            shard_sets = [{shard_of(p) for p in epoch[w::max(1, workers)]} for w in range(max(1, workers))]
+            assert sum(len(s) for s in shard_sets) == len(set().union(*shard_sets))  # workers read apart
+            first_shards.append([shard_of(p) for p in epoch[:5]])
+        assert first_shards[0] != first_shards[1]  # shards are dealt afresh each epoch
+    finally:
+        stream.close()
 
 
 def test_samples_are_reshuffled_within_a_shard_each_epoch(tmp_path):
     stream = build_prompt_stream(DataConfig(source="webdataset", path=caption_shards(tmp_path, 1, 20)),
-                                 rank=0, world_size=1, seed=0)
+                                 seed=0)
     file_order = [f"caption 0 {i}" for i in range(20)]
     first, second = stream.next_batch(20), stream.next_batch(20)
     assert sorted(first) == sorted(second) == sorted(file_order)
@@ -115,7 +115,7 @@ RESUME_CASES = {  # source -> (prompts to draw, cut points: block / shard / epoc
 
 
 def resume_config(source, tmp_path, workers) -> tuple[DataConfig, dict, int]:
-    """The config, the build keywords, and the prompts per epoch of one rank (0 for vocab)."""
+    """The config, the build keywords, and the prompts per epoch (0 for vocab)."""
     if source == "vocab":
         return DataConfig(num_workers=workers), {"vocabulary": [f"prompt {i}" for i in range(5)]}, 0
     if source == "text":
@@ -132,7 +132,7 @@ def test_resume_continues_with_exactly_the_same_prompts(tmp_path, source, worker
     total, cuts = RESUME_CASES[source]
 
     def fresh():
-        return build_prompt_stream(cfg, rank=0, world_size=1, seed=11, **extra)
+        return build_prompt_stream(cfg, seed=11, **extra)
 
     reference = fresh()
     expected = reference.next_batch(total)
@@ -151,15 +151,20 @@ def test_resume_continues_with_exactly_the_same_prompts(tmp_path, source, worker
         resumed.close()
 
 
-def test_state_of_another_split_or_malformed_is_refused(tmp_path):
+def test_state_of_another_sequence_or_malformed_is_refused(tmp_path):
     cfg = DataConfig(source="webdataset", path=caption_shards(tmp_path, 4, 3))
-    rank0 = build_prompt_stream(cfg, rank=0, world_size=2, seed=0)
-    rank0.next_batch(4)
-    state = rank0.state_dict()
-    with pytest.raises(DataError, match="rank"):
-        build_prompt_stream(cfg, rank=1, world_size=2, seed=0).load_state_dict(state)
+    stream = build_prompt_stream(cfg, seed=0)
+    stream.next_batch(4)
+    state = stream.state_dict()
+    with pytest.raises(DataError, match="num_workers = 0 and this stream 2"):
+        build_prompt_stream(DataConfig(**{**vars(cfg), "num_workers": 2}), seed=0).load_state_dict(state)
+    with pytest.raises(DataError, match="seed = 0 and this stream 1"):
+        build_prompt_stream(cfg, seed=1).load_state_dict(state)
+    per_rank = {k: v for k, v in state.items() if k != "order"} | {"rank": 0, "world_size": 2}  # an older format
+    with pytest.raises(DataError, match="order = None and this stream 'global'"):
+        build_prompt_stream(cfg, seed=0).load_state_dict(per_rank)
     with pytest.raises(DataError, match="malformed"):
-        build_prompt_stream(cfg, rank=0, world_size=2, seed=0).load_state_dict({**state, "positions": [[0, 0]]})
+        build_prompt_stream(cfg, seed=0).load_state_dict({**state, "positions": [[0, 0]]})
 
 
 def evil_pickle(marker) -> bytes:
@@ -204,7 +209,7 @@ def test_bad_data_is_skipped_counted_per_shard_and_logged_once(tmp_path, caplog)
     assert (tmp_path / "proof" / "pwned").exists()  # the payload does run when unpickled
     shards = bad_data_shards(tmp_path)
     cfg = DataConfig(source="webdataset", path="::".join(shards.values()))
-    stream = build_prompt_stream(cfg, rank=0, world_size=1, seed=2,
+    stream = build_prompt_stream(cfg, seed=2,
                                  token_count=lambda p: len(p.split()), max_tokens=8)
     caplog.set_level(logging.WARNING, logger="bigsid.data")
     epoch = stream.next_batch(14)  # 4 good + 4 mixed + 4 before the boundary cut + 2 before the mid-data cut
@@ -238,7 +243,7 @@ def test_problem_counts_survive_a_resume_without_loss_or_double_counting(tmp_pat
     cfg = DataConfig(source="webdataset", path="::".join(shards.values()))
 
     def fresh():
-        return build_prompt_stream(cfg, rank=0, world_size=1, seed=2)
+        return build_prompt_stream(cfg, seed=2)
 
     whole = fresh()
     whole.next_batch(14 + 5)
@@ -251,14 +256,16 @@ def test_problem_counts_survive_a_resume_without_loss_or_double_counting(tmp_pat
         resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
         resumed.next_batch(19 - cut)
         assert resumed.stats() == expected, f"cut at {cut}"
-    # on another world size the streams restart, and rank 0 takes on the old ranks' counts
-    ranks = [build_prompt_stream(cfg, rank=r, world_size=2, seed=2) for r in range(2)]
-    for rank in ranks:
-        rank.next_batch(9)
-    fresh_rank0 = fresh()
-    fresh_rank0.load_counts(json.loads(json.dumps([rank.state_dict() for rank in ranks])))
-    assert fresh_rank0.stats() == data.merge_stats(rank.stats() for rank in ranks)
-    assert fresh_rank0.stats()["prompts"] == 18 and fresh_rank0.stats()["skipped"]
+    # the per-rank states of an older checkpoint: their counts, summed, run on
+    parts = [fresh(), fresh()]
+    for part, n in zip(parts, (9, 14)):
+        part.next_batch(n)
+    restarted = fresh()
+    restarted.load_counts(json.loads(json.dumps([part.state_dict() for part in parts])))
+    counts = [part.stats()["by_shard"] for part in parts]
+    assert restarted.stats()["prompts"] == 23 and restarted.stats()["by_shard"] == {
+        shard: dict(Counter(counts[0].get(shard, {})) + Counter(counts[1].get(shard, {})))
+        for shard in counts[0].keys() | counts[1].keys()}
     state = fresh().state_dict()
     for counts in ({"prompts": -1, "by_shard": {}}, {"prompts": 0, "by_shard": {"a.tar": {"no_such_kind": 1}}}):
         with pytest.raises(DataError, match="malformed prompt-stream state: counts"):
@@ -308,7 +315,7 @@ def test_json_caption_field(tmp_path):
         ("g", {"json": b'{"caption": "lone \\ud800 surrogate"}'}),
     ])
     stream = build_prompt_stream(DataConfig(source="webdataset", path=pattern, caption_key="json:caption"),
-                                 rank=0, world_size=1, seed=0)
+                                 seed=0)
     assert sorted(stream.next_batch(2)) == ["a blue dog", "a red cat"]
     assert stream.stats()["skipped"] == {"invalid_json": 1, "missing_caption": 2, "empty_caption": 1,
                                          "invalid_utf8": 1}
@@ -321,7 +328,7 @@ def test_pipe_and_gzip_shards_read_like_local_ones(tmp_path):
         packed.write(plain.read())
     expected = sorted(f"caption 0 {i}" for i in range(6))
     for path in (pattern, f"pipe:cat {local}", str(tmp_path / "shard.tar.gz")):
-        stream = build_prompt_stream(DataConfig(source="webdataset", path=path), rank=0, world_size=1, seed=0)
+        stream = build_prompt_stream(DataConfig(source="webdataset", path=path), seed=0)
         assert sorted(stream.next_batch(6)) == expected, path
         assert stream.stats()["skipped"] == {}
 
@@ -330,9 +337,8 @@ def test_unusable_sources_are_refused_at_build(tmp_path):
     assert issubclass(DataError, ValueError)
     pattern = caption_shards(tmp_path, 2, 3)
 
-    def build(path, world_size=1, **fields):
-        return build_prompt_stream(DataConfig(source="webdataset", path=path, **fields),
-                                   rank=0, world_size=world_size, seed=0)
+    def build(path, **fields):
+        return build_prompt_stream(DataConfig(source="webdataset", path=path, **fields), seed=0)
 
     with pytest.raises(DataError, match="names no shards"):
         build("::")
@@ -346,18 +352,18 @@ def test_unusable_sources_are_refused_at_build(tmp_path):
     with pytest.raises(DataError, match="members found: txt"):
         build(pattern, caption_key="json:caption")
     with pytest.raises(DataError, match="2 shards for 4 streams"):
-        build(pattern, world_size=2, num_workers=2)
+        build(pattern, num_workers=4)
     with pytest.raises(DataError, match="caption key"):
         build(pattern, caption_key="json:")
     with pytest.raises(DataError, match="no such prompt file"):
-        build_prompt_stream(DataConfig(source="text", path=str(tmp_path / "absent.txt")), rank=0, world_size=1, seed=0)
+        build_prompt_stream(DataConfig(source="text", path=str(tmp_path / "absent.txt")), seed=0)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_shards_gone_bad_after_build_raise_instead_of_looping(tmp_path, workers):
     pattern = caption_shards(tmp_path, 2, 3)
     stream = build_prompt_stream(DataConfig(source="webdataset", path=pattern, num_workers=workers),
-                                 rank=0, world_size=1, seed=0)
+                                 seed=0)
     for shard in tmp_path.glob("shard-*.tar"):
         shard.write_bytes(b"\0garbage" * 64)
     with pytest.raises(DataError, match="shards in a row without a prompt"):
@@ -367,7 +373,7 @@ def test_shards_gone_bad_after_build_raise_instead_of_looping(tmp_path, workers)
 
 def test_close_stops_the_loader_workers(tmp_path):
     stream = build_prompt_stream(DataConfig(source="webdataset", path=caption_shards(tmp_path, 2, 3), num_workers=2),
-                                 rank=0, world_size=1, seed=0)
+                                 seed=0)
     before = set(multiprocessing.active_children())
     stream.next_batch(4)
     workers = set(multiprocessing.active_children()) - before
@@ -398,7 +404,7 @@ def test_pack_jsonl_round_trip_with_a_json_caption(tmp_path):
     pack(source, tmp_path / "out", caption_field="json:caption", input_field="text", shard_size=4)
     cfg = DataConfig(source="webdataset", path=f"{tmp_path}/out/shard-{{000000..000002}}.tar",
                      caption_key="json:caption")
-    stream = build_prompt_stream(cfg, rank=0, world_size=1, seed=0)
+    stream = build_prompt_stream(cfg, seed=0)
     assert sorted(stream.next_batch(12)) == sorted(f"prompt {i}" for i in range(12))
     assert stream.stats()["skipped"] == {}
 

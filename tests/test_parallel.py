@@ -15,9 +15,9 @@ from bigsid.export import export, load_generator_state
 from bigsid.trainer import Trainer
 from conftest import TINY_TOY, assert_same_update
 
-# One prompt, so each rank's prompt stream is the same whatever the world size; noise is drawn for the global
-# batch and sliced per rank, so every backend sees the same samples.
-PARITY = [*TINY_TOY, "teacher.gmm.num_prompts=1", "train.batch_size=8", "train.total_nimg=32", "train.log_every=1",
+# Prompts and noise are drawn for the global batch and sliced per rank, so every backend and world size sees the
+# same samples: three distinct prompts, so that a rank reading the wrong prompts changes the losses.
+PARITY = [*TINY_TOY, "teacher.gmm.num_prompts=3", "train.batch_size=8", "train.total_nimg=32", "train.log_every=1",
           "train.checkpoint_every=2"]
 LR = load_config(None, PARITY).optim.lr_generator
 

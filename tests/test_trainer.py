@@ -294,7 +294,7 @@ def test_bad_data_counts_are_logged_kept_across_a_resume_and_summarised(tmp_path
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "generator/loss" in r]
     per_step = (resumed.cfg.train.fake_steps + 1) * resumed.cfg.train.batch_size  # prompts each step takes
-    reference = build_prompt_stream(DataConfig(source="webdataset", path=f"{good}::{cut}"), rank=0, world_size=1,
+    reference = build_prompt_stream(DataConfig(source="webdataset", path=f"{good}::{cut}"),
                                     seed=resumed.cfg.train.seed)
     shards = {}
     for row in train_rows:  # an uninterrupted stream gives the same counts at every logged step
