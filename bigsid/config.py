@@ -71,6 +71,17 @@ class GeneratorConfig:
 
 
 @dataclass
+class FakeScoreConfig:
+    # LoRA: the fake score is the teacher's network plus a peft adapter of this rank (0: a full copy of the teacher,
+    # as in the papers). The teacher is then that same network with the adapter switched off, so one network's
+    # weights, gradients and Adam states fewer are held: what makes SDXL- and SD3-size teachers fit. The shared
+    # weights stay in the trained networks' dtype (fp32 master weights) rather than the bf16 a separate teacher uses.
+    lora_rank: int = 0
+    lora_alpha: float = 0.0  # 0: the rank
+    lora_target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+@dataclass
 class ObjectiveConfig:
     name: str = "sid"  # sid | sim | dmd
     alpha: float = 1.0  # SiD: 1.0 for text-to-image (SiD-LSG), 1.2 for EDM pixel models
@@ -193,6 +204,7 @@ class ParallelConfig:
 class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    fake_score: FakeScoreConfig = field(default_factory=FakeScoreConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -321,10 +333,11 @@ def validate(cfg: Config, check_data: bool = True) -> Config:
            cfg.teacher.text_max_length)
     _check(0 <= o.t_min < o.t_max <= 999, "objective.t_min/t_max", "0 <= t_min < t_max <= 999",
            (o.t_min, o.t_max))
-    _check(cfg.generator.lora_rank >= 0 and cfg.generator.lora_alpha >= 0, "generator.lora_rank/lora_alpha",
-           ">= 0 (rank 0: train the full generator)", (cfg.generator.lora_rank, cfg.generator.lora_alpha))
-    if cfg.generator.lora_rank and cfg.teacher.kind != "diffusers":
-        raise ConfigError("generator.lora_rank > 0 needs a diffusers UNet teacher (teacher.kind=diffusers)")
+    for name, section in (("generator", cfg.generator), ("fake_score", cfg.fake_score)):
+        _check(section.lora_rank >= 0 and section.lora_alpha >= 0, f"{name}.lora_rank/lora_alpha",
+               f">= 0 (rank 0: train the full {name})", (section.lora_rank, section.lora_alpha))
+        if section.lora_rank and cfg.teacher.kind != "diffusers":
+            raise ConfigError(f"{name}.lora_rank > 0 needs a diffusers teacher (teacher.kind=diffusers)")
     _check(1 <= cfg.generator.steps <= cfg.generator.t_init, "generator.steps", "1..generator.t_init",
            cfg.generator.steps)
     _check(0 < cfg.generator.t_init <= 999, "generator.t_init", "1..999", cfg.generator.t_init)

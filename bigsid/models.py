@@ -93,19 +93,40 @@ class Networks:
     family: Family | None = None  # a diffusers teacher's (bigsid.families); None for the toy MLP
 
 
-def lora_config(config: dict):
-    """The run's LoRA adapter as a peft LoraConfig, or None for a generator trained in full.
+class AdapterOff(nn.Module):
+    """The teacher of a run whose fake score is the teacher's network plus a LoRA adapter (fake_score.lora_rank):
+    that network with the adapter switched off. It holds no weights of its own: the fake score is not registered as
+    a submodule, so the backends place, shard and checkpoint it once, as the fake score, and the teacher's calls go
+    through the same (possibly sharded) module."""
+
+    def __init__(self, fake_score: nn.Module):
+        super().__init__()
+        self.shared = [fake_score]  # a list: not a submodule
+        self.prediction_type = fake_score.prediction_type
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        net = self.shared[0]
+        net.network.disable_adapters()
+        try:
+            return net(x_t, t, cond)
+        finally:
+            net.network.enable_adapters()
+
+
+def lora_config(config: dict, network: str = "generator"):
+    """The run's LoRA adapter of `network` (generator or fake_score) as a peft LoraConfig, or None when it trains in
+    full.
 
     The contract between training and export: generator.lora_rank > 0 means the generator's UNet carries a peft
     LoRA adapter named "default" (what unet.add_adapter makes) of that rank, with lora_alpha = generator.lora_alpha
     (the rank when unset) on the modules listed in generator.lora_target_modules."""
-    g = config["generator"]
+    g = config[network]
     if not g.get("lora_rank"):
         return None
     try:
         from peft import LoraConfig
     except ImportError:
-        raise TeacherError("this generator is a LoRA adapter and needs peft: pip install 'bigsid[lora]'") from None
+        raise TeacherError(f"the {network} is a LoRA adapter and needs peft: pip install 'bigsid[lora]'") from None
     return LoraConfig(r=g["lora_rank"], lora_alpha=g.get("lora_alpha") or g["lora_rank"],
                       target_modules=list(g["lora_target_modules"]))
 
@@ -140,8 +161,12 @@ def build_networks(cfg: Config) -> Networks:
         truth = toy.GMM.load(cfg.teacher.path)  # None unless the folder is a toy teacher with a ground truth
         vocabulary = truth.prompts if truth is not None else None
         vae.requires_grad_(False).eval()
+    from dataclasses import asdict
+
     generator_net = copy.deepcopy(student)
-    fake_score = copy.deepcopy(student)
+    fake_score = student if cfg.fake_score.lora_rank else copy.deepcopy(student)
+    if cfg.fake_score.lora_rank:
+        teacher = AdapterOff(fake_score)
     teacher.requires_grad_(False).eval()
     if cfg.train.precision == "bf16" and cfg.teacher.kind == "diffusers":
         # Frozen and computed in bf16 anyway: stored in bf16 it takes half the memory and autocast has no copies
@@ -149,11 +174,11 @@ def build_networks(cfg: Config) -> Networks:
         teacher.to(torch.bfloat16)
     for net in (generator_net, fake_score):
         net.requires_grad_(True).train()
-    if cfg.generator.lora_rank:
-        from dataclasses import asdict
-
-        generator_net.network.requires_grad_(False)
-        generator_net.network.add_adapter(lora_config(asdict(cfg)))  # only the adapter's weights train
+    for name, net in (("generator", generator_net), ("fake_score", fake_score)):
+        adapter = lora_config(asdict(cfg), name)
+        if adapter is not None:
+            net.network.requires_grad_(False)
+            net.network.add_adapter(adapter)  # only the adapter's weights train
     for name, net in (("generator", generator_net), ("fake_score", fake_score), ("teacher", teacher)):
         network = getattr(net, "network", None)
         if network is None:  # the toy networks are too small to need either

@@ -758,8 +758,9 @@ class Trainer:
         if folder is None:
             return
         state = checkpoint.read_state(folder)
-        for key in ("teacher", "generator", "objective"):
-            if state["config"][key] != to_dict(self.cfg)[key]:
+        for key in ("teacher", "generator", "fake_score", "objective"):
+            # a section a checkpoint predates is compared as its defaults
+            if state["config"].get(key, to_dict(Config())[key]) != to_dict(self.cfg)[key]:
                 raise checkpoint.CheckpointError(
                     f"{folder} was written with a different {key} config; resume with the run's own "
                     f"config.yaml or choose a new train.run_dir")

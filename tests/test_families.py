@@ -162,3 +162,35 @@ def test_bad_teachers_are_refused_before_any_long_work(tmp_path, teacher_dir):
     (folder / "model_index.json").write_text(json.dumps(index | {"text_encoder_3": [None, None]}))
     with pytest.raises(TeacherError, match="no text encoder text_encoder_3"):
         load_teacher(str(folder))
+
+
+def test_fake_score_as_a_lora_adapter_on_the_teacher(teacher_dir, tmp_path):
+    """fake_score.lora_rank: one network's weights fewer; the teacher is the shared network with the adapter off,
+    unchanged by training, while the adapter (and nothing else) learns."""
+    pytest.importorskip("peft")
+    from bigsid.text import Cond
+
+    args = [*TINY_TOY, "teacher.kind=diffusers", f"teacher.path={teacher_dir}", "train.batch_size=4",
+            "train.total_nimg=8", "train.checkpoint_every=0", "eval.num_samples=16"]
+    full = Trainer(load_config(None, [*args, f"train.run_dir={tmp_path / 'full'}"]))
+    tr = Trainer(load_config(None, [*args, f"train.run_dir={tmp_path / 'lora'}", "fake_score.lora_rank=4"]))
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    assert count(tr.teacher) == 0
+    adapter = sum(p.numel() for p in tr.fake_score.module.parameters() if p.requires_grad)
+    assert 0 < adapter < count(full.teacher) / 10
+    assert count(tr.fake_score.module) == count(full.fake_score.module) + adapter  # the copy is gone
+    gen = torch.Generator().manual_seed(0)
+    x_t, t = torch.randn(2, 4, 4, 4, generator=gen), torch.tensor([100, 800])
+    cond = Cond(torch.randn(2, 32, 32, generator=gen))
+    with torch.no_grad():
+        before = tr.teacher(x_t, t, cond)
+        assert torch.equal(before, full.teacher.float()(x_t, t, cond))
+        weights = {k: v.clone() for k, v in tr.fake_score.module.state_dict().items()}
+    tr.run()
+    with torch.no_grad():
+        after = tr.teacher(x_t, t, cond)
+        fake = tr.fake_score.module(x_t, t, cond)
+    assert torch.equal(before, after), "the teacher must not learn"
+    moved = {k for k, v in tr.fake_score.module.state_dict().items() if not torch.equal(weights[k], v)}
+    assert moved and all("lora" in k for k in moved)
+    assert not torch.equal(fake, after), "the fake score learned through its adapter"
