@@ -1,12 +1,29 @@
-"""Export a distilled generator as a diffusers pipeline that stock diffusers runs in one step, and sample from it.
+"""Export a distilled generator into its teacher's own stock diffusers pipeline, and sample from it.
 
-The generator is trained on sqrt(1 - abar_t0) * z at t0 = generator.t_init and returns its x0-prediction. A stock
-pipeline feeds init_noise_sigma * z, so the export carries a scheduler that makes the stock call compute exactly
-that: EulerDiscreteScheduler on the teacher's schedule cut at t0 (num_train_timesteps = t0 + 1, trained_betas = the
-teacher's first t0 + 1 betas, timestep_spacing "trailing"). One step then runs the UNet once at t0 on
-sigma_t0 * z / sqrt(sigma_t0^2 + 1) = sqrt(1 - abar_t0) * z and returns its x0-prediction, with the UNet's weights
-unchanged. With k steps the same scheduler re-noises x0 at trailing timesteps t0 > t_1 > ... with the noise the
-generator's own prediction implies (DDIM, eta = 0); `sample_latents` is that sampler in bigsid's terms.
+Every family exports into the pipeline class of its teacher (StableDiffusionPipeline, StableDiffusionXLPipeline,
+PixArtAlphaPipeline / PixArtSigmaPipeline, StableDiffusion3Pipeline), which DiffusionPipeline.from_pretrained loads
+without custom code and which runs bigsid's chain when called with standard arguments only (`stock_call`): the
+network's weights are the generator's, unchanged, and the scheduler the export ships makes the call compute exactly
+the generator's input and output.
+
+VP teachers (SD, SDXL, PixArt). The generator is trained on sqrt(1 - abar_t0) * z at t0 = generator.t_init and
+returns its x0-prediction. A stock pipeline feeds init_noise_sigma * z, so the export carries EulerDiscreteScheduler on
+the teacher's schedule cut at t0 (num_train_timesteps = t0 + 1, trained_betas = the teacher's first t0 + 1 betas,
+timestep_spacing "trailing"). One step then runs the network once at t0 on sigma_t0 * z / sqrt(sigma_t0^2 + 1) =
+sqrt(1 - abar_t0) * z and returns its x0-prediction. With k steps the same scheduler re-noises x0 at trailing
+timesteps t0 > t_1 > ... with the noise the generator's own prediction implies (DDIM, eta = 0), the chain
+OneStepGenerator runs. SDXL's, PixArt's and SD's pipelines call the scheduler alike (scale_model_input, then step on
+the network's output: PixArt's of its eps channels); SDXL's also passes the size ids of its default image size,
+which is the size bigsid conditions on.
+
+Rectified flow (SD3). A stock flow pipeline starts every chain from the noise itself, x = z at sigma = 1, and no
+FlowMatchEulerDiscreteScheduler setting scales it, so only a generator trained from pure noise (t_init = N - 1,
+x_t = z) is reproduced: the export refuses any other t_init. The teacher's own scheduler then runs it: one step
+(num_inference_steps=1) goes from sigma 1 to 0, x0 = z - v, the generator's x0-prediction. A k-step chain's Euler step
+x + (sigma' - sigma) v is re-noising x0 = x - sigma v with the noise it implies, eps = x0 + v, at sigma' (DDIM,
+eta = 0), so the chain is reproduced wherever the scheduler runs at the chain's sigmas. num_inference_steps=k does not
+(its grid runs down to the config's smallest sigma, shifted twice, whatever k); the call passes them instead:
+sigmas = (t_i + 1) / N, the chain's unshifted grid times, which the scheduler shifts with the teacher's shift.
 
 Weights come from any backend's checkpoint through `load_generator_state`, which returns the full generator state on
 the CPU whatever the layout on disk.
@@ -24,14 +41,19 @@ import torch
 from safetensors.torch import load_file
 
 from bigsid import checkpoint
-from bigsid.families import load_teacher
-from bigsid.models import OneStepGenerator, lora_config
-from bigsid.text import Cond, PromptEncoder
+from bigsid.families import FAMILIES, Family, TeacherError, decode, detect, load_teacher, pipeline_config
+from bigsid.models import OneStepGenerator, lora_config, trailing_timesteps
+from bigsid.text import PromptEncoder
 from bigsid.parallel import deepspeed as deepspeed_layout
 
-STOCK_PIPELINES = ("StableDiffusionPipeline",)  # SD 1.x / 2.x: the teachers bigsid distills
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name load_lora_weights looks for
 CARD = "README.md"
+# What a family's stock call needs beyond (prompt, steps, guidance_scale=0, latents) to condition the network as
+# bigsid does: PixArt without aspect-ratio binning (the generator was trained at one size; binning maps a requested
+# size to the model's bins and resizes the decoded image back) and without caption cleaning (bigsid lowercases and
+# strips prompts, as the pipeline does when it does not clean them); both T5 families at the run's T5 length.
+FAMILY_CALL = {"pixart": {"use_resolution_binning": False, "clean_caption": False}}
+FAMILY_TAG = {"sd": "stable-diffusion", "sdxl": "stable-diffusion-xl", "pixart": "pixart", "sd3": "sd3"}
 
 
 class ExportError(ValueError):
@@ -110,11 +132,11 @@ def find_checkpoint(source: str | Path) -> Path:
     return folder
 
 
-# ---- the generator as trained, and the scheduler that reproduces it ----
+# ---- the generator as trained, and the scheduler and call that reproduce it ----
 
 def one_step_scheduler(teacher_scheduler_config: dict, t_init: int, prediction_type: str):
-    """EulerDiscreteScheduler on the teacher's schedule cut at t_init: num_inference_steps=k reproduces
-    `sample_latents` at `sampling_timesteps(scheduler, k)` (see the module docstring)."""
+    """EulerDiscreteScheduler on the teacher's schedule cut at t_init: num_inference_steps=k reproduces the
+    generator's k-step chain (see the module docstring)."""
     from diffusers import DDPMScheduler, EulerDiscreteScheduler
 
     betas = DDPMScheduler.from_config(teacher_scheduler_config).betas[: t_init + 1]
@@ -123,22 +145,50 @@ def one_step_scheduler(teacher_scheduler_config: dict, t_init: int, prediction_t
                                   prediction_type=prediction_type, timestep_spacing="trailing", steps_offset=1)
 
 
+def export_scheduler(teacher_scheduler_config: dict, t_init: int, prediction_type: str):
+    """The scheduler an export ships: the Euler cut for a VP teacher, a flow teacher's own."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if prediction_type == "flow":
+        return FlowMatchEulerDiscreteScheduler.from_config(teacher_scheduler_config)
+    return one_step_scheduler(teacher_scheduler_config, t_init, prediction_type)
+
+
+def _is_flow(scheduler) -> bool:
+    return type(scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+
+
 def sampling_timesteps(scheduler, steps: int) -> list[int]:
-    """The timesteps the exported scheduler runs the generator at for `steps` steps, t_init first."""
+    """The grid timesteps the exported scheduler, called as `stock_call` says, runs the generator at for `steps`
+    steps, t_init first."""
     most = scheduler.config.num_train_timesteps - 1
     if not 1 <= steps <= most:
         raise ExportError(f"steps={steps}: expected 1..{most} (the generator's t_init)")
+    if _is_flow(scheduler):
+        return trailing_timesteps(most, steps)
     scheduler.set_timesteps(steps)
     return [int(t) for t in scheduler.timesteps]
 
 
-@torch.no_grad()
-def sample_latents(generator: OneStepGenerator, z: torch.Tensor, cond: Cond,
-                   timesteps: list[int]) -> torch.Tensor:
-    """bigsid's sampler at the exported scheduler's timesteps: the generator's own chain (OneStepGenerator)."""
-    if timesteps != generator.timesteps(len(timesteps)):
-        raise ExportError(f"timesteps {timesteps} are not the generator's chain {generator.timesteps(len(timesteps))}")
-    return generator(z, cond, chain=len(timesteps))
+def step_arguments(scheduler, steps: int) -> dict:
+    """How the stock call asks the exported scheduler for the generator's `steps`-step chain: the step count, or for
+    a flow chain of several steps its sigmas (see the module docstring)."""
+    timesteps = sampling_timesteps(scheduler, steps)
+    if _is_flow(scheduler) and steps > 1:
+        return {"sigmas": [(t + 1) / scheduler.config.num_train_timesteps for t in timesteps]}
+    return {"num_inference_steps": steps}
+
+
+def stock_call(scheduler, steps: int, family: str, t5_length: int = 0) -> dict:
+    """The keyword arguments (all but the prompt and the noise) of the stock pipeline call that runs the exported
+    generator's `steps`-step chain: its steps, no guidance, the family's own conditioning arguments."""
+    return (step_arguments(scheduler, steps) | {"guidance_scale": 0, **FAMILY_CALL.get(family, {})}
+            | ({"max_sequence_length": t5_length} if t5_length else {}))
+
+
+def latent_shape(network: torch.nn.Module) -> tuple[int, int, int]:
+    c = network.config
+    return (c.in_channels, c.sample_size, c.sample_size)
 
 
 @dataclass
@@ -148,7 +198,10 @@ class Distilled:
     generator: OneStepGenerator
     encoder: PromptEncoder
     vae: torch.nn.Module
-    scheduler: object  # one_step_scheduler: the stock pipeline's convention for this generator
+    scheduler: object  # export_scheduler: the stock pipeline's convention for this generator
+    family: Family
+    pipeline: str  # the teacher's pipeline class, which the export is
+    t5_length: int  # the T5 length the generator was conditioned with; 0 without T5
     teacher: str
     revision: str
     lora: object  # peft LoraConfig, or None
@@ -157,19 +210,31 @@ class Distilled:
     state: dict  # train_state.json
     ema: bool
 
+    def to(self, device) -> "Distilled":
+        for module in (self.generator, self.encoder, self.vae):
+            module.to(device)
+        return self
 
-def _check_teacher_family(teacher: str, revision: str) -> None:
-    from diffusers import DiffusionPipeline
+    @torch.no_grad()
+    def images(self, prompts: list[str], z: torch.Tensor, steps: int) -> list:
+        """PIL images of the generator's `steps`-step chain from z, decoded as the stock pipeline decodes."""
+        from diffusers.image_processor import VaeImageProcessor
 
+        if not 1 <= steps <= self.generator.t_init:
+            raise ExportError(f"steps={steps}: expected 1..{self.generator.t_init} (the generator's t_init)")
+        latents = self.generator(z, self.encoder(prompts), chain=steps)
+        return VaeImageProcessor().postprocess(decode(self.vae, latents), output_type="pil")
+
+
+def _teacher_family(teacher: str, revision: str) -> tuple[Family, str]:
+    """The teacher's family and pipeline class, read from its model_index.json before anything is loaded."""
     try:
-        name = DiffusionPipeline.load_config(teacher, revision=revision or None).get("_class_name")
-    except (OSError, ValueError) as err:
-        raise ExportError(f"cannot read the teacher pipeline {teacher!r} (model_index.json): {err}. The export copies "
-                          "the teacher's VAE, text encoder and tokenizer: pass --teacher with the pipeline folder or "
-                          "hub id the run was trained from") from None
-    if name not in STOCK_PIPELINES:
-        raise ExportError(f"the teacher {teacher!r} is a {name}; bigsid exports generators distilled from "
-                          f"{', '.join(STOCK_PIPELINES)} teachers (Stable Diffusion 1.x/2.x)")
+        index = pipeline_config(teacher, revision)
+        return detect(index, teacher), index["_class_name"]
+    except TeacherError as err:
+        raise ExportError(f"{err}. The export copies the teacher's VAE, text encoders and tokenizers into the "
+                          "teacher's own pipeline: pass --teacher with the pipeline folder or hub id the run was "
+                          "trained from") from None
 
 
 def _check_fit(weights: dict, expected: dict, teacher: str) -> None:
@@ -197,13 +262,17 @@ def load_distilled(source: str | Path, ema: bool = True, teacher: str | None = N
                           "diffusers pipeline to export into; only teacher.kind=diffusers runs export")
     path = teacher or config["teacher"]["path"]
     revision = "" if teacher else config["teacher"]["revision"]
-    _check_teacher_family(path, revision)
+    family, pipeline = _teacher_family(path, revision)
     weights = load_generator_state(folder, ema)
     loaded = load_teacher(path, revision, config["teacher"]["prediction_type"],
                           config["teacher"].get("text_max_length", 0))
     net, schedule, encoder, vae = loaded.denoiser, loaded.schedule, loaded.encoder, loaded.vae
     lora = lora_config(config)
     if lora is not None:
+        if not hasattr(net.network, "add_adapter"):
+            raise ExportError(f"{folder}: the generator is a LoRA adapter, but diffusers' {family.network_class} "
+                              f"(the {pipeline} teacher {path!r}) takes no LoRA adapter, so no run can have trained "
+                              "one on it: pass --teacher with the run's teacher")
         net.network.add_adapter(lora)
     generator = OneStepGenerator(net, schedule, config["generator"]["t_init"], config["generator"].get("steps", 1))
     expected = generator.state_dict()
@@ -213,9 +282,11 @@ def load_distilled(source: str | Path, ema: bool = True, teacher: str | None = N
                                                if "lora_" not in k)
     generator.load_state_dict(weights)
     generator.requires_grad_(False).eval()
-    scheduler = one_step_scheduler(loaded.scheduler_config, generator.t_init, schedule.prediction_type)
-    return Distilled(generator, encoder, vae.eval(), scheduler, path, revision, lora, lora_on_teacher, folder, state,
-                     ema)
+    scheduler = export_scheduler(loaded.scheduler_config, generator.t_init, schedule.prediction_type)
+    # T5 comes last in both T5 families' encoders (PixArt: alone; SD3: after the two CLIPs)
+    t5_length = encoder.tokens[-1].max_length if family.name in ("pixart", "sd3") else 0
+    return Distilled(generator, encoder, vae.eval(), scheduler, family, pipeline, t5_length, path, revision, lora,
+                     lora_on_teacher, folder, state, ema)
 
 
 # ---- export ----
@@ -241,41 +312,57 @@ def _replace(partial: Path, out: Path) -> None:
     partial.rename(out)
 
 
+def _check_reproducible(d: Distilled) -> None:
+    """Refuse a flow generator that a stock flow pipeline cannot run (see the module docstring)."""
+    last = d.generator.schedule.num_timesteps - 1
+    if _is_flow(d.scheduler) and d.generator.t_init != last:
+        raise ExportError(
+            f"{d.folder}: the generator was trained from sigma_t * z at generator.t_init={d.generator.t_init} "
+            f"(sigma = {float(d.generator.schedule.s[d.generator.t_init]):.4f}), but {d.pipeline} starts every chain "
+            f"from z itself at sigma 1 and no scheduler setting scales it, so no stock call reproduces this "
+            f"generator. Train a flow generator with generator.t_init={last} (pure noise) to export it; `bigsid "
+            f"sample` and `bigsid eval` run this checkpoint as it is")
+
+
 def export(source: str | Path, out: str | Path, ema: bool = True, teacher: str | None = None, steps: int | None = None,
            fuse_lora: bool = False, force: bool = False) -> Path:
-    """Write `source`'s generator as a diffusers pipeline folder (safetensors) with a model card; a LoRA generator
-    as pytorch_lora_weights.safetensors over its teacher, or fused into a full pipeline with fuse_lora=True.
+    """Write `source`'s generator as a diffusers pipeline folder of its teacher's class (safetensors) with a model
+    card; a LoRA generator as pytorch_lora_weights.safetensors over its teacher, or fused into a full pipeline with
+    fuse_lora=True.
 
     `steps` is the step count the model card's call uses; by default the run's generator.steps."""
-    from diffusers import StableDiffusionPipeline
+    import diffusers
     from diffusers.utils import convert_state_dict_to_diffusers
 
     out = Path(out)
     d = load_distilled(source, ema, teacher)
-    timesteps = sampling_timesteps(d.scheduler, d.generator.steps if steps is None else steps)
+    _check_reproducible(d)
+    steps = d.generator.steps if steps is None else steps
+    call = stock_call(d.scheduler, steps, d.family.name, d.t5_length)
     as_lora = d.lora is not None and not fuse_lora
     if as_lora and not d.lora_on_teacher:
         raise ExportError(f"{d.folder}: weights outside the LoRA adapter differ from the teacher's, so the adapter "
                           "alone would not reproduce the generator; export with --fuse-lora")
     partial = _output_folder(out, force, [d.folder] + ([Path(d.teacher)] if Path(d.teacher).exists() else []))
-    unet = d.generator.net.network
+    network = d.generator.net.network
     if as_lora:
         from peft.utils import get_peft_model_state_dict
 
         # A LoRA file without adapter metadata loads with lora_alpha = rank in every diffusers version: carry
         # alpha / rank in the up-projection instead of in metadata that older versions ignore.
         scale = d.lora.lora_alpha / d.lora.r
-        layers = {k: v * scale if ".lora_B." in k else v for k, v in get_peft_model_state_dict(unet).items()}
-        StableDiffusionPipeline.save_lora_weights(partial, unet_lora_layers=convert_state_dict_to_diffusers(layers))
+        layers = {k: v * scale if ".lora_B." in k else v for k, v in get_peft_model_state_dict(network).items()}
+        getattr(diffusers, d.pipeline).save_lora_weights(
+            partial, **{f"{d.family.network}_lora_layers": convert_state_dict_to_diffusers(layers)})
         d.scheduler.save_pretrained(partial / "scheduler")
     else:
         if d.lora is not None:
-            unet.fuse_lora()
-            unet.unload_lora()
-        pipe = StableDiffusionPipeline.from_pretrained(
-            d.teacher, revision=d.revision or None, unet=unet, scheduler=d.scheduler, vae=d.vae)
+            network.fuse_lora()
+            network.unload_lora()
+        pipe = diffusers.DiffusionPipeline.from_pretrained(
+            d.teacher, revision=d.revision or None, scheduler=d.scheduler, vae=d.vae, **{d.family.network: network})
         pipe.save_pretrained(partial, safe_serialization=True)
-    model_card(d, out, timesteps, as_lora).save(partial / CARD)
+    model_card(d, out, call, as_lora).save(partial / CARD)
     _replace(partial, out)
     return out
 
@@ -298,19 +385,21 @@ def _method(objective: dict) -> str:
     return METHODS[objective["name"]]
 
 
-def _usage(d: Distilled, out: Path, steps: int, as_lora: bool) -> str:
+def _usage(d: Distilled, out: Path, call: dict, as_lora: bool) -> str:
     """The Python that runs the export with stock diffusers."""
-    call = f'image = pipe("a photo of a cat", num_inference_steps={steps}, guidance_scale=0).images[0]'
+    arguments = ", ".join(f"{k}={v!r}" for k, v in call.items())
+    line = f'image = pipe("a photo of a cat", {arguments}).images[0]'
     if as_lora:
+        scheduler = type(d.scheduler).__name__
         return "\n".join([
-            "from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline",
+            f"from diffusers import DiffusionPipeline, {scheduler}",
             "",
-            f'pipe = StableDiffusionPipeline.from_pretrained("{d.teacher}")',
-            f'pipe.scheduler = EulerDiscreteScheduler.from_pretrained("{out}", subfolder="scheduler")',
+            f'pipe = DiffusionPipeline.from_pretrained("{d.teacher}")',
+            f'pipe.scheduler = {scheduler}.from_pretrained("{out}", subfolder="scheduler")',
             f'pipe.load_lora_weights("{out}")',
-            call])
+            line])
     return "\n".join(["from diffusers import DiffusionPipeline", "",
-                      f'pipe = DiffusionPipeline.from_pretrained("{out}")', call])
+                      f'pipe = DiffusionPipeline.from_pretrained("{out}")', line])
 
 
 def _image_evaluation(d: Distilled) -> str:
@@ -354,17 +443,63 @@ def _evaluation(d: Distilled) -> str:
     return "\n".join(lines + (["", images] if images else []))
 
 
-def model_card(d: Distilled, out: Path, timesteps: list[int], as_lora: bool):
+def _generator_input(d: Distilled) -> str:
+    t0 = d.generator.t_init
+    if _is_flow(d.scheduler):
+        return f"x0-prediction at t_init = {t0} (sigma = 1) from the noise z itself"
+    s = float(d.generator.schedule.s[t0])
+    return f"x0-prediction at t_init = {t0} from sqrt(1 - abar_t_init) * z = {s:.4f} * z"
+
+
+def _how(d: Distilled, call: dict) -> str:
+    """The model card's account of why the stock call gives bigsid's chain, and what else the call needs."""
+    t0, network = d.generator.t_init, "UNet" if d.family.network == "unet" else "transformer"
+    if _is_flow(d.scheduler):
+        shift = d.scheduler.config.shift
+        text = f"""The scheduler is the teacher's own `FlowMatchEulerDiscreteScheduler` (shift {shift}). The generator
+was trained from pure noise (t_init = {t0}, sigma = 1: x_t = z), where every stock flow chain starts: one step feeds
+the transformer z at timestep {t0 + 1} and returns z - v, the generator's x0-prediction. With k steps the call passes
+`sigmas` = (t_i + 1) / {t0 + 1} at the chain's grid times t_i, which the scheduler shifts as the teacher's schedule
+does; each Euler step x + (sigma' - sigma) v re-noises x0 = x - sigma v with the noise it implies, x0 + v, at sigma'
+(deterministic, DDIM eta = 0), as `bigsid sample --steps k` does. `num_inference_steps=k` alone would run other
+sigmas. A flow generator trained from t_init below {t0} is not exported: the stock pipeline cannot scale its noise."""
+    else:
+        s, sigma = float(d.generator.schedule.s[t0]), float(d.scheduler.init_noise_sigma)
+        text = f"""The scheduler is `EulerDiscreteScheduler` on the teacher's noise schedule cut at t = {t0}
+(`num_train_timesteps` = {t0 + 1}, `trained_betas` = the teacher's first {t0 + 1} betas, `timestep_spacing` =
+"trailing"). One step starts from `init_noise_sigma` * z = {sigma:.4f} * z, feeds the {network}
+{sigma:.4f} * z / sqrt({sigma:.4f}^2 + 1) = {s:.4f} * z at t = {t0}, exactly the generator's training input, and
+returns its x0-prediction. With k steps the scheduler
+re-noises that x0 at trailing timesteps below {t0} with the noise the prediction implies (deterministic, DDIM eta = 0),
+as `bigsid sample --steps k` does."""
+    notes = [f"The {network}'s weights are the generator's, unchanged."]
+    if "max_sequence_length" in call:
+        notes.append(f"`max_sequence_length={call['max_sequence_length']}` is the T5 length the generator was "
+                     "conditioned with" + (" (SD3's transformer attends to T5's padding too)." if d.family.name == "sd3"
+                                           else "."))
+    if d.family.name == "pixart":
+        notes.append("`use_resolution_binning=False`: the generator was trained at one size, the pipeline's default; "
+                     "binning would map other sizes to the model's aspect-ratio bins. `clean_caption=False`: bigsid "
+                     "lowercases and strips prompts as the pipeline does without cleaning them.")
+    if d.family.name == "sdxl":
+        notes.append("SDXL's size ids are those of the pipeline's default size, which the generator was trained "
+                     "with.")
+    return text + "\n\n" + " ".join(notes) + """
+
+Reproduced: bigsid's own latents on the same noise and prompts, to the fp32 rounding of the scheduler's arithmetic,
+and the images the pipeline decodes from them. Not reproduced: other schedulers, step counts or sizes, negative
+prompts and guidance_scale > 1 all run the generator on inputs it was not trained on."""
+
+
+def model_card(d: Distilled, out: Path, call: dict, as_lora: bool):
     from huggingface_hub import ModelCard, ModelCardData
 
+    timesteps = d.generator.timesteps(len(call["sigmas"]) if "sigmas" in call else call["num_inference_steps"])
     steps = len(timesteps)
     config, state = d.state["config"], d.state
     objective = config["objective"]
     name = objective["name"]
     settings = ", ".join(f"{k}={objective[k]}" for k in OBJECTIVE_KEYS[name])
-    t0 = d.generator.t_init
-    s = float(d.generator.schedule.s[t0])
-    sigma = float(d.scheduler.init_noise_sigma)
     teacher = f"`{d.teacher}`" + (f" (revision {d.revision})" if d.revision else "")
     train = config["train"]
     seen = f'{state["nimg"]:,} (step {state["step"]}, batch {train["batch_size"]}, seed {train["seed"]})'
@@ -373,23 +508,24 @@ def model_card(d: Distilled, out: Path, timesteps: list[int], as_lora: bool):
         weights += f", LoRA rank {d.lora.r} alpha {d.lora.lora_alpha}" + (" (fused)" if not as_lora else "")
     data = ModelCardData(
         library_name="diffusers", pipeline_tag="text-to-image",
-        tags=["text-to-image", "stable-diffusion", "distillation", "one-step", "bigsid", name]
+        tags=["text-to-image", FAMILY_TAG[d.family.name], "distillation", "one-step", "bigsid", name]
         + (["lora"] if as_lora else []),
-        bigsid={"teacher": d.teacher, "teacher_revision": d.revision, "objective": name, "t_init": t0,
-                "timesteps": timesteps, "nimg": state["nimg"], "step": state["step"], "ema": d.ema, "lora": as_lora})
+        bigsid={"teacher": d.teacher, "teacher_revision": d.revision, "pipeline": d.pipeline, "objective": name,
+                "t_init": d.generator.t_init, "timesteps": timesteps, "call": call, "nimg": state["nimg"],
+                "step": state["step"], "ema": d.ema, "lora": as_lora})
+    steps_asked = f"`num_inference_steps={steps}`" if "num_inference_steps" in call else f"these {steps} `sigmas`"
     body = f"""
 # {out.name}
 
 A {"one" if steps == 1 else steps}-step text-to-image generator distilled by bigsid from `{d.teacher}` with
-{_method(objective)}.
+{_method(objective)}, as a `{d.pipeline}`.
 
 ```python
-{_usage(d, out, steps, as_lora)}
+{_usage(d, out, call, as_lora)}
 ```
 
 Call it exactly so: `guidance_scale=0` (guidance was distilled in; the generator runs without classifier-free
-guidance) and `num_inference_steps={steps}`, with the scheduler that ships here. Other schedulers or step counts give
-other images.
+guidance), {steps_asked}, with the scheduler that ships here. Other schedulers or step counts give other images.
 
 ## Training
 
@@ -397,7 +533,7 @@ other images.
 | --- | --- |
 | teacher | {teacher}, {d.generator.net.prediction_type} prediction |
 | objective | {name}: {settings} |
-| generator | x0-prediction at t_init = {t0} from sqrt(1 - abar_t_init) * z = {s:.4f} * z |
+| generator | {_generator_input(d)} |
 | weights | {weights} |
 | images seen | {seen} |
 | precision | {train["precision"]} |
@@ -408,30 +544,48 @@ other images.
 
 ## How the stock call reproduces bigsid's sampler
 
-The scheduler is `EulerDiscreteScheduler` on the teacher's noise schedule cut at t = {t0} (`num_train_timesteps`
-= {t0 + 1}, `trained_betas` = the teacher's first {t0 + 1} betas, `timestep_spacing` = "trailing"). One step starts
-from `init_noise_sigma` * z = {sigma:.4f} * z, feeds the UNet {sigma:.4f} * z / sqrt({sigma:.4f}^2 + 1) = {s:.4f} * z
-at t = {t0}, exactly the generator's training input, and returns its x0-prediction. With k steps the scheduler
-re-noises that x0 at trailing timesteps below {t0} with the noise the prediction implies (deterministic, DDIM eta = 0),
-as `bigsid sample --steps k` does. The UNet's weights are the generator's, unchanged.
+{_how(d, call)}
 """
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 
 # ---- sampling ----
 
-def _stock_pipeline(model: Path):
-    """An export loaded the way its model card says: a pipeline folder, or a LoRA over its teacher."""
-    from diffusers import DiffusionPipeline, EulerDiscreteScheduler, StableDiffusionPipeline
+def _card(model: Path) -> dict:
+    """The bigsid section of an export's model card; empty for a folder without one."""
     from huggingface_hub import ModelCard
 
+    return ModelCard.load(model / CARD).data.to_dict().get("bigsid", {}) if (model / CARD).is_file() else {}
+
+
+def _stock_pipeline(model: Path, meta: dict):
+    """An export loaded the way its model card says: a pipeline folder, or a LoRA over its teacher."""
+    import diffusers
+
     if (model / "model_index.json").is_file():
-        return DiffusionPipeline.from_pretrained(model)
-    meta = ModelCard.load(model / CARD).data.bigsid
-    pipe = StableDiffusionPipeline.from_pretrained(meta["teacher"], revision=meta["teacher_revision"] or None)
-    pipe.scheduler = EulerDiscreteScheduler.from_pretrained(model, subfolder="scheduler")
+        return diffusers.DiffusionPipeline.from_pretrained(model)
+    if not meta:
+        raise ExportError(f"{model} holds a LoRA file but no model card ({CARD}) naming its teacher: export again")
+    pipe = diffusers.DiffusionPipeline.from_pretrained(meta["teacher"], revision=meta["teacher_revision"] or None)
+    scheduler = json.loads((model / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
+    pipe.scheduler = getattr(diffusers, scheduler).from_pretrained(model, subfolder="scheduler")
     pipe.load_lora_weights(model)
     return pipe
+
+
+def load_export(model: str | Path, steps: int | None = None) -> tuple[object, dict]:
+    """An export loaded as its model card says, and the keyword arguments of its stock call for `steps` steps (by
+    default the card's); a pipeline folder without a card is called with its family's arguments."""
+    model = Path(model)
+    meta = _card(model)
+    pipe = _stock_pipeline(model, meta)
+    pipe.set_progress_bar_config(disable=True)
+    call = meta.get("call") or stock_call(
+        pipe.scheduler, 1, next(f.name for f in FAMILIES.values() if type(pipe).__name__ in f.pipelines))
+    if steps is None:
+        return pipe, call
+    return pipe, {k: v for k, v in call.items() if k not in ("num_inference_steps", "sigmas")} | step_arguments(
+        pipe.scheduler, steps)
 
 
 def is_export(model: Path) -> bool:
@@ -443,10 +597,9 @@ def sample(model: str | Path, prompts: list[str], out: str | Path, seeds: int = 
            steps: int | None = None,
            ema: bool = True, teacher: str | None = None, device: str = "auto", force: bool = False) -> list[Path]:
     """Images of `prompts` (seeds each; image j of every prompt uses noise seed + j) from an export, run by the stock
-    pipeline, or from a run directory or checkpoint, run by `sample_latents`; the same noise gives the same image
-    either way. Writes OUT/PPP-SEED.png and OUT/grid.png (a row per prompt); an existing OUT only with force."""
+    pipeline, or from a run directory or checkpoint, run by bigsid; the same noise gives the same image either way.
+    Writes OUT/PPP-SEED.png and OUT/grid.png (a row per prompt); an existing OUT only with force."""
     import numpy as np
-    from diffusers.image_processor import VaeImageProcessor
 
     from bigsid.parallel.local import pick_device
     from bigsid.trainer import save_grid
@@ -456,29 +609,24 @@ def sample(model: str | Path, prompts: list[str], out: str | Path, seeds: int = 
         raise ExportError("no prompts: pass --prompts")
     partial = _output_folder(out, force, [model])
     if is_export(model):
-        pipe = _stock_pipeline(model).to(device)
-        steps = 1 if steps is None else steps
-        sampling_timesteps(pipe.scheduler, steps)
-        unet = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+        pipe, call = load_export(model, steps)
+        pipe.to(device)
+        network = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
 
         def generate(batch: list[str], z: torch.Tensor) -> list:
-            return pipe(batch, latents=z, num_inference_steps=steps, guidance_scale=0).images
+            return pipe(batch, latents=z, **call).images
     else:
-        d = load_distilled(model, ema, teacher)
-        for module in (d.generator, d.encoder, d.vae):
-            module.to(device)
-        timesteps = sampling_timesteps(d.scheduler, d.generator.steps if steps is None else steps)
-        unet = d.generator.net.network
+        d = load_distilled(model, ema, teacher).to(device)
+        steps = d.generator.steps if steps is None else steps
+        network = d.generator.net.network
 
         def generate(batch: list[str], z: torch.Tensor) -> list:
-            latents = sample_latents(d.generator, z, d.encoder(batch), timesteps)
-            decoded = d.vae.decode(latents / d.vae.config.scaling_factor).sample
-            return VaeImageProcessor().postprocess(decoded, output_type="pil")  # as the stock pipeline does
+            return d.images(batch, z, steps)
 
-    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     images = []
     for prompt in prompts:
-        z = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + j)) for j in range(seeds)])
+        z = torch.stack([torch.randn(latent_shape(network), generator=torch.Generator().manual_seed(seed + j))
+                         for j in range(seeds)])
         images += generate([prompt] * seeds, z.to(device))
     names = [f"{i // seeds:03d}-{seed + i % seeds}.png" for i in range(len(images))]
     partial.mkdir(parents=True)

@@ -212,6 +212,15 @@ def load_encoder(family: Family, index: dict, path: str, revision: str, network:
     return SD3PromptEncoder(tokenizers, encoders, t5_length)
 
 
+def decode(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] from latents as the family's stock pipeline decodes them: latents / scaling_factor, plus
+    the shift_factor of VAEs that have one (SD3's; none in SD, SDXL or PixArt)."""
+    latents = latents.to(vae.dtype) / vae.config.scaling_factor
+    if vae.config.get("shift_factor") is not None:
+        latents = latents + vae.config.shift_factor
+    return vae.decode(latents).sample
+
+
 @dataclass
 class Teacher:
     """A loaded teacher pipeline, ready for build_networks and export."""

@@ -40,6 +40,12 @@ def predict(net: nn.Module, schedule: Schedule, x_t: torch.Tensor, t: torch.Tens
     return schedule.convert(uncond + guidance * (conditional - uncond), x_t, t, net.prediction_type, out)
 
 
+def trailing_timesteps(t_init: int, chain: int) -> list[int]:
+    """diffusers' "trailing" spacing of `chain` steps over the grid cut at t_init; t_init first."""
+    n = t_init + 1
+    return [round(n - i * n / chain) - 1 for i in range(chain)]
+
+
 class OneStepGenerator(nn.Module):
     """G(z, c): the denoiser's x0-prediction from s_t_init * z at t_init, i.e. from pure noise (VP: sqrt(1 -
     abar_t_init) z; flow at t_init = N - 1: z itself).
@@ -56,9 +62,7 @@ class OneStepGenerator(nn.Module):
         self.steps = steps
 
     def timesteps(self, chain: int) -> list[int]:
-        """diffusers' "trailing" spacing of `chain` steps over the schedule cut at t_init; t_init first."""
-        n = self.t_init + 1
-        return [round(n - i * n / chain) - 1 for i in range(chain)]
+        return trailing_timesteps(self.t_init, chain)
 
     def forward(self, z: torch.Tensor, cond: Cond, k: int | None = None, chain: int | None = None):
         """x0 after the first k steps (default all) of a `chain`-step chain (default self.steps). Only the last

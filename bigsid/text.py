@@ -188,7 +188,9 @@ class T5PromptEncoder(PromptEncoder):
         self.size = None if size is None else torch.tensor([[size[0], size[1], size[0] / size[1]]])
 
     def encode(self, prompts: list[str]) -> Cond:
-        ids, mask = self.tokens[0](prompts)
+        # PixArt's pipelines lowercase and strip every prompt (clean_caption=False) or clean it further (True):
+        # the captions the teacher learned were lowercase
+        ids, mask = self.tokens[0]([p.lower().strip() for p in prompts])
         t5 = self.encoders["t5"]
         mask = mask.to(self.device)
         emb = t5(ids.to(self.device), attention_mask=mask).last_hidden_state

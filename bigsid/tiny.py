@@ -66,9 +66,11 @@ def _t5_encoder(tokenizer, d_model: int):
 def _vae(channels: int, size: int, **extra):
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=channels, block_out_channels=(16, 32),
-                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                         norm_num_groups=8, sample_size=size * 2, **extra)
+    # four blocks: 8 pixels a latent, as in every released model, so the stock pipelines' default image size is
+    # the one bigsid conditions on (SDXL's size ids)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=channels, block_out_channels=(8, 8, 16, 16),
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         norm_num_groups=8, sample_size=size * 8, **extra)
 
 
 def build_pipeline(family: str, latent_shape=(4, 8, 8), seed: int = 0):
@@ -109,7 +111,8 @@ def build_pipeline(family: str, latent_shape=(4, 8, 8), seed: int = 0):
             pooled_projection_dim=32, pos_embed_max_size=size)
         return diffusers.StableDiffusion3Pipeline(
             transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
-            vae=_vae(channels, size, shift_factor=0.0), text_encoder=_clip_encoder(clip_l, 16, True),
+            vae=_vae(channels, size, scaling_factor=1.5305, shift_factor=0.0609),  # SD3's
+            text_encoder=_clip_encoder(clip_l, 16, True),
             tokenizer=clip_l, text_encoder_2=_clip_encoder(clip_g, 16, True), tokenizer_2=clip_g,
             text_encoder_3=_t5_encoder(t5, 64), tokenizer_3=t5)
     raise ValueError(f"family {family!r}: expected one of {FAMILIES} (sd: bigsid.toy.build_toy_pipeline)")

@@ -26,6 +26,7 @@ from PIL import Image
 from bigsid import checkpoint
 from bigsid.compile import compile_blocks, to_channels_last
 from bigsid.config import Config, save_config, to_dict
+from bigsid.families import decode
 from bigsid.models import Networks, build_networks
 from bigsid.objectives import build_objective
 from bigsid.parallel import Trainable, build_backend
@@ -262,8 +263,7 @@ def to_images(latents: torch.Tensor, networks: Networks, chunk: int = 8) -> torc
     is a step's likeliest out-of-memory), or, for a toy truth, the latents themselves."""
     if networks.vae is not None and networks.truth is None:
         vae = networks.vae
-        x = torch.cat([vae.decode(part.to(vae.dtype) / vae.config.scaling_factor).sample.float()
-                       for part in latents.split(chunk)])
+        x = torch.cat([decode(vae, part).float() for part in latents.split(chunk)])
         x = (x.clamp(-1, 1) + 1) / 2
     else:  # toy latents: first three channels, each image scaled to its own range
         x = latents.float()[:, :3]

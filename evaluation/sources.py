@@ -52,22 +52,9 @@ def _generator(path: Path, settings: EvalSettings, device: torch.device) -> Sour
                         "latents of an analytic truth, not images: use metrics=[toy]")
 
     def load():
-        from diffusers.image_processor import VaeImageProcessor
-
-        d = export.load_distilled(folder, settings.ema, settings.teacher or None)
-        for module in (d.generator, d.encoder, d.vae):
-            module.to(device)
-        timesteps = export.sampling_timesteps(d.scheduler, d.generator.steps)
-        unet = d.generator.net.network.config
-        shape = (unet.in_channels, unet.sample_size, unet.sample_size)
-
-        @torch.no_grad()
-        def generate(prompts: list[str], seeds: list[int]) -> list:
-            z = noise(shape, seeds).to(device)
-            latents = export.sample_latents(d.generator, z, d.encoder(prompts), timesteps)
-            decoded = d.vae.decode(latents / d.vae.config.scaling_factor).sample
-            return VaeImageProcessor().postprocess(decoded, output_type="pil")  # as the stock pipeline does
-        return generate
+        d = export.load_distilled(folder, settings.ema, settings.teacher or None).to(device)
+        shape = export.latent_shape(d.generator.net.network)
+        return lambda prompts, seeds: d.images(prompts, noise(shape, seeds).to(device), d.generator.steps)
 
     config, step = state["config"], state["step"]
     record = {"kind": "generator", "checkpoint": str(folder.resolve()), "step": step, "nimg": state["nimg"],
@@ -76,38 +63,36 @@ def _generator(path: Path, settings: EvalSettings, device: torch.device) -> Sour
     return Source(load, record, folder.parent.parent, f"step-{step:09d}", _run_prompts(config))
 
 
-def _stock(pipe, steps: int, guidance: float, device: torch.device):
-    """generate() of a stock diffusers pipeline, called on the noise of each seed."""
+def _stock(pipe, call: dict, device: torch.device):
+    """generate() of a stock diffusers pipeline, called with `call` on the noise of each seed."""
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
-    unet = (pipe.unet if hasattr(pipe, "unet") else pipe.transformer).config
-    shape = (unet.in_channels, unet.sample_size, unet.sample_size)
+    shape = export.latent_shape(pipe.unet if hasattr(pipe, "unet") else pipe.transformer)
 
     @torch.no_grad()
     def generate(prompts: list[str], seeds: list[int]) -> list:
-        return pipe(prompts, latents=noise(shape, seeds).to(device), num_inference_steps=steps,
-                    guidance_scale=guidance).images
+        return pipe(prompts, latents=noise(shape, seeds).to(device), **call).images
     return generate
 
 
 def _export_folder(path: Path, device: torch.device) -> Source:
-    from huggingface_hub import ModelCard
-
-    meta = ModelCard.load(path / export.CARD).data.to_dict().get("bigsid", {}) if (path / export.CARD).is_file() else {}
-    steps = len(meta.get("timesteps") or [0])
-
     def load():
-        return _stock(export._stock_pipeline(path), steps, 0.0, device)
+        return _stock(*export.load_export(path), device)
 
+    meta = export._card(path)
     record = {"kind": "export", "folder": str(path), "step": meta.get("step"), "nimg": meta.get("nimg"),
-              "ema": meta.get("ema"), "generator_steps": steps, "teacher": meta.get("teacher")}
+              "ema": meta.get("ema"), "generator_steps": len(meta.get("timesteps") or [0]),
+              "teacher": meta.get("teacher")}
     return Source(load, record, path, "export")
 
 
 def _teacher(path: Path, settings: EvalSettings, device: torch.device) -> Source:
-    """The teacher's stock pipeline with DDIM at teacher_steps and classifier-free guidance `guidance`: the teacher
-    of a run directory, `teacher`, or `path` itself as a pipeline folder."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    """The teacher's stock pipeline at teacher_steps with classifier-free guidance `guidance`, DDIM (eta 0) for a VP
+    teacher and its own flow-matching Euler for a flow teacher: the teacher of a run directory, `teacher`, or
+    `path` itself as a pipeline folder."""
+    from diffusers import DDIMScheduler, DiffusionPipeline
+
+    from bigsid.families import TeacherError, detect, pipeline_config
 
     config, root = {}, path
     latest = checkpoint.latest_checkpoint(path) if path.is_dir() else None
@@ -121,19 +106,27 @@ def _teacher(path: Path, settings: EvalSettings, device: torch.device) -> Source
     if config and config["teacher"]["kind"] != "diffusers":
         raise EvalError(f"{path} distills the teacher kind {config['teacher']['kind']!r}, whose samples are not "
                         "images; use metrics=[toy]")
+    try:
+        index = pipeline_config(teacher)
+        family = detect(index, teacher)
+    except TeacherError as err:
+        raise EvalError(f"sampler=teacher: {err}. Pass teacher=PATH, the teacher's diffusers pipeline folder") from None
+    flow = index.get("scheduler", [None, None])[1] == "FlowMatchEulerDiscreteScheduler"
 
     def load():
-        try:
-            pipe = StableDiffusionPipeline.from_pretrained(teacher, safety_checker=None, requires_safety_checker=False)
-        except (OSError, ValueError) as err:
-            raise EvalError(f"sampler=teacher: cannot load the teacher pipeline {teacher!r}: {err}. Pass "
-                            "teacher=PATH, a diffusers Stable Diffusion folder") from None
-        pipe.scheduler = DDIMScheduler.from_config({**pipe.scheduler.config, "clip_sample": False})
-        return _stock(pipe, settings.teacher_steps, settings.guidance, device)
+        # the safety checker would blank images that FID and CLIP score must see as the model made them
+        extra = {"safety_checker": None, "requires_safety_checker": False} if family.name == "sd" else {}
+        pipe = DiffusionPipeline.from_pretrained(teacher, **extra)
+        if not flow:
+            pipe.scheduler = DDIMScheduler.from_config({**pipe.scheduler.config, "clip_sample": False})
+        call = {"num_inference_steps": settings.teacher_steps, "guidance_scale": settings.guidance,
+                **export.FAMILY_CALL.get(family.name, {})}
+        return _stock(pipe, call, device)
 
-    record = {"kind": "teacher", "teacher": teacher, "sampler": "DDIM (eta 0)", "steps": settings.teacher_steps,
+    sampler = "Euler (flow matching)" if flow else "DDIM (eta 0)"
+    record = {"kind": "teacher", "teacher": teacher, "sampler": sampler, "steps": settings.teacher_steps,
               "guidance": settings.guidance, "step": None}
-    name = f"teacher-ddim{settings.teacher_steps}-cfg{settings.guidance:g}"
+    name = f"teacher-{'euler' if flow else 'ddim'}{settings.teacher_steps}-cfg{settings.guidance:g}"
     return Source(load, record, root, name, _run_prompts(config) if config else [])
 
 

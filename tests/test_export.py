@@ -20,9 +20,9 @@ from safetensors.torch import load_file, save_file
 from bigsid import checkpoint
 from bigsid.cli import main
 from bigsid.config import load_config, to_dict
-from bigsid.export import (ExportError, export, load_distilled, load_generator_state, sample_latents,
-                           sampling_timesteps)
-from bigsid.families import load_teacher
+from bigsid.export import (ExportError, export, load_distilled, load_generator_state, sampling_timesteps,
+                           stock_call)
+from bigsid.families import decode, load_teacher
 from bigsid.models import OneStepGenerator
 from conftest import TINY_TOY
 
@@ -65,78 +65,94 @@ def noise(n, seed=7):
     return torch.randn(n, 4, 4, 4, generator=torch.Generator().manual_seed(seed))
 
 
-def bigsid_latents(d, prompts, z, steps=1):
-    return sample_latents(d.generator, z, d.encoder(prompts), sampling_timesteps(d.scheduler, steps))
-
-
 @contextlib.contextmanager
-def unet_calls(unet):
-    """Records each call of `unet` as (input, timestep, prompt embeddings, output)."""
+def network_calls(network):
+    """Records each call of a family's network (UNet or transformer) as (input, timestep, the conditioning it got by
+    Cond field name, the output's first C channels: PixArt's learned variance follows and is never used)."""
     calls = []
 
     def record(module, args, kwargs, output):
-        t = torch.as_tensor(args[1] if len(args) > 1 else kwargs["timestep"]).unique()
-        calls.append((args[0].detach().clone(), int(t.item()), kwargs["encoder_hidden_states"].detach().clone(),
-                      output[0].detach().clone()))
+        x = args[0] if args else kwargs["hidden_states"]
+        t = torch.as_tensor(args[1] if len(args) > 1 else kwargs["timestep"]).flatten()
+        assert (t == t[0]).all(), "one timestep for the whole batch"
+        added = kwargs.get("added_cond_kwargs") or {}
+        fields = {"emb": kwargs["encoder_hidden_states"], "mask": kwargs.get("encoder_attention_mask"),
+                  "pooled": added.get("text_embeds", kwargs.get("pooled_projections")), "size": added.get("time_ids")}
+        calls.append((x.detach().clone(), t[0].clone(), {k: v.detach().clone() for k, v in fields.items()
+                                                         if v is not None}, output[0][:, :x.shape[1]].detach().clone()))
 
-    hook = unet.register_forward_hook(record, with_kwargs=True)
+    hook = network.register_forward_hook(record, with_kwargs=True)
     try:
         yield calls
     finally:
         hook.remove()
 
 
-# Both sides compute each UNet input and the final sample from the same fp32 alphas_cumprod: bigsid as
-# a * x0 + s * eps and (x_t - s * pred) / a (or a * x_t - s * v), the Euler scheduler in sigma space
+# Both sides compute each network input and the final sample from the same fp32 schedule. On a VP schedule bigsid
+# computes a * x0 + s * eps and (x_t - s * pred) / a (or a * x_t - s * v), the Euler scheduler works in sigma space
 # (sigma = s / a, its input sample / sqrt(sigma^2 + 1), x0 = sample - sigma * eps, sample + (sample - x0) / sigma *
 # dt). Every value either computes on the way, coefficients included, is a combination with coefficients <= 1 of
 # x_t / a, sigma * pred and pred (a, s, 1 / sqrt(sigma^2 + 1) <= 1, |dt| <= sigma), so it is at most 2M, M the sum
-# of their magnitudes. Each side takes at most OPS fp32 operations per value, each within u of its result: the
-# Euler step of a v-prediction chain is the longest (sigma from alphas_cumprod 4, input scaling 4, x0 6, derivative
-# 2, dt 1, step 2, the initial scaling 1); bigsid's takes 11. So the two agree to 2 * OPS * u * 2M (first order).
+# of their magnitudes. On a flow schedule (a + s = 1, a = 0 at pure noise) bigsid computes x0 = (x_t - s v) / (a + s),
+# eps = (x_t - a x0) / s and a' x0 + s' eps, the flow Euler step x + (sigma' - sigma) v with its own fp32 sigmas
+# (shift u / (1 + (shift - 1) u): 5 operations, against bigsid's one rounding of a float64 sigma): every value is a
+# combination with coefficients <= 1 of x_t and v, so M = |x_t| + |v| (eps's division by s is undone by s' <= s
+# before anything is compared). Each side takes at most OPS fp32 operations per value, each within u of its result:
+# the Euler step of a VP v-prediction chain is the longest (sigma from alphas_cumprod 4, input scaling 4, x0 6,
+# derivative 2, dt 1, step 2, the initial scaling 1); bigsid's takes 11, a flow step's 13 on either side. So the two
+# agree to 2 * OPS * u * 2M (first order); a flow network's timestep sigma * 1000 to 2 * OPS * u * itself.
 OPS = 20
 
 
-def assert_chain(generator, z, cond, latents, calls, ops=OPS, same_unet=True):
-    """`calls` and `latents` are the generator's chain from z: at each of its timesteps the UNet on the prompts'
-    embeddings and on the input bigsid computes from the previous call, the last output converted to the sample as
-    bigsid converts it; each to the rounding of `ops` fp32 operations a side (0: bit for bit). `same_unet`: the
-    UNet is the generator's network (same weights and kernels), so on the same input it returns the same bits."""
+def assert_chain(generator, z, cond, latents, calls, ops=OPS, same_network=True):
+    """`calls` and `latents` are the generator's chain from z: at each of its timesteps the network on the prompts'
+    conditioning and on the input bigsid computes from the previous call, the last output converted to the sample as
+    bigsid converts it; each to the rounding of `ops` fp32 operations a side (0: bit for bit). `same_network`: the
+    network is the generator's (same weights and kernels), so on the same input it returns the same bits."""
     schedule, net = generator.schedule, generator.net
+    flow = net.prediction_type == "flow"
     timesteps = generator.timesteps(len(calls))
-    assert [t for _, t, _, _ in calls] == timesteps
 
     def within_rounding(actual, expected, magnitude, what):
-        err, bound = (actual - expected).abs(), 4 * ops * U * magnitude
+        err, bound = (actual.double() - expected.double()).abs(), 4 * ops * U * magnitude.double()
         assert (err <= bound).all(), f"{what}: off by {err.max():.3g}, more than the rounding of {ops} fp32 operations"
 
     a, s = schedule.a[timesteps[0]], schedule.s[timesteps[0]]
-    expected, magnitude = s * z, (s * z).abs() / a
-    for i, (x_t, t, hidden, out) in enumerate(calls):
-        assert torch.equal(hidden, cond.emb), "the prompts are encoded as bigsid encodes them"
-        within_rounding(x_t, expected, magnitude, f"UNet input at t={t}")
-        t = torch.full((len(z),), t)
-        if same_unet:
-            assert torch.equal(net(x_t, t, cond), out)
+    expected = s * z
+    magnitude = expected.abs() if flow else expected.abs() / a
+    for i, (x_t, t_net, fields, out) in enumerate(calls):
+        t = torch.full((len(z),), timesteps[i])
+        within_rounding(t_net, schedule.timestep(t[0]), schedule.timestep(t[0]).abs(), f"timestep at t={t[0]}")
+        assert fields.keys() >= {"emb"} and all(torch.equal(v, getattr(cond, k)) for k, v in fields.items()), \
+            "the prompts are encoded as bigsid encodes them"
+        within_rounding(x_t, expected, magnitude, f"network input at t={t[0]}")
+        if same_network:
+            assert torch.equal(net(x_t, t_net.expand(len(z)), cond), out)
         x0 = schedule.convert(out, x_t, t, net.prediction_type, "sample")
         a, s = schedule.a[t[0]], schedule.s[t[0]]
-        magnitude = x_t.abs() / a + (1 + s / a) * out.abs()
+        magnitude = x_t.abs() + out.abs() if flow else x_t.abs() / a + (1 + s / a) * out.abs()
         expected = x0 if i + 1 == len(calls) else schedule.add_noise(
             x0, schedule.convert(x0, x_t, t, "sample", "epsilon"), torch.full_like(t, timesteps[i + 1]))
     within_rounding(latents, expected, magnitude, "sample")
 
 
+def network_of(pipe):
+    return pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+
+
 @torch.no_grad()
-def assert_stock_call_is_bigsids(d, pipe, prompts, z, steps=1, same_unet=True, **call):
-    """The stock call `pipe(prompts, num_inference_steps=steps, guidance_scale=0, **call)` (`call` gives it z) runs
-    the chain bigsid's sampler runs; returns its latents."""
+def assert_stock_call_is_bigsids(d, pipe, prompts, z, steps=1, same_network=True, **call):
+    """The stock call `pipe(prompts, **stock_call(...), **call)` for `steps` steps (`call` gives it z) runs the
+    chain bigsid's generator runs; returns its latents."""
     cond = d.encoder(prompts)
-    with unet_calls(d.generator.net.unet) as calls:
-        ours = sample_latents(d.generator, z, cond, sampling_timesteps(d.scheduler, steps))
+    with network_calls(d.generator.net.network) as calls:
+        ours = d.generator(z, cond, chain=steps)
     assert_chain(d.generator, z, cond, ours, calls, ops=0)  # the helper describes bigsid's sampler exactly
-    with unet_calls(pipe.unet) as calls:
-        stock = pipe(prompts, num_inference_steps=steps, guidance_scale=0, output_type="latent", **call).images
-    assert_chain(d.generator, z, cond, stock, calls, same_unet=same_unet)
+    arguments = stock_call(d.scheduler, steps, d.family.name, d.t5_length)
+    with network_calls(network_of(pipe)) as calls:
+        stock = pipe(prompts, output_type="latent", **arguments, **call).images
+    assert len(calls) == steps
+    assert_chain(d.generator, z, cond, stock, calls, same_network=same_network)
     return stock
 
 
@@ -167,13 +183,13 @@ def write_checkpoint(run_dir, generator, config, step=3):
     return checkpoint.commit(partial, {"step": step, "nimg": 4 * step, "config": config}, keep=1)
 
 
-def perturbed_generator(teacher_dir, prediction_type=""):
+def perturbed_generator(teacher_dir, prediction_type="", t_init=625):
     teacher = load_teacher(str(teacher_dir), prediction_type=prediction_type)
     net, schedule = teacher.denoiser, teacher.schedule
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    return OneStepGenerator(net, schedule, 625)
+    return OneStepGenerator(net, schedule, t_init)
 
 
 def test_stock_pipeline_called_as_the_card_says_gives_bigsid_samples(run_dir, exported):
@@ -197,7 +213,7 @@ def test_stock_pipeline_called_as_the_card_says_gives_bigsid_samples(run_dir, ex
     stock = assert_stock_call_is_bigsids(d, pipe, PROMPTS, noise(len(PROMPTS)), generator=seeded())
     stock_images = pipe(PROMPTS, num_inference_steps=1, guidance_scale=0, output_type="pt", generator=seeded()).images
     with torch.no_grad():  # the teacher's VAE on the same latents: the same bits
-        images = (d.vae.decode(stock / d.vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+        images = (decode(d.vae, stock) / 2 + 0.5).clamp(0, 1)
     assert torch.equal(stock_images, images)
 
     # EMA by default: the exported UNet holds the EMA weights, which two steps keep apart from the raw ones.
@@ -251,8 +267,6 @@ def test_v_prediction_teacher_and_few_steps(teacher_dir, tmp_path):
 
     d = load_distilled(tmp_path / "run")
     z = noise(len(PROMPTS))
-    with torch.no_grad():
-        assert torch.equal(bigsid_latents(d, PROMPTS, z), d.generator(z, d.encoder(PROMPTS)))
     for steps, timesteps in ((1, [625]), (2, [625, 312]), (3, [625, 416, 208])):
         assert sampling_timesteps(d.scheduler, steps) == timesteps
         assert_stock_call_is_bigsids(d, pipe, PROMPTS, z, steps, latents=z)
@@ -318,7 +332,7 @@ def test_lora_generator_exports_as_lora_and_fused(teacher_dir, tmp_path):
     assert_fused_weights(d.generator.net.unet, pipe.unet.state_dict(), U)
     # The fused UNet is another fp32 network (W + s B A rounded into one weight), so only the stock scheduler's
     # arithmetic around it is compared; the network is, through the weights.
-    assert_stock_call_is_bigsids(d, pipe, PROMPTS, z, same_unet=False, latents=z)
+    assert_stock_call_is_bigsids(d, pipe, PROMPTS, z, same_network=False, latents=z)
 
     # The algebra in float64: fusing as the export does gives W + s B A and the adapter's network. Both hold to a
     # few roundings of 2^-53 ~ 1.1e-16 per value; 1e-12 (relative) leaves a factor 10^4 for the network's depth.
@@ -356,10 +370,11 @@ def test_bad_sources_are_refused_with_what_to_change(teacher_dir, run_dir, tmp_p
     write_checkpoint(tmp_path / "toy", torch.nn.Linear(2, 2), toy)
     refused([tmp_path / "toy", tmp_path / "out"], "toy_gmm", "teacher.kind=diffusers")
 
-    xl = tmp_path / "xl"
-    xl.mkdir()
-    (xl / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
-    refused([run_dir, tmp_path / "out", "--teacher", xl], "StableDiffusionXLPipeline", "Stable Diffusion 1.x/2.x")
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+    refused([run_dir, tmp_path / "out", "--teacher", odd], "KandinskyPipeline", "supported pipelines are",
+            "StableDiffusion3Pipeline", "--teacher")
 
     config = to_dict(load_config(None, overrides(teacher_dir, tmp_path / "other")))
     generator = perturbed_generator(teacher_dir)
