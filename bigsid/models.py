@@ -176,6 +176,7 @@ def build_networks(cfg: Config) -> Networks:
         # Frozen and computed in bf16 anyway: stored in bf16 it takes half the memory and autocast has no copies
         # of it to cast and keep for the backward through its input. (Toy teachers are tiny.)
         teacher.to(torch.bfloat16)
+        encoder.to(torch.bfloat16)  # T5 included: bf16 has fp32's range, where fp16 overflows T5's activations
     for net in (generator_net, fake_score):
         net.requires_grad_(True).train()
     for name, net in (("generator", generator_net), ("fake_score", fake_score)):

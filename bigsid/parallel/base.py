@@ -104,7 +104,10 @@ class Backend:
         return self.rank == 0
 
     def place(self, networks) -> None:
-        """Every network on this rank's device, before any wrapping."""
+        """Every network on this rank's device, before any wrapping. The VAE only on rank 0, the one rank that decodes
+        (sample grids, evaluation images): the others drop it rather than hold it idle beside the three networks."""
+        if not self.is_main:
+            networks.vae = None
         for net in (networks.teacher, networks.generator, networks.fake_score, networks.encoder, networks.vae):
             if net is not None:
                 net.to(self.device)
