@@ -61,7 +61,8 @@ def cmd_toy_teacher(args) -> int:
     if out.exists():
         raise ConfigError(f"{out} exists; remove it or choose another folder")
     cfg = load_config(args.config, args.overrides)
-    prepare_toy_teacher(out, cfg.teacher.gmm, fit_steps=args.fit_steps, seed=cfg.train.seed)
+    prepare_toy_teacher(out, cfg.teacher.gmm, fit_steps=args.fit_steps, seed=cfg.train.seed,
+                        prediction_type=cfg.teacher.prediction_type or "epsilon")
     return 0
 
 
@@ -75,7 +76,8 @@ def cmd_demo(args) -> int:
         spec = load_config(demo_config, [*args.overrides, "teacher.kind=toy_gmm"])
         if not (teacher / "model_index.json").is_file():
             print(f"[1/3] fitting a small diffusers UNet teacher to the analytic GMM -> {teacher}")
-            prepare_toy_teacher(teacher, spec.teacher.gmm, fit_steps=args.fit_steps, seed=spec.train.seed)
+            prepare_toy_teacher(teacher, spec.teacher.gmm, fit_steps=args.fit_steps, seed=spec.train.seed,
+                                prediction_type=spec.teacher.prediction_type or "epsilon")
         else:
             print(f"[1/3] using the teacher in {teacher}")
         cfg = load_config(demo_config, [f"teacher.path={teacher}", f"train.run_dir={out / 'run'}", *args.overrides])

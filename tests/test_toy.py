@@ -152,3 +152,19 @@ def test_the_teacher_sampler_reads_its_eps_the_same_for_a_v_prediction_teacher()
         samples.append(sample_teacher(GMMDenoiser(TRUTH, schedule), schedule, config, VocabEncoder(TRUTH.prompts),
                                       TRUTH.prompts[0], 64, TRUTH.latent_shape, steps=5, seed=0))
     torch.testing.assert_close(samples[1], samples[0], rtol=0, atol=1e-4)
+
+
+def test_the_summary_says_whether_the_teacher_was_reached_beside_the_noise_floor():
+    from bigsid.toy import TV_SLACK, reaches_teacher, summary
+
+    metrics = {"teacher_sampler_steps": 25, "fd_generator": 0.25, "fd_teacher_sampler": 0.30, "fd_exact_sampler": 0.29,
+               "fd_reference": 0.036, "mode_coverage_tv": 0.03, "mode_coverage_tv_teacher_sampler": 0.025,
+               "mode_coverage_tv_exact_sampler": 0.02, "mode_coverage_tv_reference": 0.01}
+    assert reaches_teacher(metrics)
+    text = summary(metrics)
+    assert "target REACHED" in text and "noise floor 0.0360" in text
+    # the teacher's values sit beside the generator's in each row
+    assert "0.2500" in text.splitlines()[1] and "0.3000" in text.splitlines()[1]
+    for worse in ({"fd_generator": 0.31}, {"mode_coverage_tv": 0.025 + TV_SLACK + 1e-3}):
+        assert not reaches_teacher(metrics | worse)
+        assert "target NOT reached" in summary(metrics | worse)
