@@ -41,7 +41,7 @@ import torch
 from safetensors.torch import load_file
 
 from bigsid import checkpoint
-from bigsid.families import FAMILIES, Family, TeacherError, decode, detect, load_teacher, pipeline_config
+from bigsid.families import Family, TeacherError, decode, detect, load_teacher, pipeline_config
 from bigsid.models import OneStepGenerator, lora_config, trailing_timesteps
 from bigsid.text import PromptEncoder
 from bigsid.parallel import deepspeed as deepspeed_layout
@@ -551,7 +551,7 @@ guidance), {steps_asked}, with the scheduler that ships here. Other schedulers o
 
 # ---- sampling ----
 
-def _card(model: Path) -> dict:
+def card_metadata(model: Path) -> dict:
     """The bigsid section of an export's model card; empty for a folder without one."""
     from huggingface_hub import ModelCard
 
@@ -577,11 +577,11 @@ def load_export(model: str | Path, steps: int | None = None) -> tuple[object, di
     """An export loaded as its model card says, and the keyword arguments of its stock call for `steps` steps (by
     default the card's); a pipeline folder without a card is called with its family's arguments."""
     model = Path(model)
-    meta = _card(model)
+    meta = card_metadata(model)
     pipe = _stock_pipeline(model, meta)
     pipe.set_progress_bar_config(disable=True)
-    call = meta.get("call") or stock_call(
-        pipe.scheduler, 1, next(f.name for f in FAMILIES.values() if type(pipe).__name__ in f.pipelines))
+    call = meta.get("call") or stock_call(pipe.scheduler, 1, detect({"_class_name": type(pipe).__name__},
+                                                                     str(model)).name)
     if steps is None:
         return pipe, call
     return pipe, {k: v for k, v in call.items() if k not in ("num_inference_steps", "sigmas")} | step_arguments(

@@ -79,7 +79,7 @@ def _export_folder(path: Path, device: torch.device) -> Source:
     def load():
         return _stock(*export.load_export(path), device)
 
-    meta = export._card(path)
+    meta = export.card_metadata(path)
     record = {"kind": "export", "folder": str(path), "step": meta.get("step"), "nimg": meta.get("nimg"),
               "ema": meta.get("ema"), "generator_steps": len(meta.get("timesteps") or [0]),
               "teacher": meta.get("teacher")}

@@ -3,6 +3,9 @@ standard arguments only, runs bigsid's chain on the same noise (each network cal
 checks SD's, with its fp32 rounding bound); images, `bigsid sample` and `bigsid eval` agree from checkpoint and
 export; LoRA where the pipeline loads one; what no stock call can reproduce is refused."""
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -17,7 +20,7 @@ from bigsid.tiny import build_pipeline
 from conftest import TINY_TOY
 from evaluation.settings import load_settings
 from evaluation.sources import load_source
-from test_export import (assert_stock_call_is_bigsids, card_code, perturbed_generator, run_card, write_checkpoint)
+from test_export import assert_stock_call_is_bigsids, card_code, perturbed_generator, run_card, write_checkpoint
 
 # Mixed case and a trailing space: PixArt's pipeline lowercases and strips, and bigsid must encode as it does.
 PROMPTS = ["A Photo of a Cat ", "two dogs"]
@@ -87,15 +90,17 @@ def test_export_runs_in_the_familys_stock_pipeline_as_bigsid_does(family, tmp_pa
     # evaluating the card's one.
     for source, model in (("ckpt", tmp_path / "run"), ("export", out)):
         assert main(["sample", str(model), "--prompts", *PROMPTS, "--seeds", "1", "--steps", "2",
-                     "--out", str(tmp_path / source)]) == 0
-    a, b = images(tmp_path / "ckpt"), images(tmp_path / "export")
+                     "--out", str(tmp_path / f"from_{source}")]) == 0
+    a, b = images(tmp_path / "from_ckpt"), images(tmp_path / "from_export")
     assert a.keys() == b.keys() == {"000-0.png", "001-0.png", "grid.png"}
     assert a["000-0.png"].shape == (64, 64, 3) and all(np.abs(a[k] - b[k]).max() <= 1 for k in a)
+    bare = Path(shutil.copytree(out, tmp_path / "bare"))  # an export without its card: its family's call
+    (bare / "README.md").unlink()
     settings = load_settings(["device=cpu"])
-    made = [np.asarray(im, dtype=np.int16) for source in (tmp_path / "run", out)
-            for im in load_source(str(source), settings).load()(PROMPTS, [3, 4])]
-    assert all(np.abs(x - y).max() <= 1 for x, y in zip(made[:2], made[2:]))
-    assert not np.array_equal(made[0], made[1])
+    made = [[np.asarray(im, dtype=np.int16) for im in load_source(str(source), settings).load()(PROMPTS, [3, 4])]
+            for source in (tmp_path / "run", out, bare)]
+    assert all(np.abs(x - y).max() <= 1 for other in made[1:] for x, y in zip(made[0], other))
+    assert not np.array_equal(*made[0])
 
 
 def test_the_teachers_own_sampler_runs_for_evaluation(family, tmp_path):
