@@ -49,9 +49,9 @@ from bigsid.parallel import deepspeed as deepspeed_layout
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name load_lora_weights looks for
 CARD = "README.md"
 # What a family's stock call needs beyond (prompt, steps, guidance_scale=0, latents) to condition the network as
-# bigsid does: PixArt without aspect-ratio binning (the generator was trained at one size; binning maps a requested
-# size to the model's bins and resizes the decoded image back) and without caption cleaning (bigsid lowercases and
-# strips prompts, as the pipeline does when it does not clean them); both T5 families at the run's T5 length.
+# bigsid does, besides the run's T5 length (`stock_call`): PixArt without aspect-ratio binning (the generator was
+# trained at one size; binning maps a requested size to the model's bins and resizes the decoded image back) and
+# without caption cleaning (bigsid lowercases and strips prompts, as the pipeline does when it does not clean them).
 FAMILY_CALL = {"pixart": {"use_resolution_binning": False, "clean_caption": False}}
 FAMILY_TAG = {"sd": "stable-diffusion", "sdxl": "stable-diffusion-xl", "pixart": "pixart", "sd3": "sd3"}
 
@@ -181,7 +181,8 @@ def step_arguments(scheduler, steps: int) -> dict:
 
 def stock_call(scheduler, steps: int, family: str, t5_length: int = 0) -> dict:
     """The keyword arguments (all but the prompt and the noise) of the stock pipeline call that runs the exported
-    generator's `steps`-step chain: its steps, no guidance, the family's own conditioning arguments."""
+    generator's `steps`-step chain: its steps, no guidance, the family's own conditioning arguments and, for a T5
+    family, the T5 length the generator was conditioned with (SD3's transformer attends to the padding too)."""
     return (step_arguments(scheduler, steps) | {"guidance_scale": 0, **FAMILY_CALL.get(family, {})}
             | ({"max_sequence_length": t5_length} if t5_length else {}))
 

@@ -99,8 +99,9 @@ def network_calls(network):
 # combination with coefficients <= 1 of x_t and v, so M = |x_t| + |v| (eps's division by s is undone by s' <= s
 # before anything is compared). Each side takes at most OPS fp32 operations per value, each within u of its result:
 # the Euler step of a VP v-prediction chain is the longest (sigma from alphas_cumprod 4, input scaling 4, x0 6,
-# derivative 2, dt 1, step 2, the initial scaling 1); bigsid's takes 11, a flow step's 13 on either side. So the two
-# agree to 2 * OPS * u * 2M (first order); a flow network's timestep sigma * 1000 to 2 * OPS * u * itself.
+# derivative 2, dt 1, step 2, the initial scaling 1); bigsid's takes 11, a flow step at most 13 on either side. So
+# the two agree to 2 * OPS * u * 2M (first order); a flow network's timestep sigma * 1000 (6 operations on the stock
+# side, 1 on bigsid's) to the same bound with M = the timestep.
 OPS = 20
 
 
