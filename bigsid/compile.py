@@ -10,6 +10,8 @@ forward.
 
 from __future__ import annotations
 
+import os
+import shutil
 import sysconfig
 
 import torch
@@ -37,6 +39,10 @@ def compile_unavailable(device_type: str) -> str | None:
         if not has_triton():
             return ("train.compile on CUDA needs Triton, which this torch install lacks: pip install triton (the "
                     "version your torch wheel requires), or set train.compile=false")
+        # Triton builds a small C launcher for each kernel with $CC, else gcc or clang
+        if not any(shutil.which(c) for c in (os.environ.get("CC", ""), "gcc", "clang") if c):
+            return ("train.compile on CUDA needs a C compiler for Triton's kernel launchers and none is on PATH: "
+                    "install one (apt-get install gcc, or set CC), or set train.compile=false")
         return None
     from torch._inductor.cpp_builder import get_cpp_compiler
     from torch._inductor.exc import InvalidCxxCompiler

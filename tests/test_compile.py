@@ -107,3 +107,19 @@ def test_compile_is_refused_before_anything_loads_where_inductor_cannot_build(mo
     with pytest.raises(ConfigError, match=r"C\+\+ compiler.*train.compile=false"):
         load_config(None, ["train.compile=true", "train.device=cpu", f"train.run_dir={tmp_path}"])
     load_config(None, ["train.compile=false", "train.device=cpu", f"train.run_dir={tmp_path}"])
+
+
+def test_compile_on_cuda_is_refused_without_triton_or_a_c_compiler(monkeypatch):
+    """The CUDA checks, on any machine: Triton missing; then Triton present but no C compiler for its launchers."""
+    import torch.utils._triton
+
+    from bigsid.compile import compile_unavailable
+
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: False)
+    assert "needs Triton" in compile_unavailable("cuda")
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: True)
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("PATH", "")
+    assert "C compiler" in compile_unavailable("cuda") and "train.compile=false" in compile_unavailable("cuda")
+    monkeypatch.setenv("CC", "/bin/sh")  # any executable stands for a compiler here
+    assert compile_unavailable("cuda") is None
