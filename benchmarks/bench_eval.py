@@ -112,7 +112,7 @@ def _clip_folder(tmp: Path, name: str, spec: dict) -> Path:
     folder = tmp / name
     CLIPModel(CLIPConfig(text_config=spec["text"], vision_config=spec["vision"],
                          projection_dim=spec["projection_dim"])).save_pretrained(folder)
-    from bigsid.toy import byte_level_clip_tokenizer
+    from bigsid.tiny import byte_level_clip_tokenizer
 
     byte_level_clip_tokenizer(folder, max_length=77)
     CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(folder)

@@ -34,22 +34,34 @@ class TeacherError(ValueError):
     """The teacher cannot be loaded as configured; the message says what to change."""
 
 
-class UNetDenoiser(nn.Module):
-    """A diffusers UNet2DConditionModel as a denoiser: SD 1.x/2.x (eps or v), and SDXL, whose UNet also takes the
-    pooled text embedding and the size ids (`addition_embed_type: text_time`)."""
+class _Denoiser(nn.Module):
+    """A diffusers network as `net(x_t, timestep, cond) -> prediction`, held under the pipeline's own component name
+    (`unet`, `transformer`), with its sharding plan: `blocks` (the repeated blocks: FSDP2's inner units, compile's
+    regions) and `stages` (outer units grouping what the blocks leave, where the network has them)."""
 
-    def __init__(self, unet: nn.Module, prediction_type: str):
+    component: str
+
+    def __init__(self, network: nn.Module, prediction_type: str):
         super().__init__()
-        self.unet = unet
+        setattr(self, self.component, network)
         self.prediction_type = prediction_type
 
     @property
     def network(self) -> nn.Module:
-        return self.unet
+        return getattr(self, self.component)
+
+    def stages(self) -> list[nn.Module]:
+        return []
+
+
+class UNetDenoiser(_Denoiser):
+    """A diffusers UNet2DConditionModel as a denoiser: SD 1.x/2.x (eps or v), and SDXL, whose UNet also takes the
+    pooled text embedding and the size ids (`addition_embed_type: text_time`)."""
+
+    component = "unet"
 
     def blocks(self) -> list[nn.Module]:
-        """The repeated blocks, in forward order: each resnet and attention module (FSDP2's inner units, compile's
-        regions)."""
+        """Each resnet and attention module, in forward order."""
         return [m for stage in self.stages()
                 for m in (*getattr(stage, "resnets", []), *(getattr(stage, "attentions", None) or []))]
 
@@ -69,26 +81,16 @@ class UNetDenoiser(nn.Module):
                          return_dict=False)[0]
 
 
-class PixArtDenoiser(nn.Module):
+class PixArtDenoiser(_Denoiser):
     """A PixArt-alpha/Sigma transformer: T5 tokens with their mask, resolution and aspect-ratio conditioning where
     the model takes it (the 1024 px models), and of its learned-variance output only the eps channels."""
 
-    def __init__(self, transformer: nn.Module, prediction_type: str):
-        super().__init__()
-        self.transformer = transformer
-        self.prediction_type = prediction_type
-
-    @property
-    def network(self) -> nn.Module:
-        return self.transformer
+    component = "transformer"
 
     def blocks(self) -> list[nn.Module]:
         """Each transformer block (self-attention, cross-attention to the T5 tokens, MLP): one unit each, all the
         same size; the root keeps the patch embedding, adaLN-single, caption projection and output layer."""
         return list(self.transformer.transformer_blocks)
-
-    def stages(self) -> list[nn.Module]:
-        return []
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         dtype = self.transformer.dtype
@@ -101,25 +103,15 @@ class PixArtDenoiser(nn.Module):
         return out[:, :x_t.shape[1]]  # learned sigma: the variance channels follow the mean's
 
 
-class SD3Denoiser(nn.Module):
+class SD3Denoiser(_Denoiser):
     """An SD3/SD3.5 transformer (rectified-flow velocity), called at its training timestep sigma * 1000."""
 
-    def __init__(self, transformer: nn.Module, prediction_type: str = "flow"):
-        super().__init__()
-        self.transformer = transformer
-        self.prediction_type = prediction_type
-
-    @property
-    def network(self) -> nn.Module:
-        return self.transformer
+    component = "transformer"
 
     def blocks(self) -> list[nn.Module]:
         """Each joint (MM-DiT) block, image and text streams together: one unit each; the root keeps the patch,
         time, pooled-text and caption embeddings and the output layer."""
         return list(self.transformer.transformer_blocks)
-
-    def stages(self) -> list[nn.Module]:
-        return []
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         dtype = self.transformer.dtype
@@ -132,20 +124,24 @@ class SD3Denoiser(nn.Module):
 class Family:
     name: str
     pipelines: tuple[str, ...]  # model_index.json _class_name values
-    network: str  # the pipeline's component (and subfolder) that denoises: unet | transformer
-    network_class: str  # its diffusers class
+    network_class: str  # the diffusers class of its denoising network
     denoiser: type
     encoders: tuple[str, ...]  # text-encoder components, in the order the family's PromptEncoder takes them
 
+    @property
+    def network(self) -> str:
+        """The pipeline component (and subfolder) that denoises: unet | transformer."""
+        return self.denoiser.component
+
 
 FAMILIES = {f.name: f for f in (
-    Family("sd", ("StableDiffusionPipeline",), "unet", "UNet2DConditionModel", UNetDenoiser,
+    Family("sd", ("StableDiffusionPipeline",), "UNet2DConditionModel", UNetDenoiser,
            ("text_encoder",)),
-    Family("sdxl", ("StableDiffusionXLPipeline",), "unet", "UNet2DConditionModel", UNetDenoiser,
+    Family("sdxl", ("StableDiffusionXLPipeline",), "UNet2DConditionModel", UNetDenoiser,
            ("text_encoder", "text_encoder_2")),
-    Family("pixart", ("PixArtAlphaPipeline", "PixArtSigmaPipeline"), "transformer", "PixArtTransformer2DModel",
+    Family("pixart", ("PixArtAlphaPipeline", "PixArtSigmaPipeline"), "PixArtTransformer2DModel",
            PixArtDenoiser, ("text_encoder",)),
-    Family("sd3", ("StableDiffusion3Pipeline",), "transformer", "SD3Transformer2DModel", SD3Denoiser,
+    Family("sd3", ("StableDiffusion3Pipeline",), "SD3Transformer2DModel", SD3Denoiser,
            ("text_encoder", "text_encoder_2", "text_encoder_3")),
 )}
 # T5 lengths the stock pipelines encode with by default (PixArt-alpha 120 tokens, Sigma 300, SD3 256)

@@ -426,27 +426,13 @@ def _plane(means: torch.Tensor) -> torch.Tensor:
 
 # ---- a small Stable Diffusion pipeline fitted to a GMM: the full diffusers path against a known truth ----
 
-def byte_level_clip_tokenizer(folder: Path, max_length: int = 32):
-    """A CLIPTokenizer whose vocabulary is the 256 byte symbols (plus their end-of-word forms), no merges.
-
-    The real CLIP BPE vocabulary is large and not downloadable offline; byte-level coverage means every prompt
-    tokenizes, which is all a tiny test teacher needs."""
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import CLIPTokenizer
-
-    symbols = sorted(ByteLevel.alphabet())
-    vocab = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer.from_pretrained(str(folder), model_max_length=max_length)
-
-
 def build_toy_pipeline(truth: GMM, seed: int = 0, prediction_type: str = "epsilon"):
     """A tiny randomly initialised StableDiffusionPipeline whose latents have the GMM's shape; prediction_type
     epsilon (SD 1.x) or v_prediction (SD 2.x)."""
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    from bigsid.tiny import byte_level_clip_tokenizer
 
     torch.manual_seed(seed)
     channels, size, _ = truth.latent_shape

@@ -16,7 +16,8 @@ from PIL import Image
 
 import evaluation  # noqa: F401  (first: makes torchvision importable where its operators are not)
 from bigsid.cli import main
-from bigsid.toy import byte_level_clip_tokenizer, frechet_from_stats
+from bigsid.tiny import byte_level_clip_tokenizer
+from bigsid.toy import frechet_from_stats
 from conftest import TINY_TOY
 from evaluation import clip, fid, generate
 from evaluation.settings import EvalError
