@@ -173,8 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="samples")
     p.add_argument("--seeds", type=int, default=4, help="images per prompt (noise seeds seed..seed+seeds-1)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None, help="generator steps (default: an export's 1, a run's "
-                   "generator.steps)")
+    p.add_argument("--steps", type=int, default=None, help="generator steps (default: the export's model card "
+                   "call, a run's generator.steps)")
     p.add_argument("--raw", action="store_true", help="checkpoints: the raw weights instead of their EMA")
     p.add_argument("--teacher", default=None, help="checkpoints: the teacher, if not at the run's teacher.path")
     p.add_argument("--device", default="auto")
