@@ -6,9 +6,10 @@ import sys
 
 
 def run(rank: int, world: int, port: int, overrides: list[str], report: str | None,
-        poison: tuple[int, int] | None = None) -> None:
+        poison: tuple[int, int] | None = None, host_reads: bool = False) -> None:
     """`report`: write this rank's parameter and optimizer bytes and skip counts to {report}.rank{rank}.json.
-    `poison` = (rank, step): that rank's generator loss is NaN at that step, on no other rank."""
+    `poison` = (rank, step): that rank's generator loss is NaN at that step, on no other rank. `host_reads`: run
+    test_host_sync's ten steps instead of the run, and report where the host read from the device."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
     import torch
@@ -28,8 +29,17 @@ def run(rank: int, world: int, port: int, overrides: list[str], report: str | No
             return (loss * float("nan") if trainer.step == poison[1] else loss), metrics
 
         trainer.objective.generator_loss = poisoned
-    trainer.run()
-    if report:
+    if host_reads:
+        import pytest
+        from test_host_sync import host_reads_of_ten_steps
+
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            reads = sorted(host_reads_of_ten_steps(trainer, monkeypatch))
+        with open(f"{report}.rank{rank}.json", "w") as f:
+            json.dump({"host_reads": reads, "skipped": trainer.skipped}, f)
+    else:
+        trainer.run()
+    if report and not host_reads:
         def local_bytes(tensors):
             return sum((t.to_local() if hasattr(t, "to_local") else t).numel() * t.element_size() for t in tensors)
 

@@ -6,6 +6,9 @@ reads cost nothing, so they are counted instead: every dispatched op whose resul
 shape depends on tensor values (torch tags these data_dependent_output and dynamic_output_shape), and the calls
 that read outside the dispatcher (tolist, numpy, torch.cuda.synchronize)."""
 
+import json
+
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -51,12 +54,14 @@ def test_the_counter_sees_each_kind_of_host_read(monkeypatch):
     assert [r for r, _ in reads.reads] == ["aten._local_scalar_dense.default"] * 2 + ["aten.index.Tensor", "tolist"]
 
 
-def test_steps_between_polls_never_wait_for_the_device(tmp_path, monkeypatch):
-    """Ten steps polling every 5, logging every 5, a few-step generator (its prefix length is drawn on the host) and
-    a NaN sample at step 3 (skipped, counted): host reads only at steps 5 and 10, outside train_step."""
-    tr = Trainer(load_config(None, [*TINY_TOY, f"train.run_dir={tmp_path}", "train.total_nimg=320",
-                                    "train.poll_every=5", "train.log_every=5", "train.checkpoint_every=0",
-                                    "generator.steps=2"]))
+# Ten steps polling and logging every 5, a few-step generator (its prefix length is drawn on the host) and a NaN
+# sample at step 3 (skipped and counted on the device).
+STEPS = [*TINY_TOY, "train.total_nimg=320", "train.poll_every=5", "train.log_every=5", "train.checkpoint_every=0",
+         "generator.steps=2"]
+
+
+def host_reads_of_ten_steps(tr: Trainer, monkeypatch) -> set[str]:
+    """Where the host read from the device while `tr` ran STEPS: "train_step" or "after step N"."""
     inner_step, inner_loss = tr.train_step, tr.objective.generator_loss
 
     def step():
@@ -74,8 +79,28 @@ def test_steps_between_polls_never_wait_for_the_device(tmp_path, monkeypatch):
     with HostReads(monkeypatch) as reads:
         tr._loop(10, None, 0.0, 0, flag=type("NoSignal", (), {"signum": None})())
     assert tr.step == 10
-    assert {where for _, where in reads.reads} == {"after step 5", "after step 10"}, reads.reads
+    return {where for _, where in reads.reads}
+
+
+def test_steps_between_polls_never_wait_for_the_device(tmp_path, monkeypatch):
+    """Host reads only at the poll and log steps 5 and 10, outside train_step."""
+    tr = Trainer(load_config(None, [*STEPS, f"train.run_dir={tmp_path}"]))
+    assert host_reads_of_ten_steps(tr, monkeypatch) == {"after step 5", "after step 10"}
     assert tr.skipped == {"nan_samples": 1, "nonfinite_steps": 1}
+
+
+@pytest.mark.parametrize("backend", ["ddp", "fsdp2"])
+def test_steps_between_polls_never_wait_for_the_device_on_two_ranks(tmp_path, backend):
+    """The same on 2 gloo ranks: gradient reduction (fsdp2: sharded weights, the global norm of DTensor gradients,
+    the fused step on DTensors) reads nothing back; the NaN sample of each rank is counted once."""
+    from test_parallel import launch
+
+    launch(2, [*STEPS, f"train.run_dir={tmp_path / 'run'}", f"parallel.backend={backend}"],
+           report=str(tmp_path / "r"), host_reads=True)
+    for rank in range(2):
+        report = json.loads((tmp_path / f"r.rank{rank}.json").read_text())
+        assert set(report["host_reads"]) == {"after step 5", "after step 10"}, (rank, report["host_reads"])
+        assert report["skipped"] == {"nan_samples": 2, "nonfinite_steps": 1}
 
 
 def test_phases_are_clocked_at_log_steps_only_and_drain_the_device_there(tmp_path, monkeypatch):

@@ -28,9 +28,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(world: int, overrides: list[str], report: str | None = None, poison=None) -> None:
-    mp.start_processes(dist_worker.run, args=(world, free_port(), overrides, report, poison), nprocs=world,
-                       start_method="spawn")
+def launch(world: int, overrides: list[str], report: str | None = None, poison=None, host_reads=False) -> None:
+    mp.start_processes(dist_worker.run, args=(world, free_port(), overrides, report, poison, host_reads),
+                       nprocs=world, start_method="spawn")
 
 
 # name -> overrides; DeepSpeed at both ZeRO stages
