@@ -5,7 +5,8 @@ layers) is compiled on its own with `module.compile()`, after the backend has sh
 one kind share their compiled code wherever their shapes agree, so compile time grows with the number of distinct
 blocks, not with depth; the sharding units are the modules they were (FSDP2's and ZeRO-3's gather hooks run eagerly
 around a compiled block, as both mark them), and activation checkpointing recomputes a block through its compiled
-forward.
+forward. Dynamo compiles a hooked module's forward as its own frame and skips frames in torch itself, so under FSDP2
+the toy MLP's layers (torch.nn.Linear) run eagerly; the UNets' blocks are diffusers code and compile.
 """
 
 from __future__ import annotations

@@ -29,6 +29,11 @@ def loss_and_grads(net: nn.Module, dtype: torch.dtype):
     return out.detach().double(), loss.detach().double(), torch.cat([p.grad.flatten() for p in net.parameters()]).double()
 
 
+def tiny_unet() -> UNetDenoiser:
+    torch.manual_seed(0)
+    return UNetDenoiser(UNet2DConditionModel.from_config(plan.load_model("tiny").unet_config), "epsilon")
+
+
 def rounding_bound(eager, exact):
     """|compiled - eager| where both are fp32 evaluations of one function: each is the exact value plus its rounding
     error, so the difference is at most the sum of the two errors. The eager error is measured against float64 (whose
@@ -41,8 +46,7 @@ def rounding_bound(eager, exact):
 def test_a_compiled_block_keeps_the_loss_and_gradients_to_fp32_rounding():
     """One block compiled (the whole tiny UNet takes minutes to compile on the CPU; each block compiles alike):
     the UNet's output, a loss on it and every parameter gradient agree with eager fp32 to rounding."""
-    torch.manual_seed(0)
-    eager = UNetDenoiser(UNet2DConditionModel.from_config(plan.load_model("tiny").unet_config), "epsilon")
+    eager = tiny_unet()
     exact = copy.deepcopy(eager).double()
     compiled = copy.deepcopy(eager)
     block = compiled.blocks()[0]
@@ -123,3 +127,49 @@ def test_compile_on_cuda_is_refused_without_triton_or_a_c_compiler(monkeypatch):
     assert "C compiler" in compile_unavailable("cuda") and "train.compile=false" in compile_unavailable("cuda")
     monkeypatch.setenv("CC", "/bin/sh")  # any executable stands for a compiler here
     assert compile_unavailable("cuda") is None
+
+
+
+def sharded_worker(rank: int, world: int, port: int, run_dir: str, report: str) -> None:
+    """The tiny UNet sharded as the fsdp2 backend shards it (a world of one), then a block compiled."""
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+
+    from bigsid.parallel.fsdp2 import FSDP2Backend, units
+
+    torch.set_num_threads(1)
+    backend = FSDP2Backend(load_config(None, ["parallel.backend=fsdp2", "train.device=cpu",
+                                              f"train.run_dir={run_dir}"]))
+    net = tiny_unet()
+    backend.shard(net, net)
+    before = [m for m in net.modules() if isinstance(m, FSDPModule)]
+    compile_block(net.blocks()[0])
+    counters.clear()
+    out, loss, _ = loss_and_grads(net, torch.float32)
+    grads = torch.cat([p.grad.full_tensor().flatten() for p in net.parameters()]).double()
+    torch.save({"out": out, "loss": loss, "grads": grads, "graphs": counters["stats"]["unique_graphs"],
+                "units_kept": [m for m in net.modules() if isinstance(m, FSDPModule)] == before
+                and len(before) == len(units(net)) + 1}, report)
+    dist.destroy_process_group()
+
+
+def test_a_block_compiled_inside_its_fsdp2_unit_keeps_the_loss_and_gradients(tmp_path):
+    """Compiled after fully_shard, as train.compile does it: the unit's gathers run eagerly around the compiled
+    forward, the units are the ones sharded, and output and gradients are eager fp32's to rounding."""
+    import torch.multiprocessing as mp
+
+    from test_parallel import free_port
+
+    report = str(tmp_path / "r.pt")
+    mp.start_processes(sharded_worker, args=(1, free_port(), str(tmp_path / "run"), report), nprocs=1,
+                       start_method="spawn")
+    got = torch.load(report, weights_only=True)
+    assert got["graphs"] >= 1 and got["units_kept"]
+    out_e, _, grads_e = loss_and_grads(tiny_unet(), torch.float32)
+    out_x, _, grads_x = loss_and_grads(tiny_unet().double(), torch.float64)
+    assert (got["out"] - out_e).norm() <= rounding_bound(out_e, out_x)
+    assert (got["grads"] - grads_e).norm() <= rounding_bound(grads_e, grads_x)
