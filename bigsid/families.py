@@ -14,11 +14,8 @@ stock pipeline an export loads in (the teacher's own). The objectives, the train
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn

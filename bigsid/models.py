@@ -182,6 +182,9 @@ def build_networks(cfg: Config) -> Networks:
     for name, net in (("generator", generator_net), ("fake_score", fake_score)):
         adapter = lora_config(asdict(cfg), name)
         if adapter is not None:
+            if not hasattr(net.network, "add_adapter"):
+                raise TeacherError(f"{name}.lora_rank={adapter.r}: diffusers' {type(net.network).__name__} takes no "
+                                   f"LoRA adapter; train the {name} in full ({name}.lora_rank=0)")
             net.network.requires_grad_(False)
             net.network.add_adapter(adapter)  # only the adapter's weights train
     for name, net in (("generator", generator_net), ("fake_score", fake_score), ("teacher", teacher)):

@@ -10,6 +10,7 @@ import torch
 
 from bigsid.config import ObjectiveConfig, load_config
 from bigsid.families import FAMILIES, TeacherError, load_teacher
+from bigsid.models import build_networks
 from bigsid.objectives import build_objective
 from bigsid.tiny import build_pipeline
 from bigsid.trainer import Trainer
@@ -162,6 +163,10 @@ def test_bad_teachers_are_refused_before_any_long_work(tmp_path, teacher_dir):
     (folder / "model_index.json").write_text(json.dumps(index | {"text_encoder_3": [None, None]}))
     with pytest.raises(TeacherError, match="no text encoder text_encoder_3"):
         load_teacher(str(folder))
+    pixart = tmp_path / "pixart"
+    build_pipeline("pixart").save_pretrained(pixart)
+    with pytest.raises(TeacherError, match="PixArtTransformer2DModel takes no LoRA adapter"):
+        build_networks(load_config(None, ["teacher.kind=diffusers", f"teacher.path={pixart}", "fake_score.lora_rank=4"]))
 
 
 def test_fake_score_as_a_lora_adapter_on_the_teacher(teacher_dir, tmp_path):
