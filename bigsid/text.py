@@ -51,9 +51,6 @@ class Cond:
         """The conditioning of a slice of the batch (a rank's share, a micro-batch)."""
         return self._map(lambda x, _: x[index])
 
-    def __len__(self) -> int:
-        return self.emb.shape[0]
-
     def drop(self, dropped: torch.Tensor) -> "Cond":
         """Replace the prompts where `dropped` [B] is true by the empty prompt (guided fake-score training)."""
         def where(x, u):
