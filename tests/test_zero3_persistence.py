@@ -21,7 +21,8 @@ ARGS = [*PARITY, "train.total_nimg=16", "train.ema_rampup=0", "train.ema_halflif
 
 def inputs(trainer):
     z = torch.randn(4, *trainer.networks.latent_shape, generator=torch.Generator().manual_seed(3))
-    return z, trainer.networks.encoder(list(trainer.networks.vocabulary) * 4)
+    vocabulary = trainer.networks.vocabulary
+    return z, trainer.networks.encoder([vocabulary[i % len(vocabulary)] for i in range(len(z))])
 
 
 def swap_worker(rank: int, world: int, port: int, overrides: list[str], report: str) -> None:
