@@ -168,3 +168,21 @@ def test_the_summary_says_whether_the_teacher_was_reached_beside_the_noise_floor
     for worse in ({"fd_generator": 0.31}, {"mode_coverage_tv": 0.025 + TV_SLACK + 1e-3}):
         assert not reaches_teacher(metrics | worse)
         assert "target NOT reached" in summary(metrics | worse)
+
+
+def test_spread_and_off_mode_share_match_hand_computed_distances():
+    """Samples at chosen distances from mode 1 along one axis: the nearest mode is mode 1 (every distance is under
+    half the gap to the other modes), the spread ratio is the median distance over std sqrt(chi2_16 median) and the
+    off-mode share counts the distances beyond std sqrt(chi2_16 99.9% quantile) = 0.63."""
+    import scipy.stats
+
+    mu = TRUTH.means[0].double()
+    distance = torch.tensor([0.2, 0.4, 0.5, 0.8, 1.0], dtype=torch.float64)
+    assert distance.max() < 0.5 * torch.cdist(mu[1:2], mu[[0, 2]]).min()
+    x = mu[1] + distance[:, None] * torch.eye(TRUTH.dim, dtype=torch.float64)[0]
+    scores = mode_scores(x, TRUTH, 0)
+    assert scores["mode_weights"] == [0.0, 1.0, 0.0]
+    assert scores["mode_coverage_tv"] == pytest.approx(2 / 3)
+    # float64 distances of O(1) from cdist: rounding ~1e-15, far inside rel 1e-9
+    assert scores["spread_ratio"] == pytest.approx(0.5 / (0.1 * math.sqrt(scipy.stats.chi2.ppf(0.5, 16))), rel=1e-9)
+    assert scores["off_mode_fraction"] == pytest.approx(2 / 5)
