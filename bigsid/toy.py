@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from bigsid.config import GMMConfig
-from bigsid.diffusion import SD_SCHEDULER_CONFIG, FlowSchedule, VPSchedule
+from bigsid.diffusion import SD_SCHEDULER_CONFIG, FlowSchedule, Schedule, VPSchedule
 from bigsid.models import predict, trailing_timesteps
 from bigsid.text import Cond
 
@@ -102,17 +102,19 @@ class GMM:
 
 
 class GMMDenoiser(nn.Module):
-    """The exact x0-prediction of a GMM; conditioning is VocabEncoder's one-hot prompt index."""
+    """The exact x0-prediction of a GMM; conditioning is VocabEncoder's one-hot prompt index. Called as any denoiser
+    is, at the network's time (a flow schedule's is sigma * 1000, not the grid index), which it looks up."""
 
     prediction_type = "sample"
 
-    def __init__(self, truth: GMM, schedule: VPSchedule):
+    def __init__(self, truth: GMM, schedule: Schedule):
         super().__init__()
         self.truth = truth
         self.schedule = schedule
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
-        a, s = self.schedule.coeffs(t, 2)
+    def forward(self, x_t: torch.Tensor, timestep: torch.Tensor, cond: Cond) -> torch.Tensor:
+        table = self.schedule.timesteps  # increasing, and the values the caller took from it
+        a, s = self.schedule.coeffs(torch.searchsorted(table, timestep.to(table.dtype)), 2)
         x0 = self.truth.posterior_mean(x_t.flatten(1).to(torch.promote_types(x_t.dtype, torch.float32)), a, s,
                                        cond.emb.argmax(-1))
         return x0.view_as(x_t).to(x_t.dtype)
@@ -457,10 +459,11 @@ def build_toy_pipeline(truth: GMM, seed: int = 0, prediction_type: str = "epsilo
 
 
 def prepare_toy_teacher(folder: str | Path, gmm: GMMConfig, fit_steps: int = 3000, seed: int = 0,
-                        prediction_type: str = "epsilon", family: str = "sd") -> Path:
+                        prediction_type: str = "epsilon", family: str = "sd", text_max_length: int = 0) -> Path:
     """Fit a tiny pipeline of `family` to the exact GMM denoiser and save it as a diffusers folder with its truth:
     SD's (eps- or v-prediction, `prediction_type`) or bigsid.tiny's SDXL, PixArt or SD3 (flow). The fit goes
-    through the loading code a real teacher goes through, on the folder as saved."""
+    through the loading code a real teacher goes through, on the folder as saved; `text_max_length` as
+    teacher.text_max_length (a T5 family's runs must use the same)."""
     from bigsid.families import load_teacher
     from bigsid.tiny import build_pipeline
 
@@ -470,7 +473,7 @@ def prepare_toy_teacher(folder: str | Path, gmm: GMMConfig, fit_steps: int = 300
             else build_pipeline(family, tuple(truth.latent_shape), seed))
     partial = folder.with_name(folder.name + ".partial")
     pipe.save_pretrained(partial, safe_serialization=True)
-    teacher = load_teacher(str(partial))
+    teacher = load_teacher(str(partial), text_max_length=text_max_length)
     loss = fit_denoiser(teacher.denoiser, teacher.encoder, truth, teacher.schedule, fit_steps, batch=128, lr=1e-3,
                         seed=seed, log_every=max(1, fit_steps // 10))
     teacher.denoiser.network.save_pretrained(partial / teacher.family.network, safe_serialization=True)
