@@ -72,16 +72,18 @@ def compile_blocks(*nets: nn.Module) -> None:
             compile_block(block)
 
 
-def to_channels_last(*nets: nn.Module) -> None:
-    """The UNets' 4-D weights, and their input, in channels_last (NHWC): tensor cores' convolution layout, which
-    spares the transposes cuDNN otherwise makes around each convolution. FSDP2 and ZeRO-3 gather their units as
-    contiguous tensors, so the weights keep the format only where they are not sharded; the input's format decides
-    then, since a convolution's output is channels_last when its input or weights are, and every activation after
-    the first convolution inherits it. The toy MLP has no convolutions."""
+def to_channels_last(*nets: nn.Module, weights: bool) -> None:
+    """The UNets' input, and with `weights` their 4-D weights, in channels_last (NHWC): tensor cores' convolution
+    layout, which spares the transposes cuDNN otherwise makes around each convolution. A convolution's output is
+    channels_last when its input is, so every activation after the first convolution is. Weights are converted only
+    for backends that keep whole ones (local, ddp): FSDP2 refuses non-contiguous parameters, and the sharded backends
+    gather their units as contiguous tensors anyway, so there the convolutions transpose the weights (the small
+    operand) and the activations stay NHWC. The toy MLP has no convolutions."""
     for net in nets:
         unet = getattr(net, "unet", None)
         if unet is None:
             continue
-        unet.to(memory_format=torch.channels_last)
+        if weights:
+            unet.to(memory_format=torch.channels_last)
         unet.conv_in.register_forward_pre_hook(
             lambda module, args: (args[0].contiguous(memory_format=torch.channels_last), *args[1:]))

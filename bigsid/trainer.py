@@ -304,7 +304,8 @@ class Trainer:
         self.objective = build_objective(cfg.objective, self.networks.schedule)
         denoisers = (self.networks.teacher, self.networks.generator.net, self.networks.fake_score)
         if tr.channels_last:
-            to_channels_last(*denoisers)  # before the backend shards or copies the weights
+            # before the backend shards or copies the weights
+            to_channels_last(*denoisers, weights=cfg.parallel.backend in ("local", "ddp"))
         self.generator, self.fake_score = self.backend.prepare(self.networks)
         if tr.compile:
             compile_blocks(*denoisers)  # after sharding and wrapping: the units stay the modules they were

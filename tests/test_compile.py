@@ -9,7 +9,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 from bigsid import plan
-from bigsid.compile import compile_block
+from bigsid.compile import compile_block, to_channels_last
 from bigsid.families import UNetDenoiser
 from bigsid.config import ConfigError, load_config
 from bigsid.text import Cond
@@ -130,8 +130,9 @@ def test_compile_on_cuda_is_refused_without_triton_or_a_c_compiler(monkeypatch):
 
 
 
-def sharded_worker(rank: int, world: int, port: int, run_dir: str, report: str) -> None:
-    """The tiny UNet sharded as the fsdp2 backend shards it (a world of one), then a block compiled."""
+def sharded_worker(rank: int, world: int, port: int, run_dir: str, report: str, channels_last: bool) -> None:
+    """The tiny UNet sharded as the fsdp2 backend shards it (a world of one) after train.channels_last's conversion,
+    or with a block compiled after sharding, as train.compile does it."""
     import os
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
@@ -145,30 +146,38 @@ def sharded_worker(rank: int, world: int, port: int, run_dir: str, report: str) 
     backend = FSDP2Backend(load_config(None, ["parallel.backend=fsdp2", "train.device=cpu",
                                               f"train.run_dir={run_dir}"]))
     net = tiny_unet()
+    if channels_last:
+        to_channels_last(net, weights=False)  # FSDP2 refuses non-contiguous parameters
     backend.shard(net, net)
     before = [m for m in net.modules() if isinstance(m, FSDPModule)]
-    compile_block(net.blocks()[0])
+    if not channels_last:
+        compile_block(net.blocks()[0])
+    seen = []
+    net.unet.down_blocks[0].resnets[0].register_forward_hook(lambda m, args, out: seen.append(out))
     counters.clear()
     out, loss, _ = loss_and_grads(net, torch.float32)
     grads = torch.cat([p.grad.full_tensor().flatten() for p in net.parameters()]).double()
     torch.save({"out": out, "loss": loss, "grads": grads, "graphs": counters["stats"]["unique_graphs"],
+                "nhwc": seen[0].is_contiguous(memory_format=torch.channels_last) and not seen[0].is_contiguous(),
                 "units_kept": [m for m in net.modules() if isinstance(m, FSDPModule)] == before
                 and len(before) == len(units(net)) + 1}, report)
     dist.destroy_process_group()
 
 
-def test_a_block_compiled_inside_its_fsdp2_unit_keeps_the_loss_and_gradients(tmp_path):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fsdp2_units_keep_the_loss_and_gradients_with_a_compiled_block_or_channels_last(tmp_path, channels_last):
     """Compiled after fully_shard, as train.compile does it: the unit's gathers run eagerly around the compiled
-    forward, the units are the ones sharded, and output and gradients are eager fp32's to rounding."""
+    forward. channels_last under FSDP2: contiguous weights, NHWC activations. Either way the units are the ones
+    sharded, and output and gradients are eager fp32's to rounding."""
     import torch.multiprocessing as mp
 
     from test_parallel import free_port
 
     report = str(tmp_path / "r.pt")
-    mp.start_processes(sharded_worker, args=(1, free_port(), str(tmp_path / "run"), report), nprocs=1,
+    mp.start_processes(sharded_worker, args=(1, free_port(), str(tmp_path / "run"), report, channels_last), nprocs=1,
                        start_method="spawn")
     got = torch.load(report, weights_only=True)
-    assert got["graphs"] >= 1 and got["units_kept"]
+    assert got["units_kept"] and (got["nhwc"] if channels_last else got["graphs"] >= 1)
     out_e, _, grads_e = loss_and_grads(tiny_unet(), torch.float32)
     out_x, _, grads_x = loss_and_grads(tiny_unet().double(), torch.float64)
     assert (got["out"] - out_e).norm() <= rounding_bound(out_e, out_x)
