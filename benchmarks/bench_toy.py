@@ -54,7 +54,9 @@ def run(objective: str, seed: int, overrides: list[str], tag: str, run_dir: Path
             "mode_coverage_tv_final": final["mode_coverage_tv"], "off_mode_fraction_final": final["off_mode_fraction"],
             "fd_teacher_sampler": target, "mode_coverage_tv_teacher_sampler": final["mode_coverage_tv_teacher_sampler"],
             "off_mode_fraction_teacher_sampler": final["off_mode_fraction_teacher_sampler"],
-            "fd_reference": final["fd_reference"], "nimg_to_teacher_fd": reached,
+            "fd_reference": final["fd_reference"], "fd_exact_sampler": final["fd_exact_sampler"],
+            "teacher_fit_ok": final["teacher_fit_ok"], "spread_ratio_final": final["spread_ratio"],
+            "spread_ratio_teacher_sampler": final["spread_ratio_teacher_sampler"], "nimg_to_teacher_fd": reached,
             "iterations_to_teacher_fd": None if reached is None else reached // cfg.train.batch_size,
             "curve": curve}
 
