@@ -107,8 +107,8 @@ class Schedule(torch.nn.Module):
         return a * eps - s * x0 if dst == "v_prediction" else eps - x0
 
     def sample_t(self, n: int, t_min: int, t_max: int, device, generator: torch.Generator | None = None):
-        """t ~ U{t_min..t_max}, the discrete uniform the SiD-LSG and DMD code use (for a flow teacher, uniform over
-        its shifted training grid, which is where its own training put the most weight)."""
+        """t ~ U{t_min..t_max}, the discrete uniform the SiD-LSG and DMD code use. On a flow teacher's grid that is
+        sigma = shift(u) for uniform u: the noise levels the teacher's own sampler spaces its steps by."""
         return torch.randint(t_min, t_max + 1, (n,), device=device, generator=generator)
 
     def nearest_t(self, sigma: float) -> int:
