@@ -232,9 +232,19 @@ class Teacher:
         return (c.in_channels, c.sample_size, c.sample_size)
 
 
+def load_network(family: Family, path: str, revision: str = "", torch_dtype: torch.dtype | None = None) -> nn.Module:
+    """The pipeline's denoising network (a diffusers model), its weights stored in `torch_dtype` (default fp32)."""
+    import diffusers
+
+    network_class = getattr(diffusers, family.network_class)
+    return _load(lambda *a, **k: network_class.from_pretrained(*a, **k, torch_dtype=torch_dtype), path,
+                 family.network, revision, family.network)
+
+
 def load_teacher(path: str, revision: str = "", prediction_type: str = "", text_max_length: int = 0,
                  torch_dtype: torch.dtype | None = None) -> Teacher:
-    """A teacher from a diffusers pipeline folder or hub id, of any supported family."""
+    """A teacher from a diffusers pipeline folder or hub id, of any supported family, its network stored in
+    `torch_dtype` (default fp32)."""
     import diffusers
     from diffusers import AutoencoderKL
 
@@ -243,9 +253,7 @@ def load_teacher(path: str, revision: str = "", prediction_type: str = "", text_
     scheduler_config = dict(_load(diffusers.DDPMScheduler.load_config, path, "scheduler", revision,
                                   "scheduler config"))
     schedule = Schedule.from_scheduler_config(scheduler_config, prediction_type)
-    network_class = getattr(diffusers, family.network_class)
-    network = _load(lambda *a, **k: network_class.from_pretrained(*a, **k, torch_dtype=torch_dtype), path,
-                    family.network, revision, family.network)
+    network = load_network(family, path, revision, torch_dtype)
     encoder = load_encoder(family, index, path, revision, network, text_max_length)
     vae = _load(AutoencoderKL.from_pretrained, path, "vae", revision, "VAE")
     denoiser = family.denoiser(network, schedule.prediction_type)

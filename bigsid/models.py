@@ -4,7 +4,9 @@ A denoiser is any module `net(x_t, timestep, cond) -> prediction` with a `predic
 v_prediction, flow or sample), called at the time its schedule says (`Schedule.timestep`); bigsid.families adapts
 each diffusers family to it. `predict` turns it into the x0- or eps-prediction the objectives need, with
 classifier-free guidance done in eps space on one batched call. The generator and the fake score start as copies
-of the teacher's network.
+of the teacher's network: built empty (on the meta device) from its config, they get their weights from the
+backend, which shards them first where it shards (`Networks.initial_state`), so no rank ever holds three whole
+networks on the host.
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
 from bigsid.config import Config
 from bigsid.diffusion import SD_SCHEDULER_CONFIG, Schedule, VPSchedule
-from bigsid.families import Family, TeacherError, load_teacher
+from bigsid.families import Family, TeacherError, load_network, load_teacher
 from bigsid.text import Cond
 
 log = logging.getLogger("bigsid.models")
@@ -95,6 +98,9 @@ class Networks:
     truth: object | None = None  # toy.GMM when the teacher has an analytic ground truth
     vocabulary: list[str] | None = None  # the toy prompts
     family: Family | None = None  # a diffusers teacher's (bigsid.families); None for the toy MLP
+    # The teacher network's fp32 state dict (its denoiser's names), for generator and fake score built on the meta
+    # device; called once, by the ranks that read weights (Backend.load_initial). None: nothing is on meta.
+    initial_state: Callable[[], dict[str, torch.Tensor]] | None = None
 
 
 class AdapterOff(nn.Module):
@@ -135,6 +141,31 @@ def lora_config(config: dict, network: str = "generator"):
                       target_modules=list(g["lora_target_modules"]))
 
 
+def empty_copy(denoiser: nn.Module) -> nn.Module:
+    """A denoiser of the same architecture with its parameters on the meta device: no memory, no initialisation.
+    Buffers are built for real (they are small, and a non-persistent one is in no state dict to load it from)."""
+    from accelerate import init_empty_weights
+
+    network = denoiser.network
+    with init_empty_weights(include_buffers=False):
+        empty = type(network).from_config(network.config)
+    return type(denoiser)(empty, denoiser.prediction_type)
+
+
+def add_adapter(network: nn.Module, adapter) -> None:
+    """A peft adapter on `network`, initialised as peft initialises it even where the network is on the meta device
+    (peft then moves the adapter there too): the adapter weights are small, and they are then real on every rank
+    alike (torch is seeded), ready for the backend to load beside the teacher's weights."""
+    from peft.tuners.lora import LoraLayer
+
+    network.add_adapter(adapter)
+    for layer in network.modules():
+        if isinstance(layer, LoraLayer) and any(p.is_meta for p in layer.lora_A.parameters()):
+            for name in layer.adapter_layer_names:
+                getattr(layer, name).to_empty(device="cpu")
+            layer.reset_lora_parameters("default", adapter.init_lora_weights)
+
+
 def build_networks(cfg: Config) -> Networks:
     """Teacher, generator and fake score (both copies of the teacher's network), schedule and prompt encoder."""
     from bigsid import toy
@@ -156,27 +187,36 @@ def build_networks(cfg: Config) -> Networks:
         teacher = toy.GMMDenoiser(truth, schedule) if cfg.teacher.gmm_teacher == "exact" else student
         vae, shape, vocabulary, family = None, tuple(truth.latent_shape), truth.prompts, None
         scheduler_config = dict(SD_SCHEDULER_CONFIG)
+        copy_of, initial_state = copy.deepcopy, None  # fitted here, in memory, and tiny: plain copies
     else:
+        # Frozen and computed in bf16 anyway: stored in bf16 it takes half the memory and autocast has no copies
+        # of it to cast and keep for the backward through its input; loaded so, not cast from an fp32 copy. A LoRA
+        # fake score's base network is the teacher's, and keeps the fp32 it trains its adapter around.
+        bf16 = cfg.train.precision == "bf16" and not cfg.fake_score.lora_rank
         loaded = load_teacher(cfg.teacher.path, cfg.teacher.revision, cfg.teacher.prediction_type,
-                              cfg.teacher.text_max_length)
+                              cfg.teacher.text_max_length, torch.bfloat16 if bf16 else None)
         student = teacher = loaded.denoiser
         schedule, encoder, vae, scheduler_config = loaded.schedule, loaded.encoder, loaded.vae, loaded.scheduler_config
         shape, family = loaded.latent_shape, loaded.family
         truth = toy.GMM.load(cfg.teacher.path)  # None unless the folder is a toy teacher with a ground truth
         vocabulary = truth.prompts if truth is not None else None
         vae.requires_grad_(False).eval()
+        if cfg.train.precision == "bf16":
+            encoder.to(torch.bfloat16)  # T5 included: bf16 has fp32's range, where fp16 overflows T5's activations
+        copy_of = empty_copy
+        if bf16:  # the fp32 weights read again, by the ranks that load them only
+            def initial_state(path=cfg.teacher.path, revision=cfg.teacher.revision, like=teacher):
+                return type(like)(load_network(family, path, revision), like.prediction_type).state_dict()
+        else:  # the teacher's own fp32 tensors, named before an adapter on a shared network renames them
+            teacher_state = teacher.state_dict()
+            initial_state = lambda: teacher_state  # noqa: E731
     from dataclasses import asdict
 
-    generator_net = copy.deepcopy(student)
-    fake_score = student if cfg.fake_score.lora_rank else copy.deepcopy(student)
+    generator_net = copy_of(student)
+    fake_score = student if cfg.fake_score.lora_rank else copy_of(student)
     if cfg.fake_score.lora_rank:
         teacher = AdapterOff(fake_score)
     teacher.requires_grad_(False).eval()
-    if cfg.train.precision == "bf16" and cfg.teacher.kind == "diffusers":
-        # Frozen and computed in bf16 anyway: stored in bf16 it takes half the memory and autocast has no copies
-        # of it to cast and keep for the backward through its input. (Toy teachers are tiny.)
-        teacher.to(torch.bfloat16)
-        encoder.to(torch.bfloat16)  # T5 included: bf16 has fp32's range, where fp16 overflows T5's activations
     for net in (generator_net, fake_score):
         net.requires_grad_(True).train()
     for name, net in (("generator", generator_net), ("fake_score", fake_score)):
@@ -186,7 +226,7 @@ def build_networks(cfg: Config) -> Networks:
                 raise TeacherError(f"{name}.lora_rank={adapter.r}: diffusers' {type(net.network).__name__} takes no "
                                    f"LoRA adapter; train the {name} in full ({name}.lora_rank=0)")
             net.network.requires_grad_(False)
-            net.network.add_adapter(adapter)  # only the adapter's weights train
+            add_adapter(net.network, adapter)  # only the adapter's weights train
     for name, net in (("generator", generator_net), ("fake_score", fake_score), ("teacher", teacher)):
         network = getattr(net, "network", None)
         if network is None:  # the toy networks are too small to need either
@@ -201,4 +241,4 @@ def build_networks(cfg: Config) -> Networks:
             raise TeacherError(f"{key}={t} is past the teacher's last timestep {schedule.num_timesteps - 1}")
     generator = OneStepGenerator(generator_net, schedule, cfg.generator.t_init, cfg.generator.steps)
     return Networks(teacher, generator, fake_score, schedule, encoder, shape, scheduler_config, vae, truth, vocabulary,
-                    family)
+                    family, initial_state)

@@ -10,6 +10,7 @@ from bigsid.cli import main
 from bigsid.config import ConfigError, GMMConfig, load_config
 from bigsid.families import FAMILIES, TeacherError, UNetDenoiser, load_teacher
 from bigsid.models import build_networks, predict
+from bigsid.parallel.local import LocalBackend
 from bigsid.text import CLIPPromptEncoder, Cond
 from bigsid.toy import GMM, build_toy_pipeline, fit_denoiser
 from bigsid.trainer import Trainer
@@ -29,11 +30,16 @@ def test_teacher_loads_with_from_pretrained_and_keeps_its_truth(teacher_dir):
     assert isinstance(teacher.denoiser, UNetDenoiser) and teacher.denoiser.prediction_type == "epsilon"
     assert teacher.scheduler_config["beta_schedule"] == "scaled_linear"
     assert teacher.encoder(["a"]).uncond.emb.shape == (1, teacher.encoder.max_length, 32)
-    nets = build_networks(load_config(None, overrides(teacher_dir, "unused")))
+    cfg = load_config(None, overrides(teacher_dir, "unused"))
+    nets = build_networks(cfg)
     assert nets.latent_shape == (4, 4, 4) and nets.vocabulary == ["toy prompt 0", "toy prompt 1"]
     assert nets.generator.net is not nets.teacher and nets.fake_score is not nets.teacher
-    for a, b in zip(nets.teacher.parameters(), nets.fake_score.parameters()):
-        assert torch.equal(a, b) and not a.requires_grad and b.requires_grad
+    # built empty, filled by the backend as it places them
+    assert all(p.is_meta for net in (nets.generator, nets.fake_score) for p in net.parameters())
+    LocalBackend(cfg).place(nets)
+    for net in (nets.fake_score, nets.generator.net):
+        for a, b in zip(nets.teacher.parameters(), net.parameters(), strict=True):
+            assert torch.equal(a, b) and not a.requires_grad and b.requires_grad
 
 
 def test_distillation_steps_run_on_the_diffusers_path_in_bf16(teacher_dir, tmp_path):

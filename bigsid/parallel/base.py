@@ -21,6 +21,24 @@ class BackendError(ValueError):
     """A parallel set-up that cannot run as configured; the message says what to change."""
 
 
+def initial_state(module: nn.Module, prefix: str, source: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The whole state dict a trained network built on the meta device starts from: for each tensor still on meta,
+    the teacher's (`source`, named as the teacher's denoiser names it; `prefix` is where the denoiser sits in
+    `module`, and a peft adapter's `base_layer` holds what the teacher's layer held), and what the module already
+    holds (adapter weights, buffers) for the rest."""
+    state = {}
+    for name, t in module.state_dict(keep_vars=True).items():
+        if not t.is_meta:
+            state[name] = t.detach()
+            continue
+        key = name.removeprefix(prefix).replace(".base_layer.", ".")
+        if key not in source:
+            raise BackendError(f"the teacher's weights have no {key!r} for the trained network's {name!r}: the "
+                               "networks were not built from this teacher (models.build_networks)")
+        state[name] = source[key]
+    return state
+
+
 def local_shards(tensors):
     """The local shards of (possibly sharded) tensors: foreach kernels then run on plain tensors in place."""
     return [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
@@ -103,14 +121,45 @@ class Backend:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def place(self, networks) -> None:
+    # whether this rank reads the teacher's weights for the trained networks (Networks.initial_state)
+    reads_weights = True
+
+    def place(self, networks, shard=None) -> None:
         """Every network on this rank's device, before any wrapping. The VAE only on rank 0, the one rank that decodes
-        (sample grids, evaluation images): the others drop it rather than hold it idle beside the three networks."""
+        (sample grids, evaluation images): the others drop it rather than hold it idle beside the three networks.
+
+        A backend that shards passes `shard(module, denoiser)`, applied to each trained network before it holds any
+        memory: one built on the meta device (models.empty_copy) is sharded, then materialised on the device, then
+        loaded (`load_state`) with the teacher's fp32 weights and the adapter weights and buffers it was built with:
+        a rank holds its shards of it, and only the ranks that read (`reads_weights`) hold the teacher's weights
+        whole, once, for both trained networks."""
         if not self.is_main:
             networks.vae = None
-        for net in (networks.teacher, networks.generator, networks.fake_score, networks.encoder, networks.vae):
+        for net in (networks.teacher, networks.encoder, networks.vae):
             if net is not None:
                 net.to(self.device)
+        trained = ((networks.generator, networks.generator.net, "net."), (networks.fake_score, networks.fake_score, ""))
+        empty = [module for module, _, _ in trained if any(p.is_meta for p in module.parameters())]
+        source = networks.initial_state() if empty and self.reads_weights else {}
+        for module, denoiser, prefix in trained:
+            if module not in empty:
+                module.to(self.device)
+                if shard is not None:
+                    shard(module, denoiser)
+                continue
+            state = initial_state(module, prefix, source) if self.reads_weights else {}
+            buffers = {name: b.detach() for name, b in module.named_buffers()}
+            if shard is not None:
+                shard(module, denoiser)
+            module.to_empty(device=self.device)
+            with torch.no_grad():
+                for name, b in buffers.items():  # non-persistent ones are in no state dict
+                    module.get_buffer(name).copy_(b)
+            self.load_state(module, state)
+
+    def load_state(self, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Load a whole state dict into `module` as this backend holds it (every name must be there)."""
+        module.load_state_dict(state)
 
     def prepare(self, networks) -> tuple[Trainable, Trainable]:
         """Place and wrap teacher, generator and fake score; return (generator, fake_score) trainables.

@@ -23,7 +23,8 @@ from torch import nn
 from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
@@ -187,15 +188,20 @@ class FSDP2Backend(Collectives, Backend):
         # FSDP2 keeps a root gathered from its forward to its backward (the backward starts there at once)
         return fully_shard(module, mesh=self.mesh, mp_policy=self.mp)
 
+    @property
+    def reads_weights(self) -> bool:
+        return self.is_main  # load_state broadcasts each tensor to the ranks' shards
+
+    def load_state(self, module, state):
+        set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
     def prepare(self, networks):
-        self.place(networks)
+        self.place(networks, shard=self.shard)
         once = self.cfg.parallel.gather_frozen_once
         if any(True for _ in networks.teacher.parameters()):
             self.shard(networks.teacher, networks.teacher)
             if once:
                 keep_gathered(networks.teacher)
-        self.shard(networks.generator, networks.generator.net)
-        self.shard(networks.fake_score, networks.fake_score)
         o = self.cfg.optim
         generator, fake_score = (FSDP2Trainable(net, self.make_optimizer(net, lr), o.grad_clip) for net, lr in
                                  ((networks.generator, o.lr_generator), (networks.fake_score, o.lr_fake_score)))
