@@ -107,6 +107,11 @@ def write(out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out.parent / "toy_suite.png", dpi=90)
     plt.close(fig)
+    made = {(m["mixture"], m["result"]["objective"], m["result"]["seed"]) for m in metas if not m["result"].get("variant")}
+    missing = [f"{n} {o} seeds {', '.join(str(s) for s in range(3) if (n, o, s) not in made)}"
+               for n in MIXTURES for o in ("sid", "sim", "dmd") if any((n, o, s) not in made for s in range(3))]
+    lines.append("\nNot run yet (of three seeds of each objective on each mixture): " + ("; ".join(missing) or "none")
+                 + ".\n")
     lines.append("\n![FD against iterations, per mixture](toy_suite.png)\n")
     (out.parent / "toy_suite.md").write_text("\n".join(lines) + "\n")
 
