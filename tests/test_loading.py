@@ -118,10 +118,10 @@ def test_no_rank_holds_a_whole_trained_network(loaded):
     """Peak host memory growth at set-up, from the tensors' arithmetic, W = one fp32 UNet: every rank loads the
     teacher, each tensor read in fp32 and kept in bf16 (W to 1.5 W while it loads: safetensors reads the file
     whole), then holds half of each trained network (W) beside the bf16 teacher (W / 2); rank 0 alone also reads
-    the fp32 weights the trained networks start from (W). Building the trained networks as copies of the teacher
-    holds 3 W on every rank. The bound, 2.25 W on rank 1, leaves 0.75 W (120 MB) for what the arithmetic leaves
-    out (the allocator's free lists, the largest tensor in flight during the broadcast, the small text encoder and
-    VAE) and fails the copying set-up by as much; and only rank 0 ever reads the trained networks' weights."""
+    the fp32 weights the trained networks start from (W). Building the trained networks as copies of an fp32
+    teacher holds 3 W on every rank. The bound, 2.25 W on rank 1, leaves 0.75 W (120 MB) above 1.5 W for what the
+    arithmetic leaves out (the allocator's free lists, the largest tensor in flight during the broadcast, the small
+    text encoder and VAE), and as much below the copying set-up's 3 W; only rank 0 ever reads the weights."""
     folder, reports, _ = loaded
     unet_bytes = 4 * sum(v.numel() for v in load_file(folder / "unet/diffusion_pytorch_model.safetensors").values())
     assert reports[1]["growth"] < 2.25 * unet_bytes, (reports[1]["growth"] / unet_bytes, "x one fp32 UNet")
