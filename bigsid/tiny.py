@@ -73,8 +73,11 @@ def _vae(channels: int, size: int, **extra):
                          norm_num_groups=8, sample_size=size * 8, **extra)
 
 
-def build_pipeline(family: str, latent_shape=(4, 8, 8), seed: int = 0):
-    """A tiny randomly initialised pipeline of `family` (sdxl, pixart, sd3) with latents of `latent_shape`."""
+def build_pipeline(family: str, latent_shape=(4, 8, 8), seed: int = 0, prediction_type: str = "epsilon"):
+    """A tiny randomly initialised pipeline of `family` (sdxl, pixart, sd3) with latents of `latent_shape`;
+    `prediction_type` for the VP families (SD3 predicts the flow velocity)."""
+    if family == "sd3" and prediction_type != "epsilon":
+        raise ValueError(f"prediction_type={prediction_type!r}: an SD3 pipeline predicts the flow velocity")
     import diffusers
 
     torch.manual_seed(seed)
@@ -90,18 +93,19 @@ def build_pipeline(family: str, latent_shape=(4, 8, 8), seed: int = 0):
             projection_class_embeddings_input_dim=32 + 6 * 8, cross_attention_dim=64, norm_num_groups=8)
         scheduler = diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012,
                                                      beta_schedule="scaled_linear", timestep_spacing="leading",
-                                                     steps_offset=1)
+                                                     steps_offset=1, prediction_type=prediction_type)
         return diffusers.StableDiffusionXLPipeline(
             vae=_vae(channels, size), text_encoder=_clip_encoder(clip_l, 32, False), tokenizer=clip_l,
             text_encoder_2=_clip_encoder(clip_g, 32, True), tokenizer_2=clip_g, unet=unet, scheduler=scheduler)
     t5 = byte_level_t5_tokenizer()
     if family == "pixart":
         transformer = diffusers.PixArtTransformer2DModel(
-            sample_size=size, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3,
-            caption_channels=32, in_channels=channels, cross_attention_dim=24, out_channels=2 * channels,
+            sample_size=size, num_layers=2, patch_size=2, attention_head_dim=16, num_attention_heads=4,
+            caption_channels=32, in_channels=channels, cross_attention_dim=64, out_channels=2 * channels,
             attention_bias=True, activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
             norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6)
-        scheduler = diffusers.DPMSolverMultistepScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
+        scheduler = diffusers.DPMSolverMultistepScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02,
+                                                          prediction_type=prediction_type)
         return diffusers.PixArtSigmaPipeline(tokenizer=t5, text_encoder=_t5_encoder(t5, 32), vae=_vae(channels, size),
                                              transformer=transformer, scheduler=scheduler)
     if family == "sd3":

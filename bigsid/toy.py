@@ -470,7 +470,7 @@ def prepare_toy_teacher(folder: str | Path, gmm: GMMConfig, fit_steps: int = 300
     folder = Path(folder)
     truth = GMM.from_config(gmm)
     pipe = (build_toy_pipeline(truth, seed, prediction_type) if family == "sd"
-            else build_pipeline(family, tuple(truth.latent_shape), seed))
+            else build_pipeline(family, tuple(truth.latent_shape), seed, prediction_type))
     partial = folder.with_name(folder.name + ".partial")
     pipe.save_pretrained(partial, safe_serialization=True)
     teacher = load_teacher(str(partial), text_max_length=text_max_length)
