@@ -21,7 +21,7 @@ class BackendError(ValueError):
     """A parallel set-up that cannot run as configured; the message says what to change."""
 
 
-def initial_state(module: nn.Module, prefix: str, source: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def start_state(module: nn.Module, prefix: str, source: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The whole state dict a trained network built on the meta device starts from: for each tensor still on meta,
     the teacher's (`source`, named as the teacher's denoiser names it; `prefix` is where the denoiser sits in
     `module`, and a peft adapter's `base_layer` holds what the teacher's layer held), and what the module already
@@ -147,7 +147,7 @@ class Backend:
                 if shard is not None:
                     shard(module, denoiser)
                 continue
-            state = initial_state(module, prefix, source) if self.reads_weights else {}
+            state = start_state(module, prefix, source) if self.reads_weights else {}
             buffers = {name: b.detach() for name, b in module.named_buffers()}
             if shard is not None:
                 shard(module, denoiser)
@@ -156,6 +156,7 @@ class Backend:
                 for name, b in buffers.items():  # non-persistent ones are in no state dict
                     module.get_buffer(name).copy_(b)
             self.load_state(module, state)
+        networks.initial_state = None  # read once; what it holds on to (the host tensors of the teacher) goes
 
     def load_state(self, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
         """Load a whole state dict into `module` as this backend holds it (every name must be there)."""
