@@ -131,10 +131,16 @@ class PromptEncoder(nn.Module):
         return super()._apply(fn, recurse)
 
 
+def _upload(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Token ids (or mask) onto the encoder's device without waiting for it: a copy from pageable host memory queues
+    behind every kernel already issued, which would stall each phase on the previous one; pinned, it does not."""
+    return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
+
+
 def _clip(model: nn.Module, ids: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Hidden states of `layer` (-1 last, -2 penultimate) and the pooled output (projected where the model has a
     projection: CLIPTextModelWithProjection's text_embeds)."""
-    out = model(ids.to(next(model.parameters()).device), output_hidden_states=layer != -1)
+    out = model(_upload(ids, next(model.parameters()).device), output_hidden_states=layer != -1)
     hidden = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
     pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
     return hidden, pooled
@@ -189,8 +195,8 @@ class T5PromptEncoder(PromptEncoder):
         # the captions the teacher learned were lowercase
         ids, mask = self.tokens[0]([p.lower().strip() for p in prompts])
         t5 = self.encoders["t5"]
-        mask = mask.to(self.device)
-        emb = t5(ids.to(self.device), attention_mask=mask).last_hidden_state
+        mask = _upload(mask, self.device)
+        emb = t5(_upload(ids, self.device), attention_mask=mask).last_hidden_state
         size = None if self.size is None else self.size.to(self.device).expand(len(prompts), -1)
         return Cond(emb, mask=mask, size=size)
 
@@ -208,7 +214,7 @@ class SD3PromptEncoder(PromptEncoder):
     def encode(self, prompts: list[str]) -> Cond:
         h_l, p_l = _clip(self.encoders["clip_l"], self.tokens[0](prompts)[0], -2)
         h_g, p_g = _clip(self.encoders["clip_g"], self.tokens[1](prompts)[0], -2)
-        t5 = self.encoders["t5"](self.tokens[2](prompts)[0].to(self.device)).last_hidden_state
+        t5 = self.encoders["t5"](_upload(self.tokens[2](prompts)[0], self.device)).last_hidden_state
         clip = torch.cat([h_l, h_g], -1)
         clip = nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return Cond(torch.cat([clip, t5.to(clip.dtype)], -2), pooled=torch.cat([p_l, p_g], -1))
