@@ -188,7 +188,8 @@ class T5PromptEncoder(PromptEncoder):
     def __init__(self, tokenizer, text_encoder: nn.Module, max_length: int, size: tuple[int, int] | None = None):
         super().__init__({"t5": text_encoder})
         self.tokens = [_Tokens(tokenizer, max_length, "T5 encoder's")]
-        self.size = None if size is None else torch.tensor([[size[0], size[1], size[0] / size[1]]])
+        self.register_buffer("size", None if size is None else torch.tensor([[size[0], size[1], size[0] / size[1]]]),
+                             persistent=False)
 
     def encode(self, prompts: list[str]) -> Cond:
         # PixArt's pipelines lowercase and strip every prompt (clean_caption=False) or clean it further (True):
@@ -197,7 +198,7 @@ class T5PromptEncoder(PromptEncoder):
         t5 = self.encoders["t5"]
         mask = _upload(mask, self.device)
         emb = t5(_upload(ids, self.device), attention_mask=mask).last_hidden_state
-        size = None if self.size is None else self.size.to(self.device).expand(len(prompts), -1)
+        size = None if self.size is None else self.size.expand(len(prompts), -1)
         return Cond(emb, mask=mask, size=size)
 
 
