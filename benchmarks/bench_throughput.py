@@ -1,11 +1,12 @@
-"""Throughput and memory of bigsid's training step on real-size UNets with random weights.
+"""Throughput and memory of bigsid's training step on real-size networks of every family with random weights.
 
-Builds teacher, generator and fake score from a UNet config shipped in bigsid/unet_configs/ (SD1.5 at 512 px, SDXL
-at 1024 px), random weights, and times Trainer.train_step (the fake-score phase, the generator phase with SiD-LSG's
+Builds teacher, generator and fake score from a network config shipped in bigsid/unet_configs/ (the SD1.5 UNet at
+512 px, SDXL's at 1024 px, PixArt-alpha's transformer at 512 px and PixArt-Sigma's at 1024 px, SD3.5-medium's
+MM-DiT at 1024 px on its rectified flow), random weights, called through the family's denoiser, and times Trainer.train_step (the fake-score phase, the generator phase with SiD-LSG's
 kappa = 1.5, so guided teacher and fake-score calls at twice the batch, both Adam steps and the EMA update) for every
 model x backend x activation checkpointing x train.compile asked for. Reports seconds per step, images/s, peak
 memory beside what `bigsid plan` estimates for the same run, and two FLOP rates against the GPU's dense bf16 peak:
-MFU, the model FLOPs of the step (torch's FlopCounterMode over each UNet call on the meta device, without
+MFU, the model FLOPs of the step (torch's FlopCounterMode over each network call on the meta device, without
 recomputation, as bigsid.plan counts them; tests/test_plan.py checks that count against FlopCounterMode over a real
 step), and HFU, FlopCounterMode over one real step of the measured setting (recomputation included; eager settings
 only, a compiled one takes its eager twin's count, the same arithmetic). FlopCounterMode counts the CUDA fused
@@ -20,7 +21,8 @@ setting is measured again.
     python benchmarks/bench_throughput.py                      # one H100: the whole matrix in under 8 minutes
     python benchmarks/bench_throughput.py --models sd15 --backends fsdp2 --compile off on --batch 16
     torchrun --nproc_per_node=8 benchmarks/bench_throughput.py --models sdxl --backends fsdp2 zero3
-    python benchmarks/bench_throughput.py --tiny              # CPU: the tiny UNet through the same matrix
+    python benchmarks/bench_throughput.py --models pixart_alpha_512 sd35_medium --backends fsdp2
+    python benchmarks/bench_throughput.py --tiny              # CPU: the tiny UNet and PixArt, the same matrix
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bigsid import plan
 from bigsid.config import load_config
-from bigsid.diffusion import SD_SCHEDULER_CONFIG, VPSchedule
-from bigsid.families import UNetDenoiser
+from bigsid.diffusion import SD_SCHEDULER_CONFIG, Schedule
+from bigsid.families import FAMILIES
 from bigsid.models import Networks, OneStepGenerator
 from bigsid.text import Cond
 from bigsid.trainer import Trainer
@@ -58,50 +60,58 @@ RESULTS = ROOT / "benchmarks" / "results"
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "H200": 989.4, "GH200": 989.4, "B200": 2250.0,
                "A100": 312.0, "L40S": 362.0}
 BACKENDS = ("local", "ddp", "fsdp2", "zero2", "zero3")
-DEFAULT_BATCH = {"sd15": 8, "sd21": 8, "sdxl": 2, "tiny": 2}  # per GPU
+DEFAULT_BATCH = {"sd15": 8, "sd21": 8, "sdxl": 2, "pixart_alpha_512": 8, "pixart_sigma_1024": 2, "sd35_medium": 2,
+                 "tiny": 2, "tiny_pixart": 2}  # per GPU
+# The teachers' training schedules: SD's betas for the VP families (PixArt's linear betas cost the same), SD3's
+# rectified flow with its shift
+SCHEDULER_CONFIGS = {"sd": SD_SCHEDULER_CONFIG, "sdxl": SD_SCHEDULER_CONFIG, "pixart": SD_SCHEDULER_CONFIG,
+                     "sd3": {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
+                             "shift": 3.0}}
 
 
 class RandomPromptEncoder(nn.Module):
-    """Every prompt encodes to one fixed random conditioning (with SDXL's pooled embedding and size ids where the
-    UNet takes them): the text encoder is not what is being timed."""
+    """Every prompt encodes to one fixed random conditioning of the family's shapes (plan.denoiser_inputs: SDXL's
+    pooled embedding and size ids, PixArt's T5 tokens and mask, SD3's CLIP and T5 tokens and pooled embedding):
+    the text encoders are not what is being timed."""
 
-    def __init__(self, tokens: int, unet_config: dict):
+    def __init__(self, cond: Cond):
         super().__init__()
-        gen = torch.Generator().manual_seed(0)
-        self.register_buffer("emb", torch.randn(1, tokens, unet_config["cross_attention_dim"], generator=gen))
-        pooled = 0
-        if unet_config.get("addition_embed_type") == "text_time":
-            pooled = unet_config["projection_class_embeddings_input_dim"] - 6 * unet_config["addition_time_embed_dim"]
-        self.register_buffer("pooled", torch.randn(1, pooled, generator=gen) if pooled else None)
-        self.register_buffer("size", torch.ones(1, 6) if pooled else None)
+        for name in ("emb", "pooled", "mask", "size"):
+            self.register_buffer(name, getattr(cond, name))
 
     def forward(self, prompts: list[str]) -> Cond:
-        one = Cond(self.emb, self.pooled, size=self.size)
+        one = Cond(self.emb, self.pooled, self.mask, self.size)
         return dataclasses.replace(one[[0] * len(prompts)], uncond=one)
 
 
 def random_networks(model: plan.ModelSpec, checkpointing: tuple[str, ...], t_init: int,
                     device: torch.device) -> Networks:
-    """What models.build_networks makes from a pipeline folder, from a UNet config and random weights instead."""
-    from diffusers import UNet2DConditionModel
-    from diffusers.models.attention_processor import AttnProcessor2_0
+    """What models.build_networks makes from a pipeline folder, from a network config and random weights instead."""
+    import diffusers
 
+    family = FAMILIES[model.family]
+    scheduler_config = dict(SCHEDULER_CONFIGS[model.family])
+    schedule = Schedule.from_scheduler_config(scheduler_config)
     with torch.device(device):  # initialised where it runs: seconds on a GPU for SDXL, not minutes on the host
-        unet = UNet2DConditionModel.from_config(model.unet_config)
-    unet.set_attn_processor(AttnProcessor2_0())
-    teacher = UNetDenoiser(unet, "epsilon")
+        network = getattr(diffusers, family.network_class).from_config(model.network_config)
+    if isinstance(network, diffusers.UNet2DConditionModel):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        network.set_attn_processor(AttnProcessor2_0())
+    teacher = family.denoiser(network, schedule.prediction_type)
     generator_net, fake_score = copy.deepcopy(teacher), copy.deepcopy(teacher)
     teacher.requires_grad_(False).eval()
     for name, net in (("generator", generator_net), ("fake_score", fake_score), ("teacher", teacher)):
         if net is not teacher:
             net.requires_grad_(True).train()
         if name in checkpointing:
-            net.unet.enable_gradient_checkpointing()
-    schedule = VPSchedule.from_scheduler_config(SD_SCHEDULER_CONFIG)
-    encoder = RandomPromptEncoder(model.text_tokens, model.unet_config)
-    shape = (model.unet_config["in_channels"], model.latent_size, model.latent_size)
-    return Networks(teacher, OneStepGenerator(generator_net, schedule, t_init), fake_score, schedule, encoder, shape,
-                    dict(SD_SCHEDULER_CONFIG), vocabulary=["a benchmark prompt"])
+            net.network.enable_gradient_checkpointing()
+    torch.manual_seed(0)
+    _, _, cond = plan.denoiser_inputs(teacher, 1, model.latent_size, model.text_tokens, device)
+    shape = (model.network_config["in_channels"], model.latent_size, model.latent_size)
+    return Networks(teacher, OneStepGenerator(generator_net, schedule, t_init), fake_score, schedule,
+                    RandomPromptEncoder(cond), shape, scheduler_config, vocabulary=["a benchmark prompt"],
+                    family=family)
 
 
 def resident_bytes(trainer) -> int:
@@ -225,7 +235,7 @@ def write(rows: list[dict], device: str, machine: str) -> Path:
         return format(value, fmt) if isinstance(value, (int, float)) else "-"
 
     lines = [f"# Training-step throughput and memory: {device}\n", f"Machine: {machine}.\n",
-             "`python benchmarks/bench_throughput.py` (module docstring): random-weight UNets from "
+             "`python benchmarks/bench_throughput.py` (module docstring): random-weight networks from "
              "bigsid/unet_configs/, SiD-LSG (kappa 1.5: guided teacher and fake-score calls at twice the batch), "
              "Trainer.train_step = fake-score phase + generator phase + both Adam steps + EMA. MFU: model FLOPs "
              "(FlopCounterMode, no recomputation) over time, against the dense bf16 peak; HFU: FlopCounterMode over "
@@ -263,10 +273,13 @@ def parse_checkpointing(value: str) -> tuple[str, ...]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["sd15", "sdxl"], help="presets of bigsid/unet_configs (sd15, "
-                        "sd21, sdxl, tiny) or UNet config.json files, each at its native resolution")
-    parser.add_argument("--resolution", type=int, default=None, help="pixels (default: each UNet's own)")
-    parser.add_argument("--batch", type=int, default=0, help="per-GPU batch (default: SD1.5 8, SDXL 2)")
+    parser.add_argument("--models", nargs="+", default=["sd15", "sdxl", "pixart_alpha_512", "pixart_sigma_1024",
+                                                         "sd35_medium"],
+                        help=f"presets of bigsid/unet_configs ({', '.join(plan.PRESETS)}) or network config.json "
+                        "files (UNet, PixArt or SD3 transformer), each at its native resolution")
+    parser.add_argument("--resolution", type=int, default=None, help="pixels (default: each network's own)")
+    parser.add_argument("--batch", type=int, default=0, help="per-GPU batch (default: DEFAULT_BATCH by model, 8 "
+                        "for a config file)")
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS,
                         help="zero2/zero3: parallel.backend=deepspeed at that ZeRO stage")
     parser.add_argument("--checkpointing", nargs="+", type=parse_checkpointing, default=[(), plan.NETWORKS],
@@ -279,12 +292,13 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--gpu-mem", type=float, default=None, help="GiB for the planner (default: the device's)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak (default: by GPU name)")
-    parser.add_argument("--tiny", action="store_true", help="the tiny UNet on the CPU, one warm-up and two timed steps")
+    parser.add_argument("--tiny", action="store_true", help="the tiny UNet and PixArt transformer on the CPU, one "
+                        "warm-up and two timed steps")
     parser.add_argument("--no-write", action="store_true", help="print the rows, write no results")
     parser.add_argument("overrides", nargs="*", help="bigsid config overrides, e.g. objective.name=dmd")
     args = parser.parse_args()
     if args.tiny:
-        args.models, args.device, args.warmup, args.iters = ["tiny"], "cpu", 1, 2
+        args.models, args.device, args.warmup, args.iters = ["tiny", "tiny_pixart"], "cpu", 1, 2
     if "RANK" not in os.environ:  # one process: the multi-process backends run as a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(29500 + os.getpid() % 1000))
@@ -293,8 +307,8 @@ def main() -> None:
     if args.gpu_mem is None:
         args.gpu_mem = torch.cuda.get_device_properties(device).total_memory / plan.GiB if use_cuda else 80.0
     # no text encoder or VAE here: the planner must not count them either
-    models = [dataclasses.replace(plan.load_model(m, resolution=args.resolution), encoder_params=0, vae_config=None)
-              for m in args.models]
+    models = [dataclasses.replace(plan.load_model(m, resolution=args.resolution), text_params=0, vae_params=0,
+                                  vae_config=None) for m in args.models]
     settings = [(model, backend, checkpointing, compiled == "on") for compiled in args.compile for model in models
                 for backend in args.backends for checkpointing in args.checkpointing]
     load = os.getloadavg()[0]  # other work on the host slows a CPU run

@@ -112,9 +112,9 @@ def cmd_sample(args) -> int:
 def cmd_plan(args) -> int:
     from bigsid.plan import format_plan, load_model, plan
 
-    # planning reads the teacher's UNet config, never the prompts: the shipped configs' shard paths need not exist
+    # planning reads the teacher's network config, never the prompts: the shipped configs' shard paths need not exist
     cfg = load_config(None if args.config == "-" else args.config, args.overrides, check_data=False)
-    model = load_model(args.unet, cfg, args.resolution)
+    model = load_model(args.network, cfg, args.resolution)
     rows = plan(model, cfg, args.gpus, args.gpu_mem, shard_size=args.shard_size, batch=args.batch)
     print(format_plan(model, cfg, args.gpus, args.gpu_mem, rows))
     return 0
@@ -186,9 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, before the options")
     p.add_argument("--gpus", type=int, default=1, help="GPUs the run uses")
     p.add_argument("--gpu-mem", type=float, default=80.0, help="memory per GPU in GiB (default 80)")
-    p.add_argument("--unet", default=None, help="sd15 | sd21 | sdxl | tiny | a UNet config.json or folder "
-                   "(default: the config's teacher)")
-    p.add_argument("--resolution", type=int, default=None, help="image size in pixels (default: the UNet's)")
+    p.add_argument("--network", "--unet", dest="network", default=None, help="a preset (sd15 | sd21 | sdxl | "
+                   "pixart_alpha_512 | pixart_sigma_1024 | sd35_medium | tiny | tiny_pixart), a UNet, PixArt or SD3 "
+                   "transformer config.json, or a network or pipeline folder (default: the config's teacher)")
+    p.add_argument("--resolution", type=int, default=None, help="image size in pixels (default: the network's)")
     p.add_argument("--batch", type=int, default=None, help="per-GPU batch (default: train.batch_size / GPUs)")
     p.add_argument("--shard-size", type=int, default=None, help="also plan fsdp2 sharded within groups of this "
                    "many GPUs (default: parallel.shard_size)")

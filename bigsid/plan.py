@@ -1,14 +1,17 @@
 """Memory planner: bytes per GPU of a distillation run for each backend, and the largest per-GPU batch that fits.
 
-`bigsid plan CONFIG --gpus N [--gpu-mem GiB]`. P is the parameter count of one UNet (counted on the meta device,
+`bigsid plan CONFIG --gpus N [--gpu-mem GiB]`, for a teacher of any family (bigsid.families: SD and SDXL UNets,
+PixArt and SD3 transformers). P is the parameter count of its denoising network (counted on the meta device,
 free), S the ranks a network is sharded over (1 for local and ddp), N the GPUs, c the bytes of the compute dtype
 (2 for bf16, 4 for fp32), b the per-GPU batch. What each GPU holds:
 
-  teacher        cP/S   frozen, stored in the compute dtype (models.build_networks)
+  teacher        cP/S   frozen, stored in the compute dtype (models.build_networks); plus the three networks'
+                        buffers (not sharded: SD3's positional-embedding table), counted here
   weights        8P/S   generator and fake_score fp32 master weights
   optimizer     16P/S   Adam exp_avg and exp_avg_sq of both networks
   EMA            4P/S   the generator's
-  encoders       4E     text encoder(s) and VAE (E parameters), fp32, never sharded
+  encoders    cT + 4V   text encoders (T parameters) in the compute dtype, never sharded (models.build_networks),
+                        and rank 0's VAE (V), fp32
   ddp buckets    8P     ddp: DDP keeps an fp32 gradient bucket copy of each wrapped network (generator, fake score)
   grads          4P/S   the trained network's, from its backward to its step (zero_grad frees them)
   temporaries    4P/S   the optimizer step: CUDA's foreach Adam allocates sqrt(exp_avg_sq) of all parameters at once
@@ -24,7 +27,11 @@ free), S the ranks a network is sharded over (1 for local and ddp), N the GPUs, 
                         eval.sample_seeds images): every rank runs the EMA generator without grad (its stored weights
                         backed up, 4P/S, and its forward in the training compute dtype on fsdp2, fp32 elsewhere); then
                         rank 0 alone decodes the latents with the VAE DECODE_CHUNK at a time, in bf16 under
-                        train.precision=bf16, its peak measured on the meta device as the UNets' are
+                        train.precision=bf16, its peak measured on the meta device as the networks' are
+fake_score.lora_rank > 0 (the fake score a LoRA adapter of A parameters on the teacher's network, which the teacher
+calls with the adapter off): the teacher is that network, stored in fp32 (4P/S); weights 4(P + A)/S, optimizer
+8(P + A)/S; autocast's copies of the frozen fp32 weights are held by the graphs of the teacher's and fake score's
+calls; the fake score's backward runs through the frozen network to its input, as a frozen call's does.
 DeepSpeed ZeRO (zero2/zero3) keeps bigsid's precision recipe (parallel/deepspeed.py): fp32 weights and EMA, whole
 for ZeRO-2 (plus a partitioned fp32 copy its optimizer steps) and /N for ZeRO-3 (the teacher too); grads and Adam
 /N; ZeRO-3 gathers fp32 units and autocast casts them as it goes. Checked against 2 CPU ranks (test_parallel.py).
@@ -40,13 +47,16 @@ During a backward, activations are freed as parameter gradients accumulate: the 
 of both rather than adding their maxima. `allocated` compares with torch.cuda.max_memory_allocated; `needed` adds
 5% for allocator fragmentation and 2 GiB for the CUDA context, NCCL and cuBLAS/cuDNN workspaces.
 
-Activations are measured, not modelled: one forward and backward of the real-size UNet on the meta device (no
-memory, no compute) at the run's latent size and batch 1, following every tensor storage from allocation to
-release (LiveMemory), with CUDA's bf16 autocast policy and fused attention reproduced on meta tensors (_Autocast).
-Activations are linear in the batch; tests check the meta measurement against real CPU runs. Not counted: the
-objective's latent-size tensors (a few per sample), training-time image evaluation (--eval: its batches are the
-evaluation's own), LoRA (planned as full training, an upper bound), the whole copies ZeRO-3 keeps of parameters under
-DeepSpeed's persistence threshold (1e5 elements: 0.05% of SD1.5's and of SDXL's parameters).
+Activations are measured, not modelled: one forward and backward of the real-size network on the meta device (no
+memory, no compute), called through its family's denoiser with a Cond of the family's shapes (CLIP tokens; SDXL's
+pooled embedding and size ids; PixArt's T5 tokens, mask and resolution conditioning; SD3's CLIP and T5 tokens and
+pooled embedding; at the lengths the family's pipeline pads to), at the run's latent size and batch 1, following
+every tensor storage from allocation to release (LiveMemory), with CUDA's bf16 autocast policy and fused attention
+reproduced on meta tensors (_Autocast). Activations are linear in the batch; tests check the meta measurement
+against real CPU runs. Not counted: the objective's latent-size tensors (a few per sample), training-time image
+evaluation (--eval: its batches are the evaluation's own), a LoRA generator (planned as full training, an upper
+bound) and a LoRA fake score's rank-r activations, the whole copies ZeRO-3 keeps of parameters under DeepSpeed's
+persistence threshold (1e5 elements: 0.05% of SD1.5's and of SDXL's parameters).
 """
 
 from __future__ import annotations
@@ -71,20 +81,48 @@ from bigsid.config import Config
 GiB = 2 ** 30
 CONTEXT_BYTES = 2 * GiB  # CUDA context, NCCL buffers, cuBLAS/cuDNN workspaces: outside torch's allocator
 FRAGMENTATION = 0.05  # caching-allocator slack over the bytes actually allocated
-CONFIG_DIR = Path(__file__).parent / "unet_configs"
-PRESETS = ("sd15", "sd21", "sdxl", "tiny")  # unet_configs/NAME.json: the public UNet configs; tiny: the toy one
-# SD 1.x, 2.x and SDXL share one VAE architecture (unet_configs/vae.json; SDXL's differs in its scaling factor only)
-VAE_PRESETS = {"sd15": "vae", "sd21": "vae", "sdxl": "vae"}
+CONFIG_DIR = Path(__file__).parent / "unet_configs"  # the denoising networks' (and VAEs') configs, UNets or not
 DECODE_CHUNK = 8  # latents per VAE decode: trainer.to_images' chunk
-# Parameters of the frozen networks beside the UNet (CLIP text encoder(s) + VAE) and the prompt length.
+# Parameters of the frozen networks beside the denoiser (text encoders + VAE). SD3's CLIP-L carries a projection
+# (768 x 768) that SD's does not; T5: the T5-v1.1-XXL encoder of PixArt and SD3; SD3's VAE has 16 latent channels
+# and no quant convolutions.
 _CLIP_L, _OPENCLIP_H, _OPENCLIP_BIGG, _VAE = 123_060_480, 340_387_840, 694_659_840, 83_653_863
-PRESET_EXTRAS = {"sd15": (_CLIP_L + _VAE, 77), "sd21": (_OPENCLIP_H + _VAE, 77),
-                 "sdxl": (_CLIP_L + _OPENCLIP_BIGG + _VAE, 77), "tiny": (0, 32)}
-# Hub ids whose UNet is a preset (and their latent size), so that the shipped configs plan offline.
+_CLIP_L_PROJ, _T5_XXL, _VAE_SD3 = _CLIP_L + 768 * 768, 4_762_310_656, 83_819_683
+
+
+@dataclass(frozen=True)
+class Preset:
+    """unet_configs/NAME.json: a released model's network config (tiny*: the tests' and the CPU benchmark's)."""
+
+    family: str  # bigsid.families
+    text_params: int  # text encoders
+    vae_params: int
+    clip_tokens: int  # the prompt sequence the network attends to: CLIP's tokens, then T5's as the family's
+    t5_tokens: int  # pipeline pads them (families.T5_MAX_LENGTH; teacher.text_max_length replaces it)
+    vae: str | None  # unet_configs/VAE.json, which decodes the sample grids
+
+
+PRESETS = {
+    "sd15": Preset("sd", _CLIP_L, _VAE, 77, 0, "vae"),
+    "sd21": Preset("sd", _OPENCLIP_H, _VAE, 77, 0, "vae"),
+    # SD 1.x, 2.x, SDXL and PixArt share one VAE architecture (SDXL's differs in its scaling factor only)
+    "sdxl": Preset("sdxl", _CLIP_L + _OPENCLIP_BIGG, _VAE, 77, 0, "vae"),
+    "pixart_alpha_512": Preset("pixart", _T5_XXL, _VAE, 0, 120, "vae"),
+    "pixart_sigma_1024": Preset("pixart", _T5_XXL, _VAE, 0, 300, "vae"),
+    "sd35_medium": Preset("sd3", _CLIP_L_PROJ + _OPENCLIP_BIGG + _T5_XXL, _VAE_SD3, 77, 256, "vae_sd3"),
+    "tiny": Preset("sd", 0, 0, 32, 0, None),
+    "tiny_pixart": Preset("pixart", 0, 0, 0, 32, None),
+}
+# Hub ids whose network is a preset (and their latent size), so that the shipped configs plan offline.
 KNOWN_HUB_IDS = {"stable-diffusion-v1-5/stable-diffusion-v1-5": ("sd15", 64),
                  "runwayml/stable-diffusion-v1-5": ("sd15", 64), "CompVis/stable-diffusion-v1-4": ("sd15", 64),
                  "stabilityai/stable-diffusion-2-1-base": ("sd21", 64), "stabilityai/stable-diffusion-2-1": ("sd21", 96),
-                 "stabilityai/stable-diffusion-xl-base-1.0": ("sdxl", 128)}
+                 "stabilityai/stable-diffusion-xl-base-1.0": ("sdxl", 128),
+                 "PixArt-alpha/PixArt-XL-2-512x512": ("pixart_alpha_512", 64),
+                 "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS": ("pixart_sigma_1024", 128),
+                 "stabilityai/stable-diffusion-3.5-medium": ("sd35_medium", 128)}
+# A bare network config's prompt tokens (CLIP, T5), as its family's pipeline pads them (families.T5_MAX_LENGTH)
+DEFAULT_TOKENS = {"sd": (77, 0), "sdxl": (77, 0), "pixart": (0, 120), "sd3": (77, 256)}
 NETWORKS = ("generator", "fake_score", "teacher")
 
 
@@ -96,30 +134,32 @@ class PlanError(ValueError):
 
 @dataclass
 class ModelSpec:
-    """What the planner needs to know about the teacher: its UNet config, latent size and frozen companions."""
+    """What the planner needs to know about the teacher: its family and network config, latent size and frozen
+    companions."""
 
     name: str
-    unet_config: dict
+    family: str  # bigsid.families: sd | sdxl | pixart | sd3
+    network_config: dict
     latent_size: int  # latent height = width
     text_tokens: int
-    encoder_params: int  # text encoder(s) + VAE
+    text_params: int  # text encoders (0: unknown, not counted)
+    vae_params: int  # the VAE, on rank 0 only (0: unknown)
     vae_config: dict | None = None  # the VAE that decodes sample grids (None: unknown, not counted)
 
     @property
     def config_json(self) -> str:
-        return json.dumps(self.unet_config, sort_keys=True)
+        return json.dumps(self.network_config, sort_keys=True)
 
     @functools.cached_property
     def counts(self) -> tuple[int, list[int], int]:
-        """(UNet parameters, FSDP unit sizes largest first, root parameters outside the units)."""
-        from bigsid.families import UNetDenoiser
+        """(network parameters, FSDP unit sizes largest first, root parameters outside the units)."""
         from bigsid.parallel import fsdp2
 
-        unet = meta_unet(self.config_json)
-        total = sum(p.numel() for p in unet.parameters())
-        # units nest (resnets inside blocks): a unit gathers only the parameters no inner unit holds
+        denoiser = meta_denoiser(self.family, self.config_json)
+        total = sum(p.numel() for p in denoiser.parameters())
+        # units nest (a UNet's resnets inside its blocks): a unit gathers only the parameters no inner unit holds
         seen, units = set(), []
-        for block in fsdp2.units(UNetDenoiser(unet, "epsilon")):
+        for block in fsdp2.units(denoiser):
             own = [p for p in block.parameters() if id(p) not in seen]
             seen.update(id(p) for p in own)
             units.append(sum(p.numel() for p in own))
@@ -129,14 +169,36 @@ class ModelSpec:
     def params(self) -> int:
         return self.counts[0]
 
+    @functools.cached_property
+    def buffers(self) -> int:
+        """Floating-point buffer elements of the network, on every rank whatever the backend (no backend shards
+        buffers): SD3's positional-embedding table, pos_embed_max_size^2 x its width, is 0.9 GB in fp32 for SD3.5."""
+        return sum(b.numel() for b in meta_denoiser(self.family, self.config_json).buffers() if b.is_floating_point())
+
+    def adapter_params(self, rank: int, target_modules: list[str]) -> int:
+        """Parameters of a LoRA adapter of `rank` on the network: r (in + out) per adapted linear layer, the layers
+        peft adapts (a name equal to a target or ending in "." + target)."""
+        return sum(rank * (m.in_features + m.out_features)
+                   for name, m in meta_denoiser(self.family, self.config_json).network.named_modules()
+                   if isinstance(m, torch.nn.Linear) and any(name == t or name.endswith("." + t)
+                                                            for t in target_modules))
+
+
+def _network(family: str, config: dict) -> torch.nn.Module:
+    import diffusers
+
+    from bigsid.families import FAMILIES
+
+    return getattr(diffusers, FAMILIES[family].network_class).from_config(config)
+
 
 @functools.lru_cache(maxsize=8)
-def meta_unet(config_json: str):
-    """A UNet2DConditionModel with parameters on the meta device: its structure and sizes cost nothing."""
-    from diffusers import UNet2DConditionModel
+def meta_denoiser(family: str, config_json: str) -> torch.nn.Module:
+    """The family's denoiser around its network, parameters on the meta device: structure and sizes cost nothing."""
+    from bigsid.families import FAMILIES
 
     with torch.device("meta"):
-        return UNet2DConditionModel.from_config(json.loads(config_json))
+        return FAMILIES[family].denoiser(_network(family, json.loads(config_json)), "epsilon")
 
 
 def _read_json(path: Path) -> dict:
@@ -157,72 +219,119 @@ def _safetensors_params(folder: Path) -> int:
     return total
 
 
-def _from_pipeline_folder(folder: Path) -> tuple[dict, int, int]:
-    """(UNet config, encoder parameters, prompt tokens) of a diffusers pipeline folder."""
-    unet = _read_json(folder / "unet" / "config.json")
-    encoders = sum(_safetensors_params(folder / sub) for sub in ("text_encoder", "text_encoder_2", "vae"))
+def _family_of_config(config: dict, source: str) -> str:
+    """The family of a bare network config, from its class (an SDXL UNet by its added text-time embedding)."""
+    name = config.get("_class_name", "")
+    if name == "UNet2DConditionModel":
+        return "sdxl" if config.get("addition_embed_type") == "text_time" else "sd"
+    # PixArt's released configs name the class Transformer2DModel, which diffusers maps to PixArt's for adaLN-single
+    if name == "PixArtTransformer2DModel" or (name == "Transformer2DModel"
+                                             and config.get("norm_type") == "ada_norm_single"):
+        return "pixart"
+    if name == "SD3Transformer2DModel":
+        return "sd3"
+    raise PlanError(f"{source}: a {name or 'config without a _class_name'} network, which the planner cannot "
+                    "plan: expected UNet2DConditionModel, PixArtTransformer2DModel or SD3Transformer2DModel")
+
+
+def _from_pipeline_folder(folder: Path, text_max_length: int = 0) -> tuple[str, dict, int, int]:
+    """(family, network config, encoder parameters, prompt tokens) of a diffusers pipeline folder, its prompt
+    tokens as the family's PromptEncoder pads them (families.load_encoder)."""
+    from bigsid.families import T5_MAX_LENGTH, TeacherError, detect, pipeline_config
+
+    try:
+        index = pipeline_config(str(folder))
+        family = detect(index, str(folder))
+    except TeacherError as err:
+        raise PlanError(str(err)) from None
+    config = _read_json(folder / family.network / "config.json")
+    encoders = sum(_safetensors_params(folder / sub) for sub in family.encoders), _safetensors_params(folder / "vae")
     tokenizer = folder / "tokenizer" / "tokenizer_config.json"
-    tokens = _read_json(tokenizer).get("model_max_length", 77) if tokenizer.is_file() else 77
-    return unet, encoders, int(tokens)
+    clip = int(_read_json(tokenizer).get("model_max_length", 77)) if family.name != "pixart" else 0
+    return family.name, config, encoders, _tokens(clip, T5_MAX_LENGTH.get(index["_class_name"], 0), text_max_length)
 
 
-def load_model(unet: str | None = None, cfg: Config | None = None, resolution: int | None = None) -> ModelSpec:
-    """The teacher's UNet: `unet` (a preset, a config.json, a UNet or pipeline folder), else the config's teacher.
+def _tokens(clip: int, t5: int, text_max_length: int) -> int:
+    return clip + ((text_max_length or t5) if t5 else 0)
 
-    `resolution` in pixels (the VAE downsamples by 8); default: the UNet's own sample_size."""
-    if unet is not None:
-        name, config, encoders, tokens = _from_argument(unet)
+
+def load_model(network: str | None = None, cfg: Config | None = None, resolution: int | None = None) -> ModelSpec:
+    """The teacher's denoising network: `network` (a preset, a network config.json, a network or pipeline folder),
+    else the config's teacher. `resolution` in pixels (the VAE downsamples by 8); default: the network's own
+    sample_size."""
+    text_max_length = cfg.teacher.text_max_length if cfg is not None else 0
+    if network is not None:
+        name, family, config, encoders, tokens = _from_argument(network, text_max_length)
     elif cfg is not None and cfg.teacher.kind == "diffusers":
-        name, config, encoders, tokens = _from_teacher(cfg.teacher.path, cfg.teacher.revision)
+        name, family, config, encoders, tokens = _from_teacher(cfg.teacher.path, cfg.teacher.revision, text_max_length)
     else:
-        raise PlanError("the planner needs a diffusers UNet: set teacher.kind=diffusers and teacher.path, or pass "
-                        f"--unet {'|'.join(PRESETS)}|PATH_TO_CONFIG_JSON")
+        raise PlanError("the planner needs a diffusers teacher: set teacher.kind=diffusers and teacher.path, or pass "
+                        f"--network {'|'.join(PRESETS)}|PATH_TO_CONFIG_JSON")
     if resolution is not None and (resolution < 8 or resolution % 8):
         raise PlanError(f"--resolution {resolution}: expected a multiple of 8 pixels")
     latent = resolution // 8 if resolution is not None else int(config["sample_size"])
-    source = unet if unet is not None else cfg.teacher.path
-    return ModelSpec(name, config, latent, tokens, encoders, _vae_config(source))
+    source = network if network is not None else cfg.teacher.path
+    return ModelSpec(name, family, config, latent, tokens, *encoders, _vae_config(source))
 
 
 def _vae_config(source: str) -> dict | None:
-    """The VAE config of a preset, a known hub id or a pipeline folder; None for a bare UNet config."""
-    preset = VAE_PRESETS.get(source) or VAE_PRESETS.get(KNOWN_HUB_IDS.get(source, ("",))[0])
+    """The VAE config of a preset, a known hub id or a pipeline folder; None for a bare network config."""
+    preset = PRESETS.get(source) or PRESETS.get(KNOWN_HUB_IDS.get(source, ("",))[0])
     if preset:
-        return _read_json(CONFIG_DIR / f"{preset}.json")
+        return _read_json(CONFIG_DIR / f"{preset.vae}.json") if preset.vae else None
     folder = Path(source).expanduser() / "vae"
     return _read_json(folder / "config.json") if (folder / "config.json").is_file() else None
 
 
-def _from_argument(unet: str) -> tuple[str, dict, int, int]:
-    if unet in PRESETS:
-        return (unet, _read_json(CONFIG_DIR / f"{unet}.json"), *PRESET_EXTRAS[unet])
-    path = Path(unet).expanduser()
+def _from_preset(name: str, text_max_length: int) -> tuple[str, dict, int, int]:
+    preset = PRESETS[name]
+    return (preset.family, _read_json(CONFIG_DIR / f"{name}.json"), (preset.text_params, preset.vae_params),
+            _tokens(preset.clip_tokens, preset.t5_tokens, text_max_length))
+
+
+def _bare(path: Path, text_max_length: int) -> tuple[str, str, dict, int, int]:
+    """A network config.json alone: no encoders to count, the family's default prompt length."""
+    config = _read_json(path)
+    family = _family_of_config(config, str(path))
+    name = path.parent.name if path.name == "config.json" else path.name
+    return name, family, config, (0, 0), _tokens(*DEFAULT_TOKENS[family], text_max_length)
+
+
+def _from_argument(network: str, text_max_length: int) -> tuple[str, str, dict, int, int]:
+    if network in PRESETS:
+        return (network, *_from_preset(network, text_max_length))
+    path = Path(network).expanduser()
     if path.is_file():
-        return path.name, _read_json(path), 0, 77
-    if (path / "unet" / "config.json").is_file():
-        return (path.name, *_from_pipeline_folder(path))
+        return _bare(path, text_max_length)
+    if (path / "model_index.json").is_file():
+        return (path.name, *_from_pipeline_folder(path, text_max_length))
     if (path / "config.json").is_file():
-        return path.name, _read_json(path / "config.json"), 0, 77
-    raise PlanError(f"--unet {unet!r}: expected one of {', '.join(PRESETS)}, a UNet config.json, or a folder "
-                    "holding one (a UNet folder or a diffusers pipeline folder)")
+        return _bare(path / "config.json", text_max_length)
+    raise PlanError(f"--network {network!r}: expected one of {', '.join(PRESETS)}, a network config.json (a UNet, "
+                    "PixArt or SD3 transformer), or a folder holding one (the network's folder or a diffusers "
+                    "pipeline folder)")
 
 
-def _from_teacher(path: str, revision: str) -> tuple[str, dict, int, int]:
+def _from_teacher(path: str, revision: str, text_max_length: int) -> tuple[str, str, dict, int, int]:
     folder = Path(path).expanduser()
     if folder.is_dir():
-        return (folder.name, *_from_pipeline_folder(folder))
+        return (folder.name, *_from_pipeline_folder(folder, text_max_length))
     if path in KNOWN_HUB_IDS:
         preset, latent = KNOWN_HUB_IDS[path]
-        config = {**_read_json(CONFIG_DIR / f"{preset}.json"), "sample_size": latent}
-        return (f"{preset} ({path})", config, *PRESET_EXTRAS[preset])
-    from diffusers import UNet2DConditionModel
+        family, config, encoders, tokens = _from_preset(preset, text_max_length)
+        return f"{preset} ({path})", family, {**config, "sample_size": latent}, encoders, tokens
+    import diffusers
+
+    from bigsid.families import TeacherError, detect, pipeline_config
 
     try:  # from the local hub cache when offline
-        config = dict(UNet2DConditionModel.load_config(path, subfolder="unet", revision=revision or None))
+        family = detect(pipeline_config(path, revision), path)
+        network_class = getattr(diffusers, family.network_class)
+        config = dict(network_class.load_config(path, subfolder=family.network, revision=revision or None))
     except (OSError, ValueError):
-        raise PlanError(f"cannot read the UNet config of teacher.path={path!r} from here; pass --unet "
-                        f"{'|'.join(PRESETS)} or --unet PATH_TO_CONFIG_JSON") from None
-    return path, config, 0, 77
+        raise PlanError(f"cannot read the network config of teacher.path={path!r} from here; pass --network "
+                        f"{'|'.join(PRESETS)} or --network PATH_TO_CONFIG_JSON") from None
+    return path, family.name, config, (0, 0), _tokens(*DEFAULT_TOKENS[family.name], text_max_length)
 
 
 # ---- measuring a call ----
@@ -239,6 +348,7 @@ class LiveMemory(TorchDispatchMode):
         self.now: collections.Counter = collections.Counter()
         self.peak = 0  # all categories together
         self.peak_activations = 0
+        self.peak_copies = 0  # weight_copies alone
         self.category = "activations"
         self.timeline: list[tuple[int, int]] | None = None  # (activations, grads) after each op, once started
         self._live: dict[int, tuple[str, int, weakref.ref]] = {}
@@ -261,6 +371,7 @@ class LiveMemory(TorchDispatchMode):
             self.now[self.category] += storage.nbytes()
         self.peak = max(self.peak, sum(self.now.values()))
         self.peak_activations = max(self.peak_activations, self.now["activations"])
+        self.peak_copies = max(self.peak_copies, self.now["weight_copies"])
         if self.timeline is not None:
             self.timeline.append((self.now["activations"], self.now["grads"]))
         return out
@@ -296,7 +407,8 @@ class _Autocast(TorchFunctionMode):
 
     As autocast, it caches the casts of leaf tensors that require grad (the trained networks' weights) and casts
     frozen weights at every call. Attention runs as a fused kernel (flash: q, k, v, out and logsumexp kept for the
-    backward), as on a GPU, not as the meta device's unfused matmuls. `bf16=False` keeps only the attention part."""
+    backward; with PixArt's T5 padding mask, CUDA's memory-efficient kernel, which keeps the same), as on a GPU, not
+    as the meta device's unfused matmuls. `bf16=False` keeps only the attention part."""
 
     def __init__(self, tracker: LiveMemory, bf16: bool, device_type: str = "cuda"):
         super().__init__()
@@ -323,10 +435,11 @@ class _Autocast(TorchFunctionMode):
             args, kwargs = tree_map(lambda x: self._cast(x, self.dtype), (args, kwargs))
         elif func in self.fp32_ops:
             args, kwargs = tree_map(lambda x: self._cast(x, torch.float32), (args, kwargs))
-        if func is F.scaled_dot_product_attention and kwargs.get("attn_mask") is None and len(args) == 3:
+        if func is F.scaled_dot_product_attention and len(args) == 3:
             q, k, v = args
             return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                q, k, v, kwargs.get("dropout_p", 0.0), kwargs.get("is_causal", False), scale=kwargs.get("scale"))[0]
+                q, k, v, kwargs.get("dropout_p", 0.0), kwargs.get("is_causal", False),
+                attn_mask=kwargs.get("attn_mask"), scale=kwargs.get("scale"))[0]
         return func(*args, **kwargs)
 
     def checkpoint(self, module, *args):
@@ -346,90 +459,109 @@ class _Autocast(TorchFunctionMode):
 
 @dataclass(frozen=True)
 class CallMemory:
-    """One UNet call at batch 1: activations kept from its forward for its backward, the transient above them
+    """One network call at batch 1: activations kept from its forward for its backward, the transient above them
     (recomputation, activation gradients; parameter gradients excluded), and the batch-independent bf16 weight
     copies autocast holds (local/ddp): with its cache, and once its region exits (the fake score's backward runs
     outside it) those the graph still holds. For a trained call, `backward` follows its backward op by op as
     (activations, fraction of the parameter gradients accumulated): activations are freed as gradients grow, so
-    the two never peak together. Only the points no other point exceeds in both are kept."""
+    the two never peak together. Only the points no other point exceeds in both are kept. `recast`: the casts a
+    checkpointed backward's recomputation makes again, its region closed (batch-independent; the planner adds their
+    peak to the activations' though the two need not coincide); a frozen network's casts are never cached."""
 
     kept: int
     transient: int
     weight_copies: int
     graph_copies: int
     backward: tuple[tuple[int, float], ...] = ()
+    recast: int = 0
 
 
-def unet_inputs(config: dict, batch: int, latent: int, tokens: int, device="meta") -> tuple[tuple, dict]:
-    """Positional and keyword inputs of one UNet call, SDXL's added conditions included."""
-    x = torch.randn(batch, config["in_channels"], latent, latent, device=device)
-    t = torch.full((batch,), 500, device=device, dtype=torch.long)
-    kwargs = {"encoder_hidden_states": torch.randn(batch, tokens, config["cross_attention_dim"], device=device),
-              "return_dict": False}
-    if config.get("addition_embed_type") == "text_time":
-        time_ids = 6  # original size, crop offset, target size
-        pooled = config["projection_class_embeddings_input_dim"] - time_ids * config["addition_time_embed_dim"]
-        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, pooled, device=device),
-                                       "time_ids": torch.randn(batch, time_ids, device=device)}
-    return (x, t), kwargs
+def denoiser_inputs(denoiser: torch.nn.Module, batch: int, latent: int, tokens: int,
+                    device="meta") -> tuple[torch.Tensor, torch.Tensor, "Cond"]:
+    """(x_t, t, cond) of one call of a family's denoiser: the Cond fields its network takes (bigsid.text), at
+    `tokens` prompt tokens: SDXL's pooled embedding and size ids, PixArt's T5 mask and its resolution and aspect
+    conditioning where the network takes them, SD3's pooled CLIP embeddings."""
+    from bigsid.text import Cond
+
+    c = denoiser.network.config
+    x = torch.randn(batch, c.in_channels, latent, latent, device=device)
+    t = torch.full((batch,), 500.0, device=device)
+    if c._class_name == "UNet2DConditionModel":
+        cond = Cond(torch.randn(batch, tokens, c.cross_attention_dim, device=device))
+        if c.addition_embed_type == "text_time":
+            time_ids = 6  # original size, crop offset, target size
+            pooled = c.projection_class_embeddings_input_dim - time_ids * c.addition_time_embed_dim
+            cond.pooled = torch.randn(batch, pooled, device=device)
+            cond.size = torch.randn(batch, time_ids, device=device)
+    elif c._class_name == "SD3Transformer2DModel":
+        cond = Cond(torch.randn(batch, tokens, c.joint_attention_dim, device=device),
+                    pooled=torch.randn(batch, c.pooled_projection_dim, device=device))
+    else:  # PixArt: a tokenizer's integer mask; (height, width, aspect ratio)
+        cond = Cond(torch.randn(batch, tokens, c.caption_channels, device=device),
+                    mask=torch.ones(batch, tokens, dtype=torch.long, device=device))
+        if denoiser.network.use_additional_conditions:
+            cond.size = torch.randn(batch, 3, device=device)
+    return x, t, cond
 
 
 @functools.lru_cache(maxsize=64)
-def measure_call(config_json: str, latent: int, tokens: int, kind: str, checkpointing: bool, bf16: bool,
-                 device_type: str = "cuda") -> CallMemory:
-    """Measure one call of a UNet on the meta device (see CallMemory); `kind` is how the phase calls it:
-    trained (parameter gradients), input_grad (frozen, gradients to its input) or no_grad."""
-    from diffusers import UNet2DConditionModel
+def measure_call(family: str, config_json: str, latent: int, tokens: int, kind: str, checkpointing: bool,
+                 bf16: bool, device_type: str = "cuda") -> CallMemory:
+    """Measure one call of a family's denoiser on the meta device (see CallMemory); `kind` is how the phase calls
+    it: trained (parameter gradients), input_grad (frozen, gradients to its input) or no_grad."""
+    from bigsid.families import FAMILIES
 
-    config = json.loads(config_json)
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(config)
+    with torch.device("meta"):  # a fresh network: checkpointing and requires_grad are set on it
+        denoiser = FAMILIES[family].denoiser(_network(family, json.loads(config_json)), "epsilon")
     tracker = LiveMemory()
     casts = _Autocast(tracker, bf16, device_type)
     if checkpointing:
-        unet.enable_gradient_checkpointing(casts.checkpoint)
-    unet.requires_grad_(kind != "input_grad")  # no_grad: the generator's weights, which autocast caches
-    for p in unet.parameters():
+        denoiser.network.enable_gradient_checkpointing(casts.checkpoint)
+    denoiser.requires_grad_(kind != "input_grad")  # no_grad: the generator's weights, which autocast caches
+    for p in denoiser.parameters():
         if p.requires_grad:
             p.register_post_accumulate_grad_hook(lambda p: tracker.reclassify(p.grad, "grads"))
-    (x, t), kwargs = unet_inputs(config, 1, latent, tokens)
+    x, t, cond = denoiser_inputs(denoiser, 1, latent, tokens)
     x.requires_grad_(kind == "input_grad")
     try:
         with torch.set_grad_enabled(kind != "no_grad"), tracker, casts:
-            out = unet(x, t, **kwargs)[0]
+            out = denoiser(x, t, cond)
             kept, copies = tracker.now["activations"], tracker.now["weight_copies"]
             casts.cache.clear()  # as autocast's region exiting: what the graph saved stays
             graph_copies = tracker.now["weight_copies"]
             tracker.timeline = [(kept, 0)]
+            tracker.peak_copies = graph_copies
             if kind != "no_grad":
                 out.backward(torch.ones_like(out))
     except (RuntimeError, NotImplementedError) as err:
-        raise PlanError(f"cannot run this UNet config on the meta device to measure its activations: {err}") from None
+        raise PlanError(f"cannot run this {family} network config on the meta device to measure its activations: "
+                        f"{err}") from None
     curve = []
     if kind == "trained":
-        all_grads = 4 * sum(p.numel() for p in unet.parameters())
+        all_grads = 4 * sum(p.numel() for p in denoiser.parameters())
         for activations, grads in sorted(tracker.timeline, key=lambda ag: (-ag[0], -ag[1])):
             if not curve or grads > curve[-1][1] * all_grads:
                 curve.append((activations, grads / all_grads))
-    return CallMemory(kept, tracker.peak_activations - kept, copies, graph_copies, tuple(curve))
+    return CallMemory(kept, tracker.peak_activations - kept, copies, graph_copies, tuple(curve),
+                      tracker.peak_copies - graph_copies)
 
 
 @functools.lru_cache(maxsize=64)
-def call_flops(config_json: str, latent: int, tokens: int, kind: str) -> int:
+def call_flops(family: str, config_json: str, latent: int, tokens: int, kind: str) -> int:
     """Model FLOPs of one call at batch 1, forward and (unless no_grad) backward, without recomputation: counted
     on the meta device with unfused attention, whose matmuls are the model's attention FLOPs."""
-    from diffusers import UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
 
-    config = json.loads(config_json)
+    from bigsid.families import FAMILIES
+
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(config)
-    unet.requires_grad_(kind == "trained")
-    (x, t), kwargs = unet_inputs(config, 1, latent, tokens)
+        denoiser = FAMILIES[family].denoiser(_network(family, json.loads(config_json)), "epsilon")
+    denoiser.requires_grad_(kind == "trained")
+    x, t, cond = denoiser_inputs(denoiser, 1, latent, tokens)
     x.requires_grad_(kind == "input_grad")
     counter = FlopCounterMode(display=False)
     with torch.set_grad_enabled(kind != "no_grad"), counter:
-        out = unet(x, t, **kwargs)[0]
+        out = denoiser(x, t, cond)
         if kind != "no_grad":
             out.backward(torch.ones_like(out))
     return counter.get_total_flops()
@@ -476,7 +608,7 @@ def step_calls(cfg: Config) -> dict[str, list[Call]]:
 def iteration_flops(model: ModelSpec, cfg: Config, batch: int) -> int:
     """Model FLOPs of one training step at per-GPU batch `batch` (both phases, fake_steps fake-score phases)."""
     calls = step_calls(cfg)
-    per = {phase: sum(call_flops(model.config_json, model.latent_size, model.text_tokens, c.kind) * c.batch
+    per = {phase: sum(call_flops(model.family, model.config_json, model.latent_size, model.text_tokens, c.kind) * c.batch
                       for c in cs) for phase, cs in calls.items()}
     return batch * (cfg.train.fake_steps * per["fake_score"] + per["generator"])
 
@@ -501,26 +633,33 @@ CATEGORIES = ("teacher", "weights", "optimizer", "ema", "encoders", "ddp_buckets
 RESIDENT = CATEGORIES[:6]  # held from one step to the next
 
 
-def state_bytes(backend: Backend, model: ModelSpec, bf16: bool, foreach_adam: bool = True) -> dict[str, float]:
+def state_bytes(backend: Backend, model: ModelSpec, bf16: bool, foreach_adam: bool = True,
+                fake_adapter: int | None = None) -> dict[str, float]:
     """Bytes per GPU held all run long, and those of the phases' grads and optimizer temporaries (see module doc).
+    `fake_adapter`: the parameters of the fake score's LoRA adapter when it is one (fake_score.lora_rank).
 
     DeepSpeed: fp32 weights and EMA, whole for ZeRO-2 (plus a partitioned fp32 copy the optimizer steps) and
     partitioned for ZeRO-3 (the teacher too, the optimizer stepping the partitions in place); gradients and Adam
     partitioned."""
     p, s, n = model.params, backend.shard, backend.gpus
-    c = 2 if bf16 else 4
+    # A LoRA fake score trains its adapter alone, on the teacher's network, which then stays in fp32
+    # (models.build_networks): fp32 master weights and Adam states for the generator and the adapter only.
+    trained = p + (p if fake_adapter is None else fake_adapter)
+    c = 2 if bf16 and fake_adapter is None else 4
+    c_text = 2 if bf16 else 4
     out = dict.fromkeys(CATEGORIES, 0.0)
-    out["encoders"] = 4 * model.encoder_params
+    out["encoders"] = c_text * model.text_params + 4 * model.vae_params
+    buffers = model.buffers * (c + 4 * (2 if fake_adapter is None else 1))  # teacher, generator (, fake score)
     if backend.name in ("local", "ddp", "fsdp2"):
-        out |= {"teacher": c * p / s, "weights": 8 * p / s, "optimizer": 16 * p / s, "ema": 4 * p / s,
+        out |= {"teacher": c * p / s + buffers, "weights": 4 * trained / s, "optimizer": 8 * trained / s, "ema": 4 * p / s,
                 "grads": 4 * p / s}
         if backend.name == "ddp":
-            out["ddp_buckets"] = 8 * p
+            out["ddp_buckets"] = 4 * trained
     else:
         working = 1 if backend.name == "zero2" else n
         # ZeRO-2 steps a partitioned fp32 copy beside the whole weights; ZeRO-3 steps the fp32 partitions in place
-        master = 4 * p / n if backend.name == "zero2" else 0.0
-        out |= {"teacher": c * p / working, "weights": 2 * (4 * p / working + master), "optimizer": 16 * p / n,
+        master = 4 * trained / n if backend.name == "zero2" else 0.0
+        out |= {"teacher": c * p / working + buffers, "weights": 4 * trained / working + master, "optimizer": 8 * trained / n,
                 "ema": 4 * p / working, "grads": 4 * p / n}
     out["temporaries"] = 4 * p / (s if backend.name in ("local", "ddp", "fsdp2") else n) if foreach_adam else 0.0
     return out
@@ -562,23 +701,38 @@ def peak_terms(model: ModelSpec, cfg: Config, backend: Backend, checkpointing: t
     """The moments of a step that can be its peak (module doc), for one backend and the networks whose
     activations are checkpointed (train.activation_checkpointing)."""
     bf16 = cfg.train.precision == "bf16"
-    state = state_bytes(backend, model, bf16, foreach_adam=device_type == "cuda")
+    lora = bool(cfg.fake_score.lora_rank)
+    adapter = model.adapter_params(cfg.fake_score.lora_rank, cfg.fake_score.lora_target_modules) if lora else None
+    state = state_bytes(backend, model, bf16, foreach_adam=device_type == "cuda", fake_adapter=adapter)
     held = {k: state[k] for k in RESIDENT}
     grads, temporaries = state["grads"], state["temporaries"]
     # fsdp2 computes with bf16 weights and ZeRO-3 casts units it frees again: no autocast copies of whole weights.
     copies_apply = bf16 and backend.name in ("local", "ddp", "zero2")
 
+    def adapter_call(call: Call) -> bool:
+        return lora and call.kind == "trained" and call.network == "fake_score"
+
     def memory(call: Call) -> CallMemory:
-        return measure_call(model.config_json, model.latent_size, model.text_tokens, call.kind,
+        # a LoRA fake score trains its adapter through the frozen network: its backward reaches every input, as a
+        # frozen call's, and no base weight gets a gradient (the adapter's rank-r activations are not counted)
+        kind = "input_grad" if adapter_call(call) else call.kind
+        return measure_call(model.family, model.config_json, model.latent_size, model.text_tokens, kind,
                             call.network in checkpointing and call.kind != "no_grad", bf16, device_type)
 
     def copies(call: Call, autocast_open: bool) -> float:
         # Autocast's cache keeps the casts of weights that require grad (the generator's even in its no-grad call),
-        # the graph those an input-gradient backward needs; a frozen no-grad call's casts die with each op.
-        held_copies = call.network != "teacher" and (call.kind != "no_grad" or call.network == "generator")
+        # the graph those an input-gradient backward needs; a frozen no-grad call's casts die with each op. The
+        # teacher is stored in bf16 and cast by none, unless it is a LoRA fake score's fp32 network.
+        held_copies = ((call.network != "teacher" or lora)
+                       and (call.kind != "no_grad" or call.network == "generator"))
         if not (copies_apply and held_copies):
             return 0.0
         return memory(call).weight_copies if autocast_open else memory(call).graph_copies
+
+    def recast(calls: list[Call]) -> float:
+        """The most that one of `calls`' backward recomputations casts again (CallMemory.recast)."""
+        cast = [c for c in calls if c.kind != "no_grad" and (c.network != "teacher" or lora)]
+        return max((memory(c).recast for c in cast), default=0) if copies_apply else 0.0
 
     def fixed(calls: list[Call], trained: bool, autocast_open: bool = True) -> dict[str, float]:
         return {**held, "weight_copies": sum(copies(c, autocast_open) for c in calls),
@@ -591,8 +745,17 @@ def peak_terms(model: ModelSpec, cfg: Config, backend: Backend, checkpointing: t
         return max(memory(c).transient * c.batch for c in calls)
 
     def backward(phase: str, call: Call, autocast_open: bool) -> PeakTerm:
+        if adapter_call(call):  # no network gradients grow as its activations are freed: its peak is theirs
+            m = memory(call)
+            return PeakTerm(phase, recasting(fixed([call], False, autocast_open), [call]),
+                            (m.kept + m.transient) * call.batch)
         curve = tuple((a * call.batch, f) for a, f in memory(call).backward)
-        return PeakTerm(phase, fixed([call], True, autocast_open), backward=curve, grads=grads)
+        # with autocast's region still open, a trained network's recomputation finds its casts in autocast's cache
+        again = [] if autocast_open else [call]
+        return PeakTerm(phase, recasting(fixed([call], True, autocast_open), again), backward=curve, grads=grads)
+
+    def recasting(fixed_bytes: dict[str, float], calls: list[Call]) -> dict[str, float]:
+        return {**fixed_bytes, "weight_copies": fixed_bytes["weight_copies"] + recast(calls)}
 
     def with_frozen_gathered(fixed_bytes: dict[str, float]) -> dict[str, float]:
         # fsdp2 with parallel.gather_frozen_once: the frozen networks stay whole (compute dtype) from their forward
@@ -600,7 +763,8 @@ def peak_terms(model: ModelSpec, cfg: Config, backend: Backend, checkpointing: t
         if backend.name != "fsdp2" or backend.shard == 1 or not cfg.parallel.gather_frozen_once:
             return fixed_bytes
         whole = (2 if bf16 else 4) * model.params * (1 - 1 / backend.shard)
-        networks = 1 if cfg.objective.name == "dmd" else 2  # teacher and fake score
+        # teacher and fake score; one network when the fake score is the teacher's with an adapter
+        networks = 1 if cfg.objective.name == "dmd" or lora else 2
         return {**fixed_bytes, "gathered": fixed_bytes["gathered"] + networks * whole}
 
     phases = step_calls(cfg)
@@ -614,7 +778,8 @@ def peak_terms(model: ModelSpec, cfg: Config, backend: Backend, checkpointing: t
         PeakTerm("fake_score", fixed([g_fake, f_trained], False), kept([f_trained])),
         backward("fake_score", f_trained, autocast_open=False),  # trainer.py: backward after autocast
         # all three networks' activations kept as the generator loss's backward starts with the frozen networks
-        PeakTerm("generator", with_frozen_gathered(fixed(gen, False)), kept(gen) + transient(frozen)),
+        PeakTerm("generator", with_frozen_gathered(recasting(fixed(gen, False), frozen)),
+                 kept(gen) + transient(frozen)),
         backward("generator", g_trained, autocast_open=True),
         PeakTerm("optimizer", {**held, "grads": grads, "temporaries": temporaries}),
     ]
@@ -629,9 +794,9 @@ def sampling_terms(model: ModelSpec, cfg: Config, backend: Backend, state: dict[
         return []
     bf16 = cfg.train.precision == "bf16"
     held = {k: state[k] for k in RESIDENT}
-    forward = measure_call(model.config_json, model.latent_size, model.text_tokens, "no_grad", False,
+    forward = measure_call(model.family, model.config_json, model.latent_size, model.text_tokens, "no_grad", False,
                            bf16 and backend.name == "fsdp2", device_type)
-    latents = 4 * images * model.unet_config["in_channels"] * model.latent_size ** 2
+    latents = 4 * images * model.network_config["in_channels"] * model.latent_size ** 2
     terms = [PeakTerm("samples", {**held, "gathered": gathered_bytes(backend, model, bf16, False),
                                   "sampling": state["ema"] + (forward.kept + forward.transient) * images + latents})]
     if model.vae_config is not None:
@@ -732,16 +897,22 @@ def plan(model: ModelSpec, cfg: Config, gpus: int, gpu_mem_gib: float = 80.0, sh
 
 def format_plan(model: ModelSpec, cfg: Config, gpus: int, gpu_mem_gib: float, rows: list[Estimate]) -> str:
     o, tr = cfg.objective, cfg.train
-    encoders = (f"text encoder(s) + VAE {model.encoder_params / 1e6:,.1f}M" if model.encoder_params
-                else "text encoder(s) and VAE not counted (unknown for a bare UNet config)")
+    encoders = (f"text encoders {model.text_params / 1e6:,.1f}M + VAE {model.vae_params / 1e6:,.1f}M"
+                if model.text_params or model.vae_params
+                else "text encoders and VAE not counted (unknown for a bare network config)")
     own = checkpoint_label(tuple(n for n in NETWORKS if n in tr.activation_checkpointing))
+    copies = ("x2 (teacher, generator; fake_score a LoRA adapter of rank "
+              f"{cfg.fake_score.lora_rank} on the teacher's)" if cfg.fake_score.lora_rank
+              else "x3 (teacher, generator, fake_score)")
+    network = meta_denoiser(model.family, model.config_json).network
     lines = [
-        f"model   {model.name}: UNet {model.params / 1e6:,.1f}M parameters x3 (teacher, generator, fake_score); "
+        f"model   {model.name} ({model.family}): {type(network).__name__} {model.params / 1e6:,.1f}M parameters "
+        f"{copies}; "
         f"{encoders}; {model.latent_size * 8} px (latent {model.latent_size}x{model.latent_size}), "
         f"{model.text_tokens} prompt tokens",
         f"run     {o.name}, kappa1..4 {o.kappa1}/{o.kappa2}/{o.kappa3}/{o.kappa4} (a guided call runs at twice the "
         f"batch), {tr.precision}, fake_steps {tr.fake_steps}, per-GPU batch {rows[0].batch} (train.batch_size "
-        f"{tr.batch_size} over {gpus} GPUs)" + (", LoRA planned as full training (an upper bound)"
+        f"{tr.batch_size} over {gpus} GPUs)" + (", the generator's LoRA planned as full training (an upper bound)"
                                                    if cfg.generator.lora_rank else ""),
         f"config  parallel.backend {cfg.parallel.backend}, train.activation_checkpointing {own}",
         f"GPUs    {gpus} x {gpu_mem_gib:g} GiB",

@@ -31,7 +31,7 @@ def loss_and_grads(net: nn.Module, dtype: torch.dtype):
 
 def tiny_unet() -> UNetDenoiser:
     torch.manual_seed(0)
-    return UNetDenoiser(UNet2DConditionModel.from_config(plan.load_model("tiny").unet_config), "epsilon")
+    return UNetDenoiser(UNet2DConditionModel.from_config(plan.load_model("tiny").network_config), "epsilon")
 
 
 def rounding_bound(eager, exact):
