@@ -99,7 +99,7 @@ class Networks:
     vocabulary: list[str] | None = None  # the toy prompts
     family: Family | None = None  # a diffusers teacher's (bigsid.families); None for the toy MLP
     # The teacher network's fp32 state dict (its denoiser's names), for generator and fake score built on the meta
-    # device; called once, by the ranks that read weights (Backend.load_initial). None: nothing is on meta.
+    # device; called once, by the ranks that read weights (Backend.place). None: nothing is on meta.
     initial_state: Callable[[], dict[str, torch.Tensor]] | None = None
 
 
