@@ -77,6 +77,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
 from bigsid.config import Config
+from bigsid.text import Cond
 
 GiB = 2 ** 30
 CONTEXT_BYTES = 2 * GiB  # CUDA context, NCCL buffers, cuBLAS/cuDNN workspaces: outside torch's allocator
@@ -322,7 +323,7 @@ def _from_teacher(path: str, revision: str, text_max_length: int) -> tuple[str, 
         return f"{preset} ({path})", family, {**config, "sample_size": latent}, encoders, tokens
     import diffusers
 
-    from bigsid.families import TeacherError, detect, pipeline_config
+    from bigsid.families import detect, pipeline_config
 
     try:  # from the local hub cache when offline
         family = detect(pipeline_config(path, revision), path)
@@ -477,12 +478,10 @@ class CallMemory:
 
 
 def denoiser_inputs(denoiser: torch.nn.Module, batch: int, latent: int, tokens: int,
-                    device="meta") -> tuple[torch.Tensor, torch.Tensor, "Cond"]:
+                    device="meta") -> tuple[torch.Tensor, torch.Tensor, Cond]:
     """(x_t, t, cond) of one call of a family's denoiser: the Cond fields its network takes (bigsid.text), at
     `tokens` prompt tokens: SDXL's pooled embedding and size ids, PixArt's T5 mask and its resolution and aspect
     conditioning where the network takes them, SD3's pooled CLIP embeddings."""
-    from bigsid.text import Cond
-
     c = denoiser.network.config
     x = torch.randn(batch, c.in_channels, latent, latent, device=device)
     t = torch.full((batch,), 500.0, device=device)
@@ -608,8 +607,8 @@ def step_calls(cfg: Config) -> dict[str, list[Call]]:
 def iteration_flops(model: ModelSpec, cfg: Config, batch: int) -> int:
     """Model FLOPs of one training step at per-GPU batch `batch` (both phases, fake_steps fake-score phases)."""
     calls = step_calls(cfg)
-    per = {phase: sum(call_flops(model.family, model.config_json, model.latent_size, model.text_tokens, c.kind) * c.batch
-                      for c in cs) for phase, cs in calls.items()}
+    flops = functools.partial(call_flops, model.family, model.config_json, model.latent_size, model.text_tokens)
+    per = {phase: sum(flops(c.kind) * c.batch for c in cs) for phase, cs in calls.items()}
     return batch * (cfg.train.fake_steps * per["fake_score"] + per["generator"])
 
 
@@ -651,16 +650,16 @@ def state_bytes(backend: Backend, model: ModelSpec, bf16: bool, foreach_adam: bo
     out["encoders"] = c_text * model.text_params + 4 * model.vae_params
     buffers = model.buffers * (c + 4 * (2 if fake_adapter is None else 1))  # teacher, generator (, fake score)
     if backend.name in ("local", "ddp", "fsdp2"):
-        out |= {"teacher": c * p / s + buffers, "weights": 4 * trained / s, "optimizer": 8 * trained / s, "ema": 4 * p / s,
-                "grads": 4 * p / s}
+        out |= {"teacher": c * p / s + buffers, "weights": 4 * trained / s, "optimizer": 8 * trained / s,
+                "ema": 4 * p / s, "grads": 4 * p / s}
         if backend.name == "ddp":
             out["ddp_buckets"] = 4 * trained
     else:
         working = 1 if backend.name == "zero2" else n
         # ZeRO-2 steps a partitioned fp32 copy beside the whole weights; ZeRO-3 steps the fp32 partitions in place
         master = 4 * trained / n if backend.name == "zero2" else 0.0
-        out |= {"teacher": c * p / working + buffers, "weights": 4 * trained / working + master, "optimizer": 8 * trained / n,
-                "ema": 4 * p / working, "grads": 4 * p / n}
+        out |= {"teacher": c * p / working + buffers, "weights": 4 * trained / working + master,
+                "optimizer": 8 * trained / n, "ema": 4 * p / working, "grads": 4 * p / n}
     out["temporaries"] = 4 * p / (s if backend.name in ("local", "ddp", "fsdp2") else n) if foreach_adam else 0.0
     return out
 
