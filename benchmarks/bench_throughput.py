@@ -1,16 +1,17 @@
 """Throughput and memory of bigsid's training step on real-size networks of every family with random weights.
 
 Builds teacher, generator and fake score from a network config shipped in bigsid/unet_configs/ (the SD1.5 UNet at
-512 px, SDXL's at 1024 px, PixArt-alpha's transformer at 512 px and PixArt-Sigma's at 1024 px, SD3.5-medium's
-MM-DiT at 1024 px on its rectified flow), random weights, called through the family's denoiser, and times
+512 px, SDXL's at 1024 px, PixArt-alpha's transformer at 512 px and PixArt-Sigma's at 1024 px, SD3.5-medium's MM-DiT
+at 1024 px on its rectified flow), random weights, called through the family's denoiser, and times
 Trainer.train_step (the fake-score phase, the generator phase with SiD-LSG's kappa = 1.5, so guided teacher and
 fake-score calls at twice the batch, both Adam steps and the EMA update) for every model x backend x activation
 checkpointing x train.compile asked for. Reports seconds per step, images/s, peak memory beside what `bigsid plan`
-estimates for the same run, and two FLOP rates against the GPU's dense bf16 peak: MFU, the model FLOPs of the step (torch's FlopCounterMode over each network call on the meta device, without
-recomputation, as bigsid.plan counts them; tests/test_plan.py checks that count against FlopCounterMode over a real
-step), and HFU, FlopCounterMode over one real step of the measured setting (recomputation included; eager settings
-only, a compiled one takes its eager twin's count, the same arithmetic). FlopCounterMode counts the CUDA fused
-attention kernels but has no formula for the CPU one, so on a CPU HFU leaves attention out.
+estimates for the same run, and two FLOP rates against the GPU's dense bf16 peak: MFU, the model FLOPs of the step
+(torch's FlopCounterMode over each network call on the meta device, without recomputation, as bigsid.plan counts
+them; tests/test_plan.py checks that count against FlopCounterMode over a real step), and HFU, FlopCounterMode over
+one real step of the measured setting (recomputation included; eager settings only, a compiled one takes its eager
+twin's count, the same arithmetic). FlopCounterMode counts the CUDA fused attention kernels but has no formula for
+the CPU one, so on a CPU HFU leaves attention out.
 
 One process runs every setting in turn, on one device (the multi-process backends as a world of one) or under
 torchrun on several; settings the planner says cannot fit the device are skipped, and none is started once
