@@ -13,6 +13,7 @@ from bigsid import checkpoint, toy
 from bigsid.config import load_config
 from bigsid.export import find_checkpoint, load_generator_state
 from bigsid.models import build_networks
+from bigsid.parallel.local import LocalBackend
 from evaluation.settings import EvalError
 
 CONVENTION = {"space": "latent", "reference": "exact samples of the analytic Gaussian mixture",
@@ -36,6 +37,8 @@ def evaluate(source: str | Path, overrides: list[str]) -> tuple[Path, dict]:
     if networks.truth is None:
         raise EvalError(f"{run_dir}: its teacher has no analytic ground truth; choose metrics from fid, clip, "
                         "aesthetic, imagereward, pickscore, hpsv2")
+    # the trained networks of a diffusers teacher are built empty: placed as the local backend places them
+    LocalBackend(cfg).place(networks)
     networks.generator.load_state_dict(load_generator_state(folder, ema=True))
     networks.generator.eval()
     # the same reference and teacher-sampler seeds as the Trainer's evaluation
