@@ -172,15 +172,23 @@ def detect(index: dict, path: str) -> Family:
                        f"distill: supported pipelines are {supported}")
 
 
+LIBRARIES = ("transformers", "diffusers")  # where a pipeline's components may come from
+
+
 def _component(index: dict, name: str, path: str, revision: str, what: str):
-    """Load component `name` of the pipeline with the class model_index.json names (transformers or diffusers)."""
+    """Load component `name` of the pipeline with the class model_index.json names. The file only chooses among
+    transformers' and diffusers' own classes: importing a module it names could run that module's code."""
     import importlib
 
     spec = index.get(name)
     if not spec or spec[0] is None:
         raise TeacherError(f"the teacher {path!r} has no {what} ({name} in model_index.json is empty): this family "
                            "needs it; use the model's full pipeline folder")
-    cls = getattr(importlib.import_module(spec[0]), spec[1])
+    library, class_name = spec
+    cls = getattr(importlib.import_module(library), class_name, None) if library in LIBRARIES else None
+    if not hasattr(cls, "from_pretrained"):
+        raise TeacherError(f"the teacher {path!r} names {library}.{class_name} for its {what} in model_index.json: "
+                           f"bigsid loads components of {' or '.join(LIBRARIES)} classes only")
     return _load(cls.from_pretrained, path, name, revision, what)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
@@ -210,8 +210,6 @@ def build_networks(cfg: Config) -> Networks:
         else:  # the teacher's own fp32 tensors, named before an adapter on a shared network renames them
             teacher_state = teacher.state_dict()
             initial_state = lambda: teacher_state  # noqa: E731
-    from dataclasses import asdict
-
     generator_net = copy_of(student)
     fake_score = student if cfg.fake_score.lora_rank else copy_of(student)
     if cfg.fake_score.lora_rank:

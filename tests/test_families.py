@@ -163,6 +163,10 @@ def test_bad_teachers_are_refused_before_any_long_work(tmp_path, teacher_dir):
     (folder / "model_index.json").write_text(json.dumps(index | {"text_encoder_3": [None, None]}))
     with pytest.raises(TeacherError, match="no text encoder text_encoder_3"):
         load_teacher(str(folder))
+    # model_index.json chooses classes, never modules to import
+    (folder / "model_index.json").write_text(json.dumps(index | {"text_encoder_3": ["antigravity", "T5"]}))
+    with pytest.raises(TeacherError, match="names antigravity.T5 .* transformers or diffusers classes only"):
+        load_teacher(str(folder))
     pixart = tmp_path / "pixart"
     build_pipeline("pixart").save_pretrained(pixart)
     with pytest.raises(TeacherError, match="PixArtTransformer2DModel takes no LoRA adapter"):
