@@ -192,16 +192,17 @@ def _component(index: dict, name: str, path: str, revision: str, what: str):
     return _load(cls.from_pretrained, path, name, revision, what)
 
 
-def load_encoder(family: Family, index: dict, path: str, revision: str, network: nn.Module,
+def load_encoder(family: Family, index: dict, path: str, revision: str, sample_size: int,
                  text_max_length: int = 0) -> PromptEncoder:
-    """The family's PromptEncoder with its tokenizers and text encoders from the pipeline folder."""
+    """The family's PromptEncoder with its tokenizers and text encoders from the pipeline folder, conditioning on the
+    size of the network's `sample_size` (in latents) where the family has size conditioning."""
     if text_max_length and family.name in ("sd", "sdxl"):
         raise TeacherError(f"teacher.text_max_length={text_max_length} applies to T5 encoders (pixart, sd3); a "
                            f"{family.name} teacher's CLIP encoders have a fixed length: leave it at 0")
     tokenizer_names = ["tokenizer" + name[len("text_encoder"):] for name in family.encoders]
     tokenizers = [_component(index, n, path, revision, f"tokenizer {n}") for n in tokenizer_names]
     encoders = [_component(index, n, path, revision, f"text encoder {n}") for n in family.encoders]
-    pixels = network.config.sample_size * 8  # VAE factor 8 in every supported family
+    pixels = sample_size * 8  # VAE factor 8 in every supported family
     t5_length = text_max_length or T5_MAX_LENGTH.get(index["_class_name"], 0)
     if family.name == "sd":
         return CLIPPromptEncoder(tokenizers[0], encoders[0])
@@ -229,7 +230,7 @@ class Teacher:
     family: Family
     denoiser: nn.Module
     schedule: Schedule
-    encoder: PromptEncoder
+    encoder: PromptEncoder | None  # None when loaded without text encoders (data.text_cache)
     vae: nn.Module
     scheduler_config: dict
     index: dict  # model_index.json
@@ -250,9 +251,10 @@ def load_network(family: Family, path: str, revision: str = "", torch_dtype: tor
 
 
 def load_teacher(path: str, revision: str = "", prediction_type: str = "", text_max_length: int = 0,
-                 torch_dtype: torch.dtype | None = None) -> Teacher:
+                 torch_dtype: torch.dtype | None = None, text_encoders: bool = True) -> Teacher:
     """A teacher from a diffusers pipeline folder or hub id, of any supported family, its network stored in
-    `torch_dtype` (default fp32)."""
+    `torch_dtype` (default fp32); without its text encoders where `text_encoders` is false (a run that reads
+    its prompts' encodings from a text cache never loads them)."""
     import diffusers
     from diffusers import AutoencoderKL
 
@@ -262,7 +264,8 @@ def load_teacher(path: str, revision: str = "", prediction_type: str = "", text_
                                   "scheduler config"))
     schedule = Schedule.from_scheduler_config(scheduler_config, prediction_type)
     network = load_network(family, path, revision, torch_dtype)
-    encoder = load_encoder(family, index, path, revision, network, text_max_length)
+    encoder = (load_encoder(family, index, path, revision, network.config.sample_size, text_max_length)
+               if text_encoders else None)
     vae = _load(AutoencoderKL.from_pretrained, path, "vae", revision, "VAE")
     denoiser = family.denoiser(network, schedule.prediction_type)
     return Teacher(family, denoiser, schedule, encoder, vae, scheduler_config, index)
