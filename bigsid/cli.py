@@ -1,4 +1,4 @@
-"""bigsid command line: train, eval, demo, toy-teacher, data, export, sample."""
+"""bigsid command line: train, eval, demo, toy-teacher, data, encode-prompts, export, sample, plan."""
 
 from __future__ import annotations
 
@@ -195,9 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "many GPUs (default: parallel.shard_size)")
     p.set_defaults(func=cmd_plan)
 
-    from bigsid import data
+    from bigsid import data, text_cache
 
     data.add_cli(sub)
+    text_cache.add_cli(sub)
     return parser
 
 

@@ -174,6 +174,9 @@ class DataConfig:
     # Reader processes per rank (DataLoader workers) that prefetch in the background; 0 reads in the trainer's
     # process. Each worker reads its own shards, so world_size x num_workers must not exceed the shard count.
     num_workers: int = 0
+    # A text cache written by `bigsid encode-prompts` (bigsid/text_cache.py): the run reads each prompt's
+    # conditioning from it and loads no text encoder. Empty: encode prompts with the teacher's encoders as drawn.
+    text_cache: str = ""
 
 
 @dataclass
@@ -413,9 +416,20 @@ def validate(cfg: Config, check_data: bool = True) -> Config:
                cfg.data.path)
     _check(cfg.data.num_workers >= 0, "data.num_workers", ">= 0 (0 reads in the trainer's process)",
            cfg.data.num_workers)
+    if cfg.data.text_cache:
+        _check_text_cache(cfg, check_data)
     if check_data:
         _check_data(cfg.data)
     return cfg
+
+
+def _check_text_cache(cfg: Config, check_folder: bool) -> None:
+    if cfg.teacher.kind != "diffusers":
+        raise ConfigError("data.text_cache is set, but the toy teacher (teacher.kind=toy_gmm) has no text encoders "
+                          "to replace: leave data.text_cache empty")
+    if check_folder and not (Path(cfg.data.text_cache).expanduser() / "manifest.json").is_file():
+        raise ConfigError(f"data.text_cache = {cfg.data.text_cache!r} is no text cache (no manifest.json in it): "
+                          "make one with `bigsid encode-prompts CONFIG OUT`, or leave data.text_cache empty")
 
 
 def _check_device(name: str) -> None:

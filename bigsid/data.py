@@ -435,6 +435,12 @@ class PromptStream:
         self._logged: set[tuple[str, str]] = set()
         self._tally(source.issues)  # a text file's bad lines, found as it was loaded
 
+    @property
+    def prompts(self) -> list[str] | None:
+        """Every prompt the sequence draws from, where the source holds them in a list (text, vocab); None for
+        shards, which are read as they stream."""
+        return getattr(self._source, "prompts", None)
+
     def next_batch(self, n: int) -> list[str]:
         if self._chunks is None:
             self._start()

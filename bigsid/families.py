@@ -192,26 +192,31 @@ def _component(index: dict, name: str, path: str, revision: str, what: str):
     return _load(cls.from_pretrained, path, name, revision, what)
 
 
+def t5_length(family: Family, index: dict, text_max_length: int = 0) -> int:
+    """The T5 tokens a prompt is padded to: teacher.text_max_length, else the stock pipeline's; 0 without T5."""
+    if text_max_length and family.name in ("sd", "sdxl"):
+        raise TeacherError(f"teacher.text_max_length={text_max_length} applies to T5 encoders (pixart, sd3); a "
+                           f"{family.name} teacher's CLIP encoders have a fixed length: leave it at 0")
+    return text_max_length or T5_MAX_LENGTH.get(index["_class_name"], 0)
+
+
 def load_encoder(family: Family, index: dict, path: str, revision: str, sample_size: int,
                  text_max_length: int = 0) -> PromptEncoder:
     """The family's PromptEncoder with its tokenizers and text encoders from the pipeline folder, conditioning on the
     size of the network's `sample_size` (in latents) where the family has size conditioning."""
-    if text_max_length and family.name in ("sd", "sdxl"):
-        raise TeacherError(f"teacher.text_max_length={text_max_length} applies to T5 encoders (pixart, sd3); a "
-                           f"{family.name} teacher's CLIP encoders have a fixed length: leave it at 0")
+    length = t5_length(family, index, text_max_length)
     tokenizer_names = ["tokenizer" + name[len("text_encoder"):] for name in family.encoders]
     tokenizers = [_component(index, n, path, revision, f"tokenizer {n}") for n in tokenizer_names]
     encoders = [_component(index, n, path, revision, f"text encoder {n}") for n in family.encoders]
     pixels = sample_size * 8  # VAE factor 8 in every supported family
-    t5_length = text_max_length or T5_MAX_LENGTH.get(index["_class_name"], 0)
     if family.name == "sd":
         return CLIPPromptEncoder(tokenizers[0], encoders[0])
     if family.name == "sdxl":
         return SDXLPromptEncoder(tokenizers, encoders, pixels, pixels,
                                  bool(index.get("force_zeros_for_empty_prompt", True)))
     if family.name == "pixart":
-        return T5PromptEncoder(tokenizers[0], encoders[0], t5_length, (pixels, pixels))
-    return SD3PromptEncoder(tokenizers, encoders, t5_length)
+        return T5PromptEncoder(tokenizers[0], encoders[0], length, (pixels, pixels))
+    return SD3PromptEncoder(tokenizers, encoders, length)
 
 
 def decode(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:

@@ -193,15 +193,20 @@ def build_networks(cfg: Config) -> Networks:
         # of it to cast and keep for the backward through its input; loaded so, not cast from an fp32 copy. A LoRA
         # fake score's base network is the teacher's, and keeps the fp32 it trains its adapter around.
         bf16 = cfg.train.precision == "bf16" and not cfg.fake_score.lora_rank
+        cached = bool(cfg.data.text_cache)
         loaded = load_teacher(cfg.teacher.path, cfg.teacher.revision, cfg.teacher.prediction_type,
-                              cfg.teacher.text_max_length, torch.bfloat16 if bf16 else None)
+                              cfg.teacher.text_max_length, torch.bfloat16 if bf16 else None, text_encoders=not cached)
         student = teacher = loaded.denoiser
         schedule, encoder, vae, scheduler_config = loaded.schedule, loaded.encoder, loaded.vae, loaded.scheduler_config
         shape, family = loaded.latent_shape, loaded.family
         truth = toy.GMM.load(cfg.teacher.path)  # None unless the folder is a toy teacher with a ground truth
         vocabulary = truth.prompts if truth is not None else None
         vae.requires_grad_(False).eval()
-        if cfg.train.precision == "bf16":
+        if cached:
+            from bigsid.text_cache import TextCache, identity
+
+            encoder = TextCache(cfg.data.text_cache, identity(cfg))
+        elif cfg.train.precision == "bf16":
             encoder.to(torch.bfloat16)  # T5 included: bf16 has fp32's range, where fp16 overflows T5's activations
         copy_of = empty_copy
         if bf16:  # the fp32 weights read again, by the ranks that load them only

@@ -322,8 +322,11 @@ class Trainer:
         self.pending = None  # (folder, train state, this rank's write Future) of a checkpoint being written
         self.last_eval: dict = {}
         # Scores images of teachers without an analytic truth at eval_every (evaluation.periodic.TrainingEval, which
-        # the CLI builds: the trainer only calls batches/update/result and never imports the evaluation package).
+        # the CLI builds: the trainer only calls prompts/batches/update/result and never imports the evaluation
+        # package).
         self.image_eval = image_eval
+        if cfg.data.text_cache:
+            self._check_text_cache()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log = MetricLog(self.run_dir, self.backend.is_main, tr.wandb_project, to_dict(cfg))
         self.clock = PhaseClock(self.device)
@@ -349,6 +352,15 @@ class Trainer:
         return build_prompt_stream(self.cfg.data, seed=self.cfg.train.seed, vocabulary=self.networks.vocabulary,
                                    token_count=getattr(enc, "token_count", None),
                                    max_tokens=getattr(enc, "max_length", None), log_problems=self.backend.is_main)
+
+    def _check_text_cache(self) -> None:
+        """Every prompt a run reading a text cache encodes must be in it: those known now are checked now, not
+        when first drawn (a shard's prompts, read as they stream, are checked as they are)."""
+        cache = self.networks.encoder
+        cache.require(self.stream.prompts or [], f"the prompts of data.source = {self.cfg.data.source}")
+        cache.require(self.sample_prompts, "the sample-grid prompts (eval.sample_prompts)")
+        if self.image_eval is not None:
+            cache.require(self.image_eval.prompts(), "the --eval prompts")
 
     # ---- one iteration ----
 

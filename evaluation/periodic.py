@@ -39,6 +39,10 @@ class TrainingEval:
             device = pick_device(s.device, 0)
             self.scorers = [_metric(name, s, device) for name in s.metrics or ["fid", "clip", "aesthetic"]]
 
+    def prompts(self) -> list[str]:
+        """The prompts of the fixed image set, one per image."""
+        return [it.prompt for it in self.items]
+
     def batches(self, latent_shape: tuple[int, ...]):
         """(prompts, noise) per batch of the fixed image set, the same on every rank and at every call."""
         for start in range(0, len(self.items), self.settings.batch_size):
