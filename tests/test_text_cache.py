@@ -4,6 +4,7 @@ takes exactly the steps it takes without it, and a cache that does not fit the r
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -118,6 +119,10 @@ def test_prompts_missing_from_the_cache_are_refused_before_the_first_step(pixart
                                  (["eval.sample_prompts=[a new one]"], PROMPTS, "the sample-grid prompts")):
         with pytest.raises(TextCacheError, match=f"1 of {what}"):
             Trainer(run_config("pixart", folder, tmp_path, f"data.text_cache={cache}", *extra, prompts=prompts))
+    # the prompts of `train --eval` (evaluation.periodic.TrainingEval)
+    image_eval = SimpleNamespace(prompts=lambda: [PROMPTS[0], "an eval prompt"])
+    with pytest.raises(TextCacheError, match="1 of the --eval prompts.*'an eval prompt'.*--extra FILE"):
+        Trainer(run_config("pixart", folder, tmp_path, f"data.text_cache={cache}"), image_eval=image_eval)
 
 
 def test_a_damaged_or_half_written_cache_is_refused(pixart, tmp_path, monkeypatch):
