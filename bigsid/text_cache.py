@@ -39,6 +39,7 @@ import logging
 import os
 import shutil
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -122,7 +123,7 @@ def _mismatch(made: dict, run: dict) -> str | None:
 
 # ---- writing ----
 
-def run_prompts(cfg: Config, extra: list[str] = ()) -> list[str]:
+def run_prompts(cfg: Config, extra: Sequence[str] = ()) -> list[str]:
     """Every prompt the run can encode, each once, in order of first appearance: the data source's, the sample grid's,
     a toy truth's, then those of the `extra` prompt lists (.txt one a line, .jsonl / .parquet with a `caption`)."""
     from bigsid import data, toy
@@ -165,7 +166,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def encode_prompts(cfg: Config, out: str | os.PathLike, *, extra: list[str] = (), batch_size: int = 64,
+def encode_prompts(cfg: Config, out: str | os.PathLike, *, extra: Sequence[str] = (), batch_size: int = 64,
                    shard_size: int = 0, device: str | None = None, force: bool = False) -> Path:
     """Encode the prompts of `cfg`'s run (run_prompts) with its teacher's PromptEncoder into the text cache `out`;
     `shard_size` prompts a shard (0: about SHARD_BYTES). Returns `out`."""
@@ -209,6 +210,7 @@ def encode_prompts(cfg: Config, out: str | os.PathLike, *, extra: list[str] = ()
         save_file(tensors, str(partial / name))
         shards.append({"file": name, "prompts": len(tensors["key"]), "bytes": (partial / name).stat().st_size,
                        "sha256": _sha256(partial / name)})
+        log.info("wrote %s: %d of %d prompts encoded", name, count, len(prompts))
         rows.clear()
 
     count = 0
@@ -225,7 +227,6 @@ def encode_prompts(cfg: Config, out: str | os.PathLike, *, extra: list[str] = ()
             count += 1
             if len(rows) == per_shard:
                 write()
-        log.info("encoded %d / %d prompts", count, len(prompts))
     if rows:
         write()
     manifest = {"format": FORMAT, **made, "teacher": {"path": t.path, "revision": t.revision},
