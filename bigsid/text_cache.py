@@ -325,7 +325,7 @@ class TextCache(nn.Module):
         """Refuse now, naming a few, if any of `prompts` (`what` they are) is not in the cache."""
         missing = self.missing(prompts)
         if missing:
-            raise TextCacheError(f"{len(missing)} of {what} are not in the text cache {self.path}, e.g. "
+            raise TextCacheError(f"{what}: {len(missing)} not in the text cache {self.path}, e.g. "
                                  f"{', '.join(repr(p[:80]) for p in missing[:3])}. {self._advice}")
 
     _advice = ("The prompt set changed since the cache was made: encode it again with `bigsid encode-prompts CONFIG "

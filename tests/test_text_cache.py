@@ -112,16 +112,16 @@ def test_a_cache_of_another_teacher_configuration_is_refused(pixart, teacher_dir
 def test_prompts_missing_from_the_cache_are_refused_before_the_first_step(pixart, tmp_path):
     folder, cache = pixart
     cfg = run_config("pixart", folder, tmp_path)
-    with pytest.raises(TextCacheError, match="1 of this batch's prompts are not in the text cache.*'never encoded'"
+    with pytest.raises(TextCacheError, match="this batch's prompts: 1 not in the text cache.*'never encoded'"
                                              ".*encode-prompts"):
         TextCache(cache, identity(cfg))(["a red cube", "never encoded"])
     for extra, prompts, what in (([], [*PROMPTS, "a new line"], "the prompts of data.source = text"),
                                  (["eval.sample_prompts=[a new one]"], PROMPTS, "the sample-grid prompts")):
-        with pytest.raises(TextCacheError, match=f"1 of {what}"):
+        with pytest.raises(TextCacheError, match=f"{what}.*: 1 not in the text cache"):
             Trainer(run_config("pixart", folder, tmp_path, f"data.text_cache={cache}", *extra, prompts=prompts))
     # the prompts of `train --eval` (evaluation.periodic.TrainingEval)
     image_eval = SimpleNamespace(prompts=lambda: [PROMPTS[0], "an eval prompt"])
-    with pytest.raises(TextCacheError, match="1 of the --eval prompts.*'an eval prompt'.*--extra FILE"):
+    with pytest.raises(TextCacheError, match="the --eval prompts: 1 not in .*'an eval prompt'.*--extra FILE"):
         Trainer(run_config("pixart", folder, tmp_path, f"data.text_cache={cache}"), image_eval=image_eval)
 
 
