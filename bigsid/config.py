@@ -57,6 +57,15 @@ class TeacherConfig:
 
 
 @dataclass
+class TextEncoderConfig:
+    # fsdp2: shard each text encoder over the ranks as the denoisers are, one unit per transformer layer (CLIP's
+    # encoder layers, T5's blocks), gathered for its forward and resharded after it: T5-XXL's 4.7 B parameters
+    # (8.9 GiB in bf16) would otherwise sit whole on every GPU. The same Cond bit for bit; it costs one all-gather
+    # of each encoder's weights per batch.
+    shard: bool = False
+
+
+@dataclass
 class GeneratorConfig:
     # The generator sees s_t_init * z at grid time t_init and returns its x0-prediction (bigsid/diffusion.py). On a
     # VP teacher s = sqrt(1 - abar): SiD-LSG's 625 is where SD's schedule has VE sigma s/a = 2.5 (EDM's sigma_init;
@@ -206,6 +215,7 @@ class ParallelConfig:
 @dataclass
 class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     fake_score: FakeScoreConfig = field(default_factory=FakeScoreConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
@@ -397,6 +407,8 @@ def validate(cfg: Config, check_data: bool = True) -> Config:
     _check(t.student_fit_steps >= 0, "teacher.student_fit_steps", ">= 0", t.student_fit_steps)
     _check(cfg.parallel.shard_size >= 0, "parallel.shard_size", ">= 0 (0: shard over all ranks)",
            cfg.parallel.shard_size)
+    if cfg.text_encoder.shard:
+        _check_text_encoder_shard(cfg)
     if cfg.parallel.backend == "deepspeed":
         _check_deepspeed(cfg)
     _check(cfg.eval.num_samples >= 2, "eval.num_samples", ">= 2", cfg.eval.num_samples)
@@ -470,6 +482,21 @@ def _check_data(d: DataConfig) -> None:
             data._expand_shards(d.path)
     except data.DataError as err:
         raise ConfigError(f"data.path: {err}") from None
+
+
+def _check_text_encoder_shard(cfg: Config) -> None:
+    backend = cfg.parallel.backend
+    if cfg.teacher.kind != "diffusers":
+        raise ConfigError("text_encoder.shard = true, but the toy teacher has no text encoders to shard: leave it "
+                          "false, or distill a diffusers teacher (teacher.kind=diffusers)")
+    if backend == "deepspeed":
+        raise ConfigError("text_encoder.shard = true: DeepSpeed partitions only the networks it wraps in engines, "
+                          "and the text encoders are none of them; use parallel.backend=fsdp2 to shard them, or "
+                          "leave text_encoder.shard false")
+    if backend != "fsdp2":
+        raise ConfigError(f"text_encoder.shard = true needs parallel.backend=fsdp2: {backend} holds every network "
+                          "whole on each device; set parallel.backend=fsdp2 (under torchrun) or leave "
+                          "text_encoder.shard false")
 
 
 def _check_deepspeed(cfg: Config) -> None:

@@ -10,8 +10,8 @@ free), S the ranks a network is sharded over (1 for local and ddp), N the GPUs, 
   weights        8P/S   generator and fake_score fp32 master weights
   optimizer     16P/S   Adam exp_avg and exp_avg_sq of both networks
   EMA            4P/S   the generator's
-  encoders    cT + 4V   text encoders (T parameters) in the compute dtype, never sharded (models.build_networks),
-                        and rank 0's VAE (V), fp32
+  encoders    cT + 4V   text encoders (T parameters) in the compute dtype (models.build_networks), cT/S on fsdp2
+                        with text_encoder.shard, and rank 0's VAE (V), fp32
   ddp buckets    8P     ddp: DDP keeps an fp32 gradient bucket copy of each wrapped network (generator, fake score)
   grads          4P/S   the trained network's, from its backward to its step (zero_grad frees them)
   temporaries    4P/S   the optimizer step: CUDA's foreach Adam allocates sqrt(exp_avg_sq) of all parameters at once
@@ -22,6 +22,10 @@ free), S the ranks a network is sharded over (1 for local and ddp), N the GPUs, 
                         trained unit's backward (its unsharded gradients and their fp32 reduce-scatter copy); fsdp2
                         with parallel.gather_frozen_once adds, in the generator phase, the teacher and the fake
                         score whole, c P (1 - 1/S) each (one at a time for DMD, whose frozen calls carry no graph)
+                        text_encoder.shard: while the prompts are encoded (no denoiser unit gathered then), c (E +
+                        2 L) with L the largest encoder layer and E the largest encoder's parameters outside its
+                        layers (embeddings, final norm, projection): the running encoder's outer unit, its layer and
+                        the next one's all-gather
   activations    -      measured per sample (below), times each call's batch
   sampling       -      sample grids (trainer.save_samples, at train.sample_every and at the end; eval.sample_prompts x
                         eval.sample_seeds images): every rank runs the EMA generator without grad (its stored weights
@@ -66,6 +70,7 @@ import contextlib
 import functools
 import json
 import math
+import re
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,11 +89,34 @@ CONTEXT_BYTES = 2 * GiB  # CUDA context, NCCL buffers, cuBLAS/cuDNN workspaces: 
 FRAGMENTATION = 0.05  # caching-allocator slack over the bytes actually allocated
 CONFIG_DIR = Path(__file__).parent / "unet_configs"  # the denoising networks' (and VAEs') configs, UNets or not
 DECODE_CHUNK = 8  # latents per VAE decode: trainer.to_images' chunk
-# Parameters of the frozen networks beside the denoiser (text encoders + VAE). SD3's CLIP-L carries a projection
-# (768 x 768) that SD's does not; T5: the T5-v1.1-XXL encoder of PixArt and SD3; SD3's VAE has 16 latent channels
-# and no quant convolutions.
-_CLIP_L, _OPENCLIP_H, _OPENCLIP_BIGG, _VAE = 123_060_480, 340_387_840, 694_659_840, 83_653_863
-_CLIP_L_PROJ, _T5_XXL, _VAE_SD3 = _CLIP_L + 768 * 768, 4_762_310_656, 83_819_683
+
+
+@dataclass(frozen=True)
+class TextSize:
+    """Parameters of a pipeline's text encoders, all together, and of their FSDP2 units under text_encoder.shard
+    (text.PromptEncoder's plan): the largest transformer layer, and the largest part of one encoder outside its
+    layers (token and position embeddings, final norm, projection)."""
+
+    params: int = 0
+    layer: int = 0
+    own: int = 0
+
+    def __add__(self, other: "TextSize") -> "TextSize":
+        return TextSize(self.params + other.params, max(self.layer, other.layer), max(self.own, other.own))
+
+
+# Parameters of the frozen networks beside the denoiser (text encoders + VAE), as their released weights hold them.
+# A CLIP layer is 4 (d^2 + d) attention + 2 d f + f + d MLP + 4 d norms (CLIP-L d 768, f 3072, 12 layers;
+# OpenCLIP-H 1024, 4096, 23; OpenCLIP-bigG 1280, 5120, 32 with a d x d projection); SD3's CLIP-L carries a projection
+# (768 x 768) that SD's does not. T5: the T5-v1.1-XXL encoder of PixArt and SD3, 24 blocks of 4 d^2 attention + 3 d f
+# gated MLP + 2 d norms (d 4096, f 10240), the first with the 32 x 64 relative-position table, and a 32128 x d
+# embedding. SD3's VAE has 16 latent channels and no quant convolutions.
+_CLIP_L = TextSize(123_060_480, 7_087_872, 38_006_016)
+_CLIP_L_PROJ = TextSize(_CLIP_L.params + 768 * 768, _CLIP_L.layer, _CLIP_L.own + 768 * 768)
+_OPENCLIP_H = TextSize(340_387_840, 12_596_224, 50_674_688)
+_OPENCLIP_BIGG = TextSize(694_659_840, 19_677_440, 64_981_760)
+_T5_XXL = TextSize(4_762_310_656, 192_948_224, 131_600_384)
+_VAE, _VAE_SD3 = 83_653_863, 83_819_683
 
 
 @dataclass(frozen=True)
@@ -96,7 +124,7 @@ class Preset:
     """unet_configs/NAME.json: a released model's network config (tiny*: the tests' and the CPU benchmark's)."""
 
     family: str  # bigsid.families
-    text_params: int  # text encoders
+    text: TextSize  # text encoders
     vae_params: int
     clip_tokens: int  # the prompt sequence the network attends to: CLIP's tokens, then T5's as the family's
     t5_tokens: int  # pipeline pads them (families.T5_MAX_LENGTH; teacher.text_max_length replaces it)
@@ -111,8 +139,8 @@ PRESETS = {
     "pixart_alpha_512": Preset("pixart", _T5_XXL, _VAE, 0, 120, "vae"),
     "pixart_sigma_1024": Preset("pixart", _T5_XXL, _VAE, 0, 300, "vae"),
     "sd35_medium": Preset("sd3", _CLIP_L_PROJ + _OPENCLIP_BIGG + _T5_XXL, _VAE_SD3, 77, 256, "vae_sd3"),
-    "tiny": Preset("sd", 0, 0, 32, 0, None),
-    "tiny_pixart": Preset("pixart", 0, 0, 0, 32, None),
+    "tiny": Preset("sd", TextSize(), 0, 32, 0, None),
+    "tiny_pixart": Preset("pixart", TextSize(), 0, 0, 32, None),
 }
 # Hub ids whose network is a preset (and their latent size), so that the shipped configs plan offline.
 KNOWN_HUB_IDS = {"stable-diffusion-v1-5/stable-diffusion-v1-5": ("sd15", 64),
@@ -146,6 +174,7 @@ class ModelSpec:
     text_params: int  # text encoders (0: unknown, not counted)
     vae_params: int  # the VAE, on rank 0 only (0: unknown)
     vae_config: dict | None = None  # the VAE that decodes sample grids (None: unknown, not counted)
+    text_units: tuple[int, int] = (0, 0)  # TextSize's (layer, own): the text encoders' FSDP2 units
 
     @property
     def config_json(self) -> str:
@@ -209,15 +238,32 @@ def _read_json(path: Path) -> dict:
         raise PlanError(f"cannot read {path}: {err}") from None
 
 
-def _safetensors_params(folder: Path) -> int:
-    """Parameters stored in a folder's safetensors files, from their headers (nothing is loaded)."""
+def _stored(folder: Path):
+    """(name, elements) of each tensor in a folder's safetensors files, from their headers (nothing is loaded)."""
     from safetensors import safe_open
 
-    total = 0
     for path in sorted(folder.glob("*.safetensors")):
         with safe_open(str(path), "pt") as f:
-            total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
-    return total
+            yield from ((k, math.prod(f.get_slice(k).get_shape())) for k in f.keys())
+
+
+def _safetensors_params(folder: Path) -> int:
+    return sum(n for _, n in _stored(folder))
+
+
+# a tensor of a CLIP encoder layer or T5 block, under `text_model.` where a CLIP has a projection (text._layers)
+_LAYER_KEY = re.compile(r"(?:^|\.)encoder\.(?:layers|block)\.(\d+)\.")
+
+
+def _text_size(folder: Path) -> TextSize:
+    layers, own = collections.Counter(), 0
+    for key, n in _stored(folder):
+        match = _LAYER_KEY.search(key)
+        if match:
+            layers[match.group(1)] += n
+        else:
+            own += n
+    return TextSize(sum(layers.values()) + own, max(layers.values(), default=0), own)
 
 
 def _family_of_config(config: dict, source: str) -> str:
@@ -246,7 +292,8 @@ def _from_pipeline_folder(folder: Path, text_max_length: int = 0) -> tuple[str, 
     except TeacherError as err:
         raise PlanError(str(err)) from None
     config = _read_json(folder / family.network / "config.json")
-    encoders = sum(_safetensors_params(folder / sub) for sub in family.encoders), _safetensors_params(folder / "vae")
+    text = sum((_text_size(folder / sub) for sub in family.encoders), TextSize())
+    encoders = text, _safetensors_params(folder / "vae")
     tokenizer = folder / "tokenizer" / "tokenizer_config.json"
     clip = int(_read_json(tokenizer).get("model_max_length", 77)) if family.name != "pixart" else 0
     return family.name, config, encoders, _tokens(clip, T5_MAX_LENGTH.get(index["_class_name"], 0), text_max_length)
@@ -272,7 +319,9 @@ def load_model(network: str | None = None, cfg: Config | None = None, resolution
         raise PlanError(f"--resolution {resolution}: expected a multiple of 8 pixels")
     latent = resolution // 8 if resolution is not None else int(config["sample_size"])
     source = network if network is not None else cfg.teacher.path
-    return ModelSpec(name, family, config, latent, tokens, *encoders, _vae_config(source))
+    text, vae = encoders
+    return ModelSpec(name, family, config, latent, tokens, text.params, vae, _vae_config(source),
+                     (text.layer, text.own))
 
 
 def _vae_config(source: str) -> dict | None:
@@ -286,7 +335,7 @@ def _vae_config(source: str) -> dict | None:
 
 def _from_preset(name: str, text_max_length: int) -> tuple[str, dict, int, int]:
     preset = PRESETS[name]
-    return (preset.family, _read_json(CONFIG_DIR / f"{name}.json"), (preset.text_params, preset.vae_params),
+    return (preset.family, _read_json(CONFIG_DIR / f"{name}.json"), (preset.text, preset.vae_params),
             _tokens(preset.clip_tokens, preset.t5_tokens, text_max_length))
 
 
@@ -295,7 +344,7 @@ def _bare(path: Path, text_max_length: int) -> tuple[str, str, dict, int, int]:
     config = _read_json(path)
     family = _family_of_config(config, str(path))
     name = path.parent.name if path.name == "config.json" else path.name
-    return name, family, config, (0, 0), _tokens(*DEFAULT_TOKENS[family], text_max_length)
+    return name, family, config, (TextSize(), 0), _tokens(*DEFAULT_TOKENS[family], text_max_length)
 
 
 def _from_argument(network: str, text_max_length: int) -> tuple[str, str, dict, int, int]:
@@ -332,7 +381,7 @@ def _from_teacher(path: str, revision: str, text_max_length: int) -> tuple[str, 
     except (OSError, ValueError):
         raise PlanError(f"cannot read the network config of teacher.path={path!r} from here; pass --network "
                         f"{'|'.join(PRESETS)} or --network PATH_TO_CONFIG_JSON") from None
-    return path, family.name, config, (0, 0), _tokens(*DEFAULT_TOKENS[family.name], text_max_length)
+    return path, family.name, config, (TextSize(), 0), _tokens(*DEFAULT_TOKENS[family.name], text_max_length)
 
 
 # ---- measuring a call ----
@@ -633,9 +682,10 @@ RESIDENT = CATEGORIES[:6]  # held from one step to the next
 
 
 def state_bytes(backend: Backend, model: ModelSpec, bf16: bool, foreach_adam: bool = True,
-                fake_adapter: int | None = None) -> dict[str, float]:
+                fake_adapter: int | None = None, shard_text: bool = False) -> dict[str, float]:
     """Bytes per GPU held all run long, and those of the phases' grads and optimizer temporaries (see module doc).
     `fake_adapter`: the parameters of the fake score's LoRA adapter when it is one (fake_score.lora_rank).
+    `shard_text`: text_encoder.shard, which fsdp2 alone honours (the config refuses it elsewhere).
 
     DeepSpeed: fp32 weights and EMA, whole for ZeRO-2 (plus a partitioned fp32 copy the optimizer steps) and
     partitioned for ZeRO-3 (the teacher too, the optimizer stepping the partitions in place); gradients and Adam
@@ -647,7 +697,8 @@ def state_bytes(backend: Backend, model: ModelSpec, bf16: bool, foreach_adam: bo
     c = 2 if bf16 and fake_adapter is None else 4
     c_text = 2 if bf16 else 4
     out = dict.fromkeys(CATEGORIES, 0.0)
-    out["encoders"] = c_text * model.text_params + 4 * model.vae_params
+    text_shards = s if shard_text and backend.name == "fsdp2" else 1
+    out["encoders"] = c_text * model.text_params / text_shards + 4 * model.vae_params
     buffers = model.buffers * (c + 4 * (2 if fake_adapter is None else 1))  # teacher, generator (, fake score)
     if backend.name in ("local", "ddp", "fsdp2"):
         out |= {"teacher": c * p / s + buffers, "weights": 4 * trained / s, "optimizer": 8 * trained / s,
@@ -702,7 +753,9 @@ def peak_terms(model: ModelSpec, cfg: Config, backend: Backend, checkpointing: t
     bf16 = cfg.train.precision == "bf16"
     lora = bool(cfg.fake_score.lora_rank)
     adapter = model.adapter_params(cfg.fake_score.lora_rank, cfg.fake_score.lora_target_modules) if lora else None
-    state = state_bytes(backend, model, bf16, foreach_adam=device_type == "cuda", fake_adapter=adapter)
+    shard_text = cfg.text_encoder.shard and backend.name == "fsdp2" and backend.shard > 1
+    state = state_bytes(backend, model, bf16, foreach_adam=device_type == "cuda", fake_adapter=adapter,
+                        shard_text=shard_text)
     held = {k: state[k] for k in RESIDENT}
     grads, temporaries = state["grads"], state["temporaries"]
     # fsdp2 computes with bf16 weights and ZeRO-3 casts units it frees again: no autocast copies of whole weights.
@@ -770,7 +823,11 @@ def peak_terms(model: ModelSpec, cfg: Config, backend: Backend, checkpointing: t
     g_fake, f_trained = phases["fake_score"]
     gen = phases["generator"]
     g_trained, frozen = gen[0], gen[1:]
-    return sampling_terms(model, cfg, backend, state, device_type) + [
+    layer, own = model.text_units
+    # text_encoder.shard: the prompts are encoded before either phase, with no denoiser unit gathered (module doc)
+    encoding = [PeakTerm("text_encoding", {**held, "gathered": (2 if bf16 else 4) * (own + 2 * layer)})] \
+        if shard_text else []
+    return encoding + sampling_terms(model, cfg, backend, state, device_type) + [
         # the generator's no-grad forward: its output is all it leaves behind
         PeakTerm("fake_score", fixed([g_fake], False), transient([g_fake])),
         # the fake score's forward done, autocast still caching the generator's weight copies
@@ -896,7 +953,8 @@ def plan(model: ModelSpec, cfg: Config, gpus: int, gpu_mem_gib: float = 80.0, sh
 
 def format_plan(model: ModelSpec, cfg: Config, gpus: int, gpu_mem_gib: float, rows: list[Estimate]) -> str:
     o, tr = cfg.objective, cfg.train
-    encoders = (f"text encoders {model.text_params / 1e6:,.1f}M + VAE {model.vae_params / 1e6:,.1f}M"
+    sharded = " (sharded on fsdp2: text_encoder.shard)" if cfg.text_encoder.shard else ""
+    encoders = (f"text encoders {model.text_params / 1e6:,.1f}M{sharded} + VAE {model.vae_params / 1e6:,.1f}M"
                 if model.text_params or model.vae_params
                 else "text encoders and VAE not counted (unknown for a bare network config)")
     own = checkpoint_label(tuple(n for n in NETWORKS if n in tr.activation_checkpointing))

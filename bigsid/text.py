@@ -113,6 +113,16 @@ class PromptEncoder(nn.Module):
     def max_length(self) -> int:
         return self.tokens[0].max_length
 
+    def blocks(self) -> list[nn.Module]:
+        """The sharding plan's inner units (text_encoder.shard, parallel.fsdp2.units): each transformer layer of
+        every text encoder, CLIP's encoder layers and T5's blocks."""
+        return [layer for name, model in self.encoders.items() for layer in _layers(name, model)]
+
+    def stages(self) -> list[nn.Module]:
+        """The outer units: each text encoder, holding what its layers leave (token and position embeddings, final
+        norm, projection), so that it too is freed after its forward; the root then holds no parameters."""
+        return list(self.encoders.values())
+
     def encode(self, prompts: list[str]) -> Cond:
         raise NotImplementedError
 
@@ -131,6 +141,17 @@ class PromptEncoder(nn.Module):
         return super()._apply(fn, recurse)
 
 
+def _layers(name: str, model: nn.Module) -> list[nn.Module]:
+    """The repeated layers of a transformers CLIP or T5 text encoder, the only kinds the families load: CLIP's
+    encoder layers (under `text_model` where the class has a projection) or T5's blocks."""
+    stack = getattr(getattr(model, "text_model", model), "encoder", None)
+    layers = getattr(stack, "layers", None) or getattr(stack, "block", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"text_encoder.shard: no sharding plan for the {type(model).__name__} of {name} (bigsid "
+                         "shards CLIP and T5 text encoders by their layers); set text_encoder.shard=false")
+    return list(layers)
+
+
 def _upload(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Token ids (or mask) onto the encoder's device without waiting for it: a copy from pageable host memory queues
     behind every kernel already issued, which would stall each phase on the previous one; pinned, it does not."""
@@ -139,9 +160,19 @@ def _upload(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def _clip(model: nn.Module, ids: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Hidden states of `layer` (-1 last, -2 penultimate) and the pooled output (projected where the model has a
-    projection: CLIPTextModelWithProjection's text_embeds)."""
-    out = model(_upload(ids, next(model.parameters()).device), output_hidden_states=layer != -1)
-    hidden = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
+    projection: CLIPTextModelWithProjection's text_embeds).
+
+    An inner layer's output is read off that layer by a hook, the tensor output_hidden_states would return: transformers
+    finds the layers to record by the model's class name, which fully_shard (text_encoder.shard) replaces."""
+    kept = []
+    hook = None if layer == -1 else _layers("a CLIP encoder", model)[layer].register_forward_hook(
+        lambda module, args, out: kept.append(out[0] if isinstance(out, tuple) else out))
+    try:
+        out = model(_upload(ids, next(model.parameters()).device))
+    finally:
+        if hook is not None:
+            hook.remove()
+    hidden = out.last_hidden_state if layer == -1 else kept[0]
     pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
     return hidden, pooled
 

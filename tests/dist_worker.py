@@ -57,6 +57,7 @@ def run(rank: int, world: int, port: int, overrides: list[str], report: str | No
         with open(f"{report}.rank{rank}.json", "w") as f:
             json.dump({"param_bytes": local_bytes(params), "optim_bytes": local_bytes(states),
                        "weight_bytes": weight_bytes, "teacher_bytes": local_bytes(teacher),
-                       "ema_bytes": local_bytes(trainer.ema.shadow), "skipped": trainer.skipped}, f)
+                       "ema_bytes": local_bytes(trainer.ema.shadow), "skipped": trainer.skipped,
+                       "encoder_bytes": local_bytes(trainer.networks.encoder.parameters())}, f)
     dist.barrier()  # rank 0 hosts the rendezvous store: no rank leaves while another still uses it
     dist.destroy_process_group()

@@ -16,7 +16,7 @@ from bigsid.text_cache import TextCache, TextCacheError, encode_prompts, identit
 from bigsid.tiny import build_pipeline
 from bigsid.trainer import Trainer
 from test_families import overrides
-from test_parallel import losses
+from test_parallel import assert_same_loss, launch, losses
 
 PROMPTS = ["a red cube", "two cats on a sofa", "A Blue Ball", "x"]
 FIELDS = ("emb", "pooled", "mask", "size")
@@ -92,6 +92,37 @@ def pixart(tmp_path_factory):
     build_pipeline("pixart").save_pretrained(tmp / "pipe")
     cfg = run_config("pixart", tmp / "pipe", tmp / "made")
     return tmp / "pipe", encode_prompts(cfg, tmp / "cache", shard_size=2)
+
+
+def test_two_ranks_read_their_share_of_each_batch_from_the_cache(pixart, tmp_path):
+    """The prompt order is global: 2 ddp ranks, each reading its half of every batch from the cache, take the steps
+    of one process that encodes as it goes (test_parallel.assert_same_loss argues the tolerance)."""
+    folder, cache = pixart
+    Trainer(run_config("pixart", folder, tmp_path / "live")).run()
+    launch(2, overrides("pixart", folder, tmp_path / "ddp", "parallel.backend=ddp", f"data.text_cache={cache}",
+                        prompts=PROMPTS))
+    expected = losses(tmp_path / "live" / "run")
+    assert expected.shape == (2, 2)
+    assert_same_loss(losses(tmp_path / "ddp" / "run"), expected)
+
+
+def test_the_cache_holds_every_prompt_the_run_can_encode_once(teacher_dir, tmp_path):
+    """Every caption of every shard (a webdataset source), the sample-grid prompts, the toy truth's prompts and the
+    --extra lists, each once."""
+    from bigsid.data import pack
+    from bigsid.toy import GMM
+
+    captions = [f"caption {i}" for i in range(5)]
+    (tmp_path / "captions.txt").write_text("\n".join([*captions, captions[0]]))
+    pack(tmp_path / "captions.txt", tmp_path / "shards", shard_size=2)
+    (tmp_path / "extra.txt").write_text("an eval prompt\ncaption 1\n")
+    cfg = load_config(None, ["teacher.kind=diffusers", f"teacher.path={teacher_dir}", "data.source=webdataset",
+                             f"data.path={tmp_path / 'shards'}/shard-{{000000..000002}}.tar",
+                             "eval.sample_prompts=[a sample prompt, caption 2]"])
+    out = encode_prompts(cfg, tmp_path / "cache", extra=[str(tmp_path / "extra.txt")])
+    expected = {*captions, "a sample prompt", "an eval prompt", *GMM.load(teacher_dir).prompts}
+    cache = TextCache(out, identity(cfg))
+    assert len(cache.rows) == len(expected) and cache.missing(expected) == []
 
 
 def test_a_cache_of_another_teacher_configuration_is_refused(pixart, teacher_dir, tmp_path):

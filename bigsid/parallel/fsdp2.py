@@ -182,11 +182,21 @@ class FSDP2Backend(Collectives, Backend):
         self.mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
                                        reduce_dtype=torch.float32 if bf16 else None)
 
-    def shard(self, module: nn.Module, net: nn.Module) -> nn.Module:
+    def shard(self, module: nn.Module, net: nn.Module, mp: MixedPrecisionPolicy | None = None) -> nn.Module:
+        mp = self.mp if mp is None else mp
         for block in units(net):
-            fully_shard(block, mesh=self.mesh, mp_policy=self.mp)
+            fully_shard(block, mesh=self.mesh, mp_policy=mp)
         # FSDP2 keeps a root gathered from its forward to its backward (the backward starts there at once)
-        return fully_shard(module, mesh=self.mesh, mp_policy=self.mp)
+        return fully_shard(module, mesh=self.mesh, mp_policy=mp)
+
+    def shard_encoder(self, encoder: nn.Module) -> None:
+        """text_encoder.shard: the prompt encoder's text encoders, one unit per transformer layer (PromptEncoder's
+        plan). fully_shard moves one unit at a time to the device, so the whole encoders never are there at once.
+        They are stored in their compute dtype already (models.build_networks), hence no policy: gathered as
+        stored, the same operations run on the same values, and the Cond is the unsharded one bit for bit. Called
+        forward-only, every unit is resharded as its forward returns (the root, which FSDP2 would keep gathered for
+        a backward, holds no parameters)."""
+        self.shard(encoder, encoder, MixedPrecisionPolicy())
 
     @property
     def reads_weights(self) -> bool:
@@ -196,6 +206,8 @@ class FSDP2Backend(Collectives, Backend):
         set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
     def prepare(self, networks):
+        if self.cfg.text_encoder.shard:
+            self.shard_encoder(networks.encoder)  # before place(), which would move it whole to the device
         self.place(networks, shard=self.shard)
         once = self.cfg.parallel.gather_frozen_once
         if any(True for _ in networks.teacher.parameters()):
