@@ -439,6 +439,9 @@ def _check_text_cache(cfg: Config, check_folder: bool) -> None:
     if cfg.teacher.kind != "diffusers":
         raise ConfigError("data.text_cache is set, but the toy teacher (teacher.kind=toy_gmm) has no text encoders "
                           "to replace: leave data.text_cache empty")
+    if cfg.text_encoder.shard:
+        raise ConfigError("data.text_cache and text_encoder.shard are both set: a run that reads a text cache loads "
+                          "no text encoder, so there is none to shard; leave text_encoder.shard false")
     if check_folder and not (Path(cfg.data.text_cache).expanduser() / "manifest.json").is_file():
         raise ConfigError(f"data.text_cache = {cfg.data.text_cache!r} is no text cache (no manifest.json in it): "
                           "make one with `bigsid encode-prompts CONFIG OUT`, or leave data.text_cache empty")

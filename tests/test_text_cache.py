@@ -204,6 +204,10 @@ def test_a_damaged_or_half_written_cache_is_refused(pixart, tmp_path, monkeypatc
     assert len(json.loads((tmp_path / "out" / "manifest.json").read_text())["shards"]) == 1
 
 
-def test_a_text_cache_needs_a_diffusers_teacher():
+def test_a_text_cache_needs_a_diffusers_teacher_and_leaves_no_encoder_to_shard(pixart):
     with pytest.raises(ConfigError, match="toy teacher.*leave data.text_cache empty"):
         load_config(None, ["data.text_cache=/nowhere"])
+    folder, cache = pixart
+    with pytest.raises(ConfigError, match="none to shard; leave text_encoder.shard false"):
+        load_config(None, ["teacher.kind=diffusers", f"teacher.path={folder}", f"data.text_cache={cache}",
+                           "text_encoder.shard=true", "parallel.backend=fsdp2"])
