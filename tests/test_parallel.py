@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,17 +153,39 @@ def test_a_nan_on_one_rank_is_skipped_by_every_rank(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", [backend(n) for n in ("zero2", "zero3")])
-def test_deepspeed_checkpoint_resumes_exactly_on_the_same_world_size_only(name, tmp_path, local_run):
+def test_deepspeed_checkpoint_resumes_on_any_world_size(name, tmp_path):
+    """A four-step run stopped after steps 1, 2 and 3, resumed on 2 ranks (DeepSpeed's own loader), then on 1 and
+    on 2 again (bigsid reads the ZeRO partitions and repartitions them), through a damaged partition on the way,
+    equals the uninterrupted one-process run: these all compute the same sums, in other orders (assert_same_loss,
+    assert_same_update)."""
+    # odd widths: parameters that 2 ranks cannot share evenly, so ZeRO pads, and a layout a bug could misplace
+    args = [*PARITY, "teacher.student_width=63", "train.checkpoint_every=1", "train.keep_checkpoints=4"]
+    initial = run_locally(args, tmp_path / "local")
+    reference = losses(tmp_path / "local")
     run_dir = tmp_path / "run"
-    launch(2, [*PARITY, f"train.run_dir={run_dir}", *BACKENDS[name], "train.total_nimg=16"])
-    assert latest_checkpoint(run_dir).name == "step-000000002"
-    with pytest.raises(Exception, match="resume on the same number of ranks: relaunch with 2"):
-        launch(1, [*PARITY, f"train.run_dir={run_dir}", *BACKENDS[name]])
-    launch(2, [*PARITY, f"train.run_dir={run_dir}", *BACKENDS[name]])
-    reference, initial = local_run
-    assert_same_loss(losses(run_dir), losses(reference))
+    run = [*args, f"train.run_dir={run_dir}", *BACKENDS[name]]
+    launch(2, [*run, "train.total_nimg=8"])
+    launch(2, [*run, "train.total_nimg=16"])
+    assert_same_loss(losses(run_dir), reference[:2])
+    for ema in (True, False):  # the update of step 2, made on the state the 2-rank resume restored
+        trained, expected = (load_generator_state(r / "checkpoints" / "step-000000002", ema=ema)
+                             for r in (run_dir, tmp_path / "local"))
+        assert_same_update(trained, expected, initial, LR, steps=2)
+    stage, other = name[-1], "2" if name == "zero3" else "3"
+    with pytest.raises(Exception, match=f"written by ZeRO stage {stage}; resume it with parallel.zero_stage={stage}"):
+        launch(1, [*run, "train.total_nimg=24", f"parallel.zero_stage={other}"])
+    # step 2's partition of rank 1 flipped: set aside, named, and the 1-rank run resumes from step 1
+    damaged = Path("generator", "state", "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    data = bytearray((run_dir / "checkpoints" / "step-000000002" / damaged).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (run_dir / "checkpoints" / "step-000000002" / damaged).write_bytes(bytes(data))
+    launch(1, [*run, "train.total_nimg=24"])
+    aside = run_dir / "checkpoints" / "step-000000002.damaged"
+    assert f"{damaged} does not match its checksum" in (aside / "DAMAGED.txt").read_text()
+    launch(2, run)  # from step 3, written by 1 rank
+    assert_same_loss(losses(run_dir), reference)
     assert latest_checkpoint(run_dir).name == "step-000000004"
-    assert_same_generator(run_dir, reference, initial, steps=4)  # a resume from w0 has a 2-step update
+    assert_same_generator(run_dir, tmp_path / "local", initial, steps=4)
 
 
 @pytest.mark.parametrize("asynchronous", [False, True])

@@ -10,12 +10,19 @@ Each engine checkpoints into its own folder (two engines in one folder overwrite
 them, every rank writes the generator's weights and EMA it holds (its partitions under stage 3) as
 safetensors, so `bigsid export` reads a DeepSpeed run without DeepSpeed or unpickling. DeepSpeed's own files
 are read back with weights_only loading.
+
+DeepSpeed loads a ZeRO checkpoint only on the number of ranks that wrote it, and its universal checkpoint (the
+ds_to_universal conversion and the engine's load_universal) unpickles every file it reads. On another number of
+ranks bigsid therefore reads the per-rank ZeRO files itself, weights_only and memory-mapped: each parameter's fp32
+master weights and Adam moments lie in runs of its flattened elements across those files, and every rank copies,
+of each run, what overlaps the elements its engine now holds (`_repartition`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -24,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from bigsid.checkpoint import read_rank_state, reading
+from bigsid.checkpoint import CheckpointError, read_rank_state, reading
 from bigsid.parallel.base import Backend, BackendError, Trainable
 from bigsid.parallel.dist import Collectives, init_process_group
 from bigsid.parallel.local import _save_tensors
@@ -109,18 +116,25 @@ def engine_config(cfg, world_size: int, user: dict) -> dict:
     return merged
 
 
-def _safe_checkpoint_engine(config):
-    """DeepSpeed's torch checkpoint engine, reading with weights_only=True: a checkpoint cannot run code. Its
-    optimizer files hold three plain-data DeepSpeed types besides tensors; exactly those are allowed."""
-    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+def _read_ds(path: Path, map_location=None, mmap: bool = False):
+    """A file DeepSpeed wrote, read with weights_only=True: a checkpoint cannot run code. Its optimizer files hold
+    three plain-data DeepSpeed types besides tensors; exactly those are allowed. mmap: a tensor's bytes are read
+    from disk only where it is used."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
+    with reading(path), torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+
+
+def _safe_checkpoint_engine(config):
+    """DeepSpeed's torch checkpoint engine, reading as _read_ds does."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
     class SafeTorchCheckpointEngine(TorchCheckpointEngine):
         def load(self, path, map_location=None):
-            with reading(path), torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
-                return torch.load(path, map_location=map_location, weights_only=True)
+            return _read_ds(path, map_location)
 
     return SafeTorchCheckpointEngine(config)
 
@@ -236,19 +250,154 @@ class DeepSpeedBackend(Collectives, Backend):
         _save_tensors(rank_state, folder / f"rank{self.rank}.safetensors")
 
     def load(self, folder, trainables, ema):
-        written = read_world_size(folder)
-        if written != self.world_size:
-            raise BackendError(f"{folder} was written by {written} DeepSpeed ranks; ZeRO checkpoints resume on the "
-                               f"same number of ranks: relaunch with {written}")
+        written, _, partitioned = _layout(folder)
+        if partitioned != (self.stage == 3):
+            stage = 3 if partitioned else 2
+            raise BackendError(f"{folder} was written by ZeRO stage {stage}; resume it with "
+                               f"parallel.zero_stage={stage}")
         for name, tr in trainables.items():
-            tr.engine.load_checkpoint(str(folder / name), tag=TAG, load_optimizer_states=True,
-                                      load_lr_scheduler_states=False)
-        # the EMA only: the engines restored the weights
-        path = folder / WEIGHTS.format(rank=self.rank if self.stage == 3 else 0)
-        with reading(path), safe_open(path, framework="pt") as f, torch.no_grad():
-            for k, v in ema.items():
-                v.copy_(f.get_tensor(f"ema.{k}"))
+            if written == self.world_size:
+                tr.engine.load_checkpoint(str(folder / name), tag=TAG, load_optimizer_states=True,
+                                          load_lr_scheduler_states=False)
+            else:
+                self._repartition(folder / name / TAG, written, tr)
+        _load_ema(folder, ema, self.rank)
         return read_rank_state(folder, self.rank)
+
+    def _repartition(self, ckpt: Path, written: int, tr: DeepSpeedTrainable) -> None:
+        """An engine's state from its ZeRO checkpoint written by `written` ranks, another number than now."""
+        optimizer = tr.engine.optimizer
+        if getattr(optimizer, "swap_optimizer", False) or getattr(optimizer, "params_in_nvme_and_cpu", False):
+            raise BackendError(f"{ckpt} was written by {written} ranks, and ZeRO states offloaded to NVMe are not in "
+                               f"memory to repartition: resume on {written} ranks, or without NVMe offload")
+        runs, scalars, counters = _saved_runs(ckpt, written, self.stage == 3)
+        flats = (optimizer.fp32_partitioned_groups_flat if self.stage == 3 else
+                 optimizer.single_partition_of_fp32_groups)
+        moments = {key for pieces in runs.values() for key in pieces} - {MASTER}
+        for flat in flats:  # Adam's state, which it would otherwise create at its first step
+            optimizer.optimizer.state[flat] = {k: v.to(flat.device) for k, v in scalars.items()} | \
+                {k: torch.zeros_like(flat) for k in moments}
+        with torch.no_grad():
+            for name, p in tr.inner.named_parameters():
+                if not p.requires_grad:
+                    continue  # frozen (a LoRA generator's base layers): the network was built with them
+                if name not in runs:
+                    raise CheckpointError(f"{ckpt} holds no parameter {name}: it is not a checkpoint of this network")
+                for flat, offset, count, first in self._held(optimizer, p):
+                    for key, pieces in runs[name].items():
+                        into = flat if key == MASTER else optimizer.optimizer.state[flat][key]
+                        _fill(into[offset:offset + count], first, pieces)
+                # the weights the network computes with, fp32 as the masters: this rank's partition, or whole
+                weights, first = (p.ds_tensor, self.rank * p.ds_tensor.numel()) if _partitioned(p) else \
+                    (p.data.view(-1), 0)
+                _fill(weights, first, runs[name][MASTER])
+        tr.engine.global_steps, tr.engine.global_samples, tr.engine.skipped_steps = counters
+
+    def _held(self, optimizer, p: torch.Tensor) -> list[tuple[torch.Tensor, int, int, int]]:
+        """Where this rank's ZeRO optimizer holds elements of a trained parameter: (the flat fp32 partition it steps,
+        offset in it, element count, index of the first among the parameter's flattened elements)."""
+        if _partitioned(p):  # stage 3: the rank's share of every parameter, in turn within a sub-group's partition
+            group, offset, count = optimizer.grad_position[optimizer.get_param_id(p)]
+            return [(optimizer.fp32_partitioned_groups_flat[group], offset, count, self.rank * count)]
+        held = p._hp_mapping  # stage 2: the part of the parameter inside this rank's slice of the flat group
+        if held is None:
+            return []
+        return [(optimizer.single_partition_of_fp32_groups[held.param_group_index], held.hp_fragment_address.start,
+                 held.hp_fragment_address.numel, held.lp_fragment_address.start)]
+
+
+# ---- reading ZeRO partitions written by another number of ranks ----
+
+MASTER = "fp32"  # the master weights' runs, beside those of each optimizer state key
+# DeepSpeed's file names in an engine's tag folder (model-parallel rank 00: bigsid has no model parallelism)
+OPTIM_FILE = "zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+MODEL_FILE = {False: "mp_rank_00_model_states.pt", True: "zero_pp_rank_0_mp_rank_00_model_states.pt"}
+
+
+def _share(rank: int, size: int, numel: int) -> tuple[int, int]:
+    """(first element, count) of a rank's ZeRO-3 share of a parameter: `size` = ceil(numel / world) elements each,
+    the last rank's padded past the parameter's end."""
+    return rank * size, max(0, min(size, numel - rank * size))
+
+
+def _fill(into: torch.Tensor, first: int, runs: list) -> None:
+    """Write into `into`, elements [first, first + its numel) of a flattened tensor, what the runs hold of them:
+    (first element, count, a 1-D tensor or safetensors slice of them, the file it is read from)."""
+    end = first + into.numel()
+    for start, count, source, path in runs:
+        lo, hi = max(start, first), min(start + count, end)
+        if lo < hi:
+            with reading(path):  # memory-mapped: the bytes are read here
+                into[lo - first:hi - first] = source[lo - start:hi - start]
+
+
+def _saved_runs(ckpt: Path, world: int, partitioned: bool) -> tuple[dict, dict, tuple]:
+    """Where an engine's ZeRO checkpoint of `world` ranks holds each trained parameter: {name: {MASTER or an
+    optimizer state key: runs (see _fill)}}; the optimizer's scalar state (Adam's step); the engine's counters."""
+    model = _read_ds(ckpt / MODEL_FILE[partitioned], mmap=True)
+    numels = {name: math.prod(shape) for group in model["param_shapes"] for name, shape in group.items()}
+    runs = defaultdict(lambda: defaultdict(list))
+    done = defaultdict(int)  # stage 2: elements of each parameter in the ranks read so far
+    for rank in range(world):
+        path = ckpt / OPTIM_FILE.format(rank=rank)
+        state = _read_ds(path, mmap=True)["optimizer_state_dict"]
+        with reading(path):
+            placed = []  # (name, group, offset in the group's partition, first element, count)
+            if partitioned:  # every parameter's share in turn, each sub-group's in its own partition
+                flats, adam = state["fp32_flat_groups"], state["optimizer_state_dict"]["state"]
+                group, offset = 0, 0
+                for name, numel in numels.items():
+                    size = -(-numel // world)
+                    if offset == flats[group].numel():
+                        group, offset = group + 1, 0
+                    placed.append((name, group, offset, *_share(rank, size, numel)))
+                    offset += size
+                if (group, offset) != (len(flats) - 1, flats[-1].numel()):
+                    raise ValueError(f"its partitions do not add up to the parameters {MODEL_FILE[partitioned]} lists")
+            else:  # the rank's slice of each group's flattened parameters, as DeepSpeed records it
+                flats, adam = state["single_partition_of_fp32_groups"], state["base_optimizer_state"]["state"]
+                for group, fragments in enumerate(state["param_slice_mappings"]):
+                    for name, at in fragments.items():
+                        placed.append((name, group, at.start, done[name], at.numel))
+                        done[name] += at.numel
+            for name, group, offset, first, count in placed:
+                # the per-element states (Adam's moments) are laid out as the master weights: DeepSpeed saves these
+                # without the padding at the end of the last rank's partition, the moments with it
+                for key, t in {MASTER: flats[group], **adam[group]}.items():
+                    if t.dim() == 1:
+                        runs[name][key].append((first, count, t[offset:offset + count], path))
+    for name, numel in numels.items():
+        held = {key: sum(count for _, count, _, _ in pieces) for key, pieces in runs[name].items()}
+        if held.get(MASTER) != numel or any(n != numel for n in held.values()):
+            raise CheckpointError(f"{ckpt} holds {held} of the {numel} elements of {name}: its ZeRO files are "
+                                  "damaged or were written by another DeepSpeed version; move the checkpoint away "
+                                  "to resume from an older one")
+    scalars = {k: v for k, v in adam[0].items() if v.dim() == 0}
+    return runs, scalars, (model["global_steps"], model["global_samples"], model["skipped_steps"])
+
+
+def _load_ema(folder: Path, ema: dict[str, torch.Tensor], rank: int) -> None:
+    """The EMA as this rank holds it (whole under stage 2, its shares under stage 3) from the weights files of a
+    checkpoint written by any number of ranks."""
+    world, shapes, partitioned = _layout(folder)
+    paths = [folder / WEIGHTS.format(rank=r) for r in range(world if partitioned else 1)]
+    files = []
+    for path in paths:
+        with reading(path):
+            files.append(safe_open(path, framework="pt"))
+    with torch.no_grad():
+        for name, v in ema.items():
+            key = f"ema.{name}"
+            if not partitioned:
+                with reading(paths[0]):
+                    v.copy_(files[0].get_tensor(key))
+                continue
+            runs = []
+            for r, (path, f) in enumerate(zip(paths, files)):
+                with reading(path):
+                    piece = f.get_slice(key)
+                    runs.append((*_share(r, piece.get_shape()[0], math.prod(shapes[key])), piece, path))
+            _fill(v, rank * v.numel(), runs)
 
 
 def _layout(folder: Path) -> tuple[int, dict[str, list[int]], bool]:
@@ -257,10 +406,6 @@ def _layout(folder: Path) -> tuple[int, dict[str, list[int]], bool]:
     with reading(path), safe_open(path, framework="pt") as f:
         meta = f.metadata()
         return int(meta["world_size"]), json.loads(meta["shapes"]), meta["partitioned"] == "True"
-
-
-def read_world_size(folder: Path) -> int:
-    return _layout(folder)[0]
 
 
 def _read(path: Path) -> dict[str, torch.Tensor]:
