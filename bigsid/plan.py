@@ -320,6 +320,8 @@ def load_model(network: str | None = None, cfg: Config | None = None, resolution
     latent = resolution // 8 if resolution is not None else int(config["sample_size"])
     source = network if network is not None else cfg.teacher.path
     text, vae = encoders
+    if cfg is not None and cfg.data.text_cache:  # the run reads its prompts' encodings and loads no text encoder
+        text = TextSize()
     return ModelSpec(name, family, config, latent, tokens, text.params, vae, _vae_config(source),
                      (text.layer, text.own))
 
@@ -954,6 +956,8 @@ def plan(model: ModelSpec, cfg: Config, gpus: int, gpu_mem_gib: float = 80.0, sh
 def format_plan(model: ModelSpec, cfg: Config, gpus: int, gpu_mem_gib: float, rows: list[Estimate]) -> str:
     o, tr = cfg.objective, cfg.train
     sharded = " (sharded on fsdp2: text_encoder.shard)" if cfg.text_encoder.shard else ""
+    if cfg.data.text_cache:
+        sharded = " (none loaded: data.text_cache)"
     encoders = (f"text encoders {model.text_params / 1e6:,.1f}M{sharded} + VAE {model.vae_params / 1e6:,.1f}M"
                 if model.text_params or model.vae_params
                 else "text encoders and VAE not counted (unknown for a bare network config)")

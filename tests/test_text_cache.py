@@ -211,3 +211,13 @@ def test_a_text_cache_needs_a_diffusers_teacher_and_leaves_no_encoder_to_shard(p
     with pytest.raises(ConfigError, match="none to shard; leave text_encoder.shard false"):
         load_config(None, ["teacher.kind=diffusers", f"teacher.path={folder}", f"data.text_cache={cache}",
                            "text_encoder.shard=true", "parallel.backend=fsdp2"])
+
+
+def test_the_planner_counts_no_text_encoder_beside_a_cache():
+    from bigsid.plan import load_model
+
+    args = ["teacher.kind=diffusers", "teacher.path=PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"]
+    live = load_model(None, load_config(None, args, check_data=False))
+    cached = load_model(None, load_config(None, [*args, "data.text_cache=cache"], check_data=False))
+    assert live.text_params > 4e9 and cached.text_params == 0 and cached.text_units == (0, 0)
+    assert cached.params == live.params and cached.vae_params == live.vae_params
