@@ -3,7 +3,9 @@
 T5-XXL (PixArt, SD3) has 4.7 B parameters, 8.9 GiB in bf16, held on every GPU of a run only to turn prompts into
 `Cond`. `bigsid encode-prompts CONFIG OUT` encodes every prompt the run can use, once, with the teacher family's own
 PromptEncoder in the run's precision, and a run with data.text_cache=OUT loads no text encoder at all: a TextCache
-stands where the PromptEncoder was and returns the same Cond, bit for bit, read from disk.
+stands where the PromptEncoder was and returns the Cond it returns, read from disk (bit for bit where the encoders'
+kernels round a row alike at the batch size it was encoded in and the run's: on CPU, CLIP's pooled projection rounds
+differently, by about an ulp, for 1-3 rows than for more).
 
 The prompt set: every prompt of the data source (a text file's lines, every caption of every shard, the toy
 vocabulary), eval.sample_prompts, a toy truth's prompts, and any `--extra` lists (the prompts of `--eval`).
@@ -243,7 +245,7 @@ def encode_prompts(cfg: Config, out: str | os.PathLike, *, extra: Sequence[str] 
 class TextCache(nn.Module):
     """prompts -> Cond from a text cache, in place of the PromptEncoder (see the module docstring). Opening checks the
     cache against `run` (identity() of the run) and every shard's presence, size and header; it then holds an index
-    of the prompts (their keys and token counts, ~150 bytes a prompt) and reads rows as batches need them."""
+    of the prompts (their keys and token counts, ~200 bytes a prompt) and reads rows as batches need them."""
 
     def __init__(self, path: str | os.PathLike, run: dict):
         from safetensors import SafetensorError, safe_open
