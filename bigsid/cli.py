@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="memory per GPU for each backend and checkpointing setting; the batch that fits")
     p.add_argument("config", help="YAML config, or - for the defaults")
-    p.add_argument("overrides", nargs="*", help="section.key=value overrides, before the options")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.add_argument("--gpus", type=int, default=1, help="GPUs the run uses")
     p.add_argument("--gpu-mem", type=float, default=80.0, help="memory per GPU in GiB (default 80)")
     p.add_argument("--network", "--unet", dest="network", default=None, help="a preset (sd15 | sd21 | sdxl | "
@@ -206,7 +206,14 @@ def main(argv: list[str] | None = None) -> int:
     # transformers warns at import about optional vision back-ends bigsid never uses; keep bigsid's own log readable
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     logging.basicConfig(level=os.environ.get("BIGSID_LOG", "INFO"), format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    # argparse ends a positional list at the first option, so `train CONFIG --flag key=value` would leave key=value
+    # behind: overrides may stand after the options as well as before them
+    if rest and hasattr(args, "overrides") and all("=" in r and not r.startswith("-") for r in rest):
+        args.overrides = [*args.overrides, *rest]
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return args.func(args)
     except ConfigError as err:

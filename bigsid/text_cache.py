@@ -364,7 +364,8 @@ def add_cli(subparsers) -> None:
                               "(data.text_cache), so that training loads no text encoder")
     p.add_argument("config", help="the run's YAML config, or - for the defaults")
     p.add_argument("out", help="the cache folder to write (refused if it exists, unless --force)")
-    p.add_argument("overrides", nargs="*", help="the run's section.key=value overrides, before the options")
+    p.add_argument("overrides", nargs="*", help="the run's section.key=value overrides (not after --extra, "
+                   "which takes every word after it)")
     p.add_argument("--extra", nargs="+", default=[], metavar="FILE", help="more prompt lists to include (.txt one "
                    "prompt a line, .jsonl / .parquet with a caption field): e.g. the prompts of train --eval")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per encoder call (default 64)")

@@ -107,6 +107,23 @@ def test_demo_config_is_package_data_found_from_any_directory(tmp_path, monkeypa
     assert cfg.teacher.path == "demo/teacher"
 
 
+def test_cli_overrides_may_follow_the_options(tmp_path, monkeypatch, capsys):
+    import bigsid.cli
+    import bigsid.toy
+
+    fitted = []
+    monkeypatch.setattr(bigsid.toy, "prepare_toy_teacher", lambda folder, gmm, **kw: fitted.append((gmm, kw)))
+    config = Path(__file__).parents[1] / "configs" / "toy_sid.yaml"
+    argv = ["toy-teacher", str(tmp_path / "t"), "teacher.gmm.seed=3", "--config", str(config), "--fit-steps", "5",
+            "train.seed=1"]
+    assert bigsid.cli.main(argv) == 0
+    ((gmm, kw),) = fitted
+    assert (gmm.seed, kw["seed"], kw["fit_steps"]) == (3, 1, 5)
+    with pytest.raises(SystemExit) as exit_:  # an unknown option is still refused, not taken for an override
+        bigsid.cli.main(["toy-teacher", str(tmp_path / "t"), "--fitsteps", "5"])
+    assert exit_.value.code == 2 and "unrecognized arguments: --fitsteps 5" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_shipped_config_loads_and_validates(path):
     """The configs users start from (their prompt shards are theirs to supply: not checked here)."""
