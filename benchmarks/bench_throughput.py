@@ -186,9 +186,11 @@ def measure(model: plan.ModelSpec, args, device: torch.device, backend_name: str
         start = time.perf_counter()
         for _ in range(args.iters):
             metrics = trainer.train_step()
-            applied.append(all(bool(v) for k, v in metrics.items() if k.endswith("/applied")))
+            # kept on the device: reading it here would synchronise every timed step
+            applied.append(torch.stack([v for k, v in metrics.items() if k.endswith("/applied")]).bool().all())
         synchronize(device)
         seconds = (time.perf_counter() - start) / args.iters
+        applied = [bool(a) for a in applied]
         if device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(device)
         else:  # no allocator statistics on the host: follow every storage of one more step
