@@ -76,10 +76,15 @@ def rank_main(rank: int, world: int, port: int, folder: str, out: str) -> None:
     networks = build_networks(cfg)
     backend.prepare(networks)
     peak = status_kib("VmHWM")
-    local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size()
-                for net in (networks.generator, networks.fake_score) for p in net.parameters())
-    Path(f"{out}.rank{rank}").write_text(json.dumps({"rank": rank, "setup_peak_growth_bytes": (peak - start) * 1024,
-                                                     "trained_local_param_bytes": local}))
+
+    def local_bytes(*nets):
+        return sum((p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size()
+                   for net in nets for p in net.parameters())
+
+    Path(f"{out}.rank{rank}").write_text(json.dumps({
+        "rank": rank, "setup_peak_growth_bytes": (peak - start) * 1024,
+        "trained_local_param_bytes": local_bytes(networks.generator, networks.fake_score),
+        "teacher_local_param_bytes": local_bytes(networks.teacher)}))
     dist.barrier()
     dist.destroy_process_group()
 

@@ -246,20 +246,40 @@ class Teacher:
         return (c.in_channels, c.sample_size, c.sample_size)
 
 
-def load_network(family: Family, path: str, revision: str = "", torch_dtype: torch.dtype | None = None) -> nn.Module:
-    """The pipeline's denoising network (a diffusers model), its weights stored in `torch_dtype` (default fp32)."""
+def load_network(family: Family, path: str, revision: str = "", torch_dtype: torch.dtype | None = None,
+                 weights: bool = True) -> nn.Module:
+    """The pipeline's denoising network (a diffusers model), its weights stored in `torch_dtype` (default fp32).
+
+    weights=False reads its config alone: the tensors of its weight file are left on the meta device, in the dtype
+    from_pretrained would store them in, for a backend to fill (models.build_networks); the buffers the network
+    computes for itself are built as from_pretrained builds them (PixArt's position embedding stays fp32)."""
     import diffusers
+    from accelerate import init_empty_weights
 
     network_class = getattr(diffusers, family.network_class)
-    return _load(lambda *a, **k: network_class.from_pretrained(*a, **k, torch_dtype=torch_dtype), path,
-                 family.network, revision, family.network)
+    if weights:
+        return _load(lambda *a, **k: network_class.from_pretrained(*a, **k, torch_dtype=torch_dtype), path,
+                     family.network, revision, family.network)
+    config = _load(network_class.load_config, path, family.network, revision, f"{family.network} config")
+    with init_empty_weights(include_buffers=False):
+        network = network_class.from_config(config)
+    for name, t in network.state_dict(keep_vars=True).items():
+        owner, _, attr = name.rpartition(".")
+        module = network.get_submodule(owner)
+        empty = torch.empty_like(t, device="meta", dtype=torch_dtype if t.is_floating_point() and torch_dtype else None)
+        if isinstance(t, nn.Parameter):
+            module.register_parameter(attr, nn.Parameter(empty, requires_grad=t.requires_grad))
+        else:
+            module.register_buffer(attr, empty)
+    return network
 
 
 def load_teacher(path: str, revision: str = "", prediction_type: str = "", text_max_length: int = 0,
-                 torch_dtype: torch.dtype | None = None, text_encoders: bool = True) -> Teacher:
+                 torch_dtype: torch.dtype | None = None, text_encoders: bool = True, weights: bool = True) -> Teacher:
     """A teacher from a diffusers pipeline folder or hub id, of any supported family, its network stored in
     `torch_dtype` (default fp32); without its text encoders where `text_encoders` is false (a run that reads
-    its prompts' encodings from a text cache never loads them)."""
+    its prompts' encodings from a text cache never loads them); its network empty (meta device) where `weights` is
+    false (load_network)."""
     import diffusers
     from diffusers import AutoencoderKL
 
@@ -268,7 +288,7 @@ def load_teacher(path: str, revision: str = "", prediction_type: str = "", text_
     scheduler_config = dict(_load(diffusers.DDPMScheduler.load_config, path, "scheduler", revision,
                                   "scheduler config"))
     schedule = Schedule.from_scheduler_config(scheduler_config, prediction_type)
-    network = load_network(family, path, revision, torch_dtype)
+    network = load_network(family, path, revision, torch_dtype, weights)
     encoder = (load_encoder(family, index, path, revision, network.config.sample_size, text_max_length)
                if text_encoders else None)
     vae = _load(AutoencoderKL.from_pretrained, path, "vae", revision, "VAE")

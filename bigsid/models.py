@@ -4,9 +4,9 @@ A denoiser is any module `net(x_t, timestep, cond) -> prediction` with a `predic
 v_prediction, flow or sample), called at the time its schedule says (`Schedule.timestep`); bigsid.families adapts
 each diffusers family to it. `predict` turns it into the x0- or eps-prediction the objectives need, with
 classifier-free guidance done in eps space on one batched call. The generator and the fake score start as copies
-of the teacher's network: built empty (on the meta device) from its config, they get their weights from the
-backend, which shards them first where it shards (`Networks.initial_state`), so no rank ever holds three whole
-networks on the host.
+of the teacher's network. All three are built empty (on the meta device) from its config and get their weights
+from the backend, which shards them first where it shards (`Networks.initial_state`), so a rank that shards holds
+no whole network on the host but the weights it reads (rank 0 only).
 """
 
 from __future__ import annotations
@@ -98,8 +98,9 @@ class Networks:
     truth: object | None = None  # toy.GMM when the teacher has an analytic ground truth
     vocabulary: list[str] | None = None  # the toy prompts
     family: Family | None = None  # a diffusers teacher's (bigsid.families); None for the toy MLP
-    # The teacher network's fp32 state dict (its denoiser's names), for generator and fake score built on the meta
-    # device; called once, by the ranks that read weights (Backend.place). None: nothing is on meta.
+    # The teacher network's fp32 state dict (its denoiser's names), for the networks built on the meta device (all
+    # three from a diffusers teacher); called once, by the ranks that read weights (Backend.place). None: nothing is
+    # on meta.
     initial_state: Callable[[], dict[str, torch.Tensor]] | None = None
 
 
@@ -190,12 +191,14 @@ def build_networks(cfg: Config) -> Networks:
         copy_of, initial_state = copy.deepcopy, None  # fitted here, in memory, and tiny: plain copies
     else:
         # Frozen and computed in bf16 anyway: stored in bf16 it takes half the memory and autocast has no copies
-        # of it to cast and keep for the backward through its input; loaded so, not cast from an fp32 copy. A LoRA
-        # fake score's base network is the teacher's, and keeps the fp32 it trains its adapter around.
+        # of it to cast and keep for the backward through its input. A LoRA fake score's base network is the
+        # teacher's, and keeps the fp32 it trains its adapter around. Like the trained networks, the teacher is
+        # built empty, in that dtype, and filled by the backend (sharded first where it shards), tensor by tensor.
         bf16 = cfg.train.precision == "bf16" and not cfg.fake_score.lora_rank
         cached = bool(cfg.data.text_cache)
         loaded = load_teacher(cfg.teacher.path, cfg.teacher.revision, cfg.teacher.prediction_type,
-                              cfg.teacher.text_max_length, torch.bfloat16 if bf16 else None, text_encoders=not cached)
+                              cfg.teacher.text_max_length, torch.bfloat16 if bf16 else None, text_encoders=not cached,
+                              weights=False)
         student = teacher = loaded.denoiser
         schedule, encoder, vae, scheduler_config = loaded.schedule, loaded.encoder, loaded.vae, loaded.scheduler_config
         shape, family = loaded.latent_shape, loaded.family
@@ -209,12 +212,9 @@ def build_networks(cfg: Config) -> Networks:
         elif cfg.train.precision == "bf16":
             encoder.to(torch.bfloat16)  # T5 included: bf16 has fp32's range, where fp16 overflows T5's activations
         copy_of = empty_copy
-        if bf16:  # the fp32 weights read again, by the ranks that load them only
-            def initial_state(path=cfg.teacher.path, revision=cfg.teacher.revision, like=teacher):
-                return type(like)(load_network(family, path, revision), like.prediction_type).state_dict()
-        else:  # the teacher's own fp32 tensors, named before an adapter on a shared network renames them
-            teacher_state = teacher.state_dict()
-            initial_state = lambda: teacher_state  # noqa: E731
+
+        def initial_state(path=cfg.teacher.path, revision=cfg.teacher.revision, like=teacher):
+            return type(like)(load_network(family, path, revision), like.prediction_type).state_dict()
     generator_net = copy_of(student)
     fake_score = student if cfg.fake_score.lora_rank else copy_of(student)
     if cfg.fake_score.lora_rank:

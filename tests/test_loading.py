@@ -1,5 +1,5 @@
-"""Loading a diffusers teacher on 2 gloo ranks with FSDP2: the generator and the fake score are built empty, sharded,
-then filled from the teacher's fp32 weights, read by rank 0 alone; no rank holds a whole trained network."""
+"""Loading a diffusers teacher on 2 gloo ranks with FSDP2: the teacher, the generator and the fake score are built
+empty, sharded, then filled from the teacher's weights, read by rank 0 alone; no rank holds a whole network."""
 
 import json
 import os
@@ -19,8 +19,34 @@ def status_kib(field: str) -> int:
     return int(line.split()[1])
 
 
-def set_up(rank: int, port: int, overrides: list[str], out: str) -> None:
-    """One rank: build the networks and prepare them as a run does; write what the test checks."""
+def load_teacher_whole() -> None:
+    """Set-up as it was before the teacher was built empty: every rank loads it whole (from_pretrained), then it is
+    sharded; with it a LoRA fake score's base network, the teacher's own."""
+    from bigsid import models
+
+    load = models.load_teacher
+    models.load_teacher = lambda *args, **kwargs: load(*args, **{**kwargs, "weights": True})
+
+
+def record_reads(reads: list, rank: int) -> None:
+    """Appends `rank` to `reads` each time this process reads the network's weight file: every read goes through
+    families.load_network (the teacher loaded whole, the fp32 weights the empty networks start from)."""
+    import inspect
+
+    from bigsid import families, models
+
+    load = families.load_network
+
+    def recorded(*args, **kwargs):
+        if inspect.signature(load).bind(*args, **kwargs).arguments.get("weights", True):
+            reads.append(rank)
+        return load(*args, **kwargs)
+
+    families.load_network = models.load_network = recorded
+
+
+def set_up(rank: int, port: int, overrides: list[str], out: str, whole_teacher: bool) -> None:
+    """One rank: build the networks and prepare them as a run does; write what the tests check."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
     torch.set_num_threads(1)
@@ -34,6 +60,10 @@ def set_up(rank: int, port: int, overrides: list[str], out: str) -> None:
     from bigsid.models import build_networks
     from bigsid.parallel import build_backend
 
+    if whole_teacher:
+        load_teacher_whole()
+    reads = []
+    record_reads(reads, rank)
     cfg = load_config(None, overrides)
     backend = build_backend(cfg)
     dist.barrier()
@@ -41,14 +71,11 @@ def set_up(rank: int, port: int, overrides: list[str], out: str) -> None:
     start = status_kib("VmRSS")
     torch.manual_seed(cfg.train.seed)
     networks = build_networks(cfg)
-    reads = []
-    if networks.initial_state is not None:
-        read = networks.initial_state
-        networks.initial_state = lambda: reads.append(rank) or read()
     backend.prepare(networks)
     growth = (status_kib("VmHWM") - start) * 1024
     whole = {}
-    for name, net in (("generator", networks.generator), ("fake_score", networks.fake_score)):
+    for name, net in (("teacher", networks.teacher), ("generator", networks.generator),
+                      ("fake_score", networks.fake_score)):
         for key, value in net.state_dict().items():
             whole[f"{name}.{key}"] = value.full_tensor()  # every rank joins each gather
     teacher_dtypes = sorted({str(p.dtype) for p in networks.teacher.parameters()})
@@ -68,7 +95,8 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
     """A Stable Diffusion teacher whose UNet is large enough (~40 M parameters, 160 MB in fp32) for its copies to
-    stand out of a process's other memory, loaded on 2 ranks under bf16 with a LoRA generator."""
+    stand out of a process's other memory, loaded on 2 ranks under bf16 with a LoRA generator: (folder, each
+    rank's report, each rank's gathered networks, each rank's report of the set-up that loads the teacher whole)."""
     pytest.importorskip("peft")
     from diffusers import UNet2DConditionModel
 
@@ -86,15 +114,20 @@ def loaded(tmp_path_factory):
     out = str(folder.parent / "report")
     overrides = ["teacher.kind=diffusers", f"teacher.path={folder}", "parallel.backend=fsdp2", "train.device=cpu",
                  "train.precision=bf16", "train.batch_size=2", "generator.lora_rank=4"]
-    mp.start_processes(set_up, args=(free_port(), overrides, out), nprocs=WORLD, start_method="spawn")
-    reports = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(WORLD)]
-    return folder, reports, [load_file(f"{out}.rank{r}.safetensors") for r in range(WORLD)]
+    reports = {}
+    for whole_teacher in (False, True):
+        out = str(folder.parent / f"report_whole{whole_teacher}")
+        mp.start_processes(set_up, args=(free_port(), overrides, out, whole_teacher), nprocs=WORLD,
+                           start_method="spawn")
+        reports[whole_teacher] = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(WORLD)]
+    whole = [load_file(f"{folder.parent}/report_wholeFalse.rank{r}.safetensors") for r in range(WORLD)]
+    return folder, reports[False], whole, reports[True]
 
 
 def test_trained_networks_start_as_the_teachers_fp32_weights(loaded):
     from bigsid.families import FAMILIES, UNetDenoiser, load_network
 
-    folder, reports, whole = loaded
+    folder, reports, whole, _ = loaded
     assert all(r["teacher_dtypes"] == ["torch.bfloat16"] for r in reports), "the teacher is stored in bf16"
     assert whole[0].keys() == whole[1].keys()
     for key in whole[0]:
@@ -102,7 +135,7 @@ def test_trained_networks_start_as_the_teachers_fp32_weights(loaded):
     teacher = UNetDenoiser(load_network(FAMILIES["sd"], str(folder)), "epsilon").state_dict()
     base = {}
     for key, value in whole[0].items():
-        if "lora_" not in key:
+        if "lora_" not in key and not key.startswith("teacher."):
             name = key.removeprefix("generator.net.").removeprefix("fake_score.").replace(".base_layer.", ".")
             base[key] = name
             assert value.dtype == torch.float32 and torch.equal(value, teacher[name]), key
@@ -114,15 +147,81 @@ def test_trained_networks_start_as_the_teachers_fp32_weights(loaded):
     assert all(a.abs().sum() > 0 for a in lora_a) and all(not b.any() for b in lora_b)
 
 
-def test_no_rank_holds_a_whole_trained_network(loaded):
-    """Peak host memory growth at set-up, from the tensors' arithmetic, W = one fp32 UNet: every rank loads the
-    teacher, each tensor read in fp32 and kept in bf16 (W to 1.5 W while it loads: safetensors reads the file
-    whole), then holds half of each trained network (W) beside the bf16 teacher (W / 2); rank 0 alone also reads
-    the fp32 weights the trained networks start from (W). Building the trained networks as copies of an fp32
-    teacher holds 3 W on every rank. The bound, 2.25 W on rank 1, leaves 0.75 W (120 MB) above 1.5 W for what the
-    arithmetic leaves out (the allocator's free lists, the largest tensor in flight during the broadcast, the small
-    text encoder and VAE), and as much below the copying set-up's 3 W; only rank 0 ever reads the weights."""
-    folder, reports, _ = loaded
+def test_teacher_is_the_files_weights_in_bf16_on_every_rank(loaded):
+    """The teacher, filled shard by shard from rank 0's fp32 read, holds what from_pretrained(torch_dtype=bf16)
+    makes of the file: each weight rounded once to bf16, bit for bit, on both ranks."""
+    from bigsid.families import FAMILIES, UNetDenoiser, load_network
+
+    folder, _, whole, _ = loaded
+    reference = UNetDenoiser(load_network(FAMILIES["sd"], str(folder), torch_dtype=torch.bfloat16), "epsilon")
+    expected = reference.state_dict()
+    for rank in range(WORLD):
+        teacher = {k.removeprefix("teacher."): v for k, v in whole[rank].items() if k.startswith("teacher.")}
+        assert teacher.keys() == expected.keys()
+        for key, value in expected.items():
+            assert value.dtype == torch.bfloat16 and teacher[key].dtype == value.dtype, key
+            assert torch.equal(teacher[key], value), (rank, key)
+
+
+def test_no_rank_holds_a_whole_network(loaded):
+    """Peak host memory growth at set-up, from the tensors' arithmetic, W = one fp32 UNet: rank 1 holds half of each
+    trained network (W) and half of the bf16 teacher (W / 4), 1.25 W; rank 0 alone also reads the fp32 weights all
+    three start from (W). Loading the teacher whole on every rank and sharding it after the trained networks (the
+    set-up before) held the whole bf16 teacher beside them while it was sharded: 1.75 W on rank 1, the bound, which
+    that set-up exceeds by whatever the arithmetic leaves out, and which leaves this one 0.5 W (80 MB) for it (the
+    allocator's free lists, the tensor in flight during each broadcast, the small text encoder and VAE). Only rank 0
+    ever reads the weight file: the set-up that loads the teacher whole shows that every read is seen."""
+    folder, reports, _, whole_teacher = loaded
     unet_bytes = 4 * sum(v.numel() for v in load_file(folder / "unet/diffusion_pytorch_model.safetensors").values())
-    assert reports[1]["growth"] < 2.25 * unet_bytes, (reports[1]["growth"] / unet_bytes, "x one fp32 UNet")
+    assert reports[1]["growth"] < 1.75 * unet_bytes, (reports[1]["growth"] / unet_bytes, "x one fp32 UNet")
     assert [r["reads"] for r in reports] == [[0], []]
+    assert [r["reads"] for r in whole_teacher] == [[0, 0], [1]]
+
+
+def train(rank: int, port: int, overrides: list[str], whole_teacher: bool) -> None:
+    """One rank of a short fsdp2 run; `whole_teacher`: set-up as it was before (load_teacher_whole). peft draws more random numbers for an adapter on a loaded network than on an empty one, so the
+    adapters' random A matrices are drawn again here, alike in both set-ups."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from bigsid import models
+    from bigsid.config import load_config
+    from bigsid.trainer import Trainer
+
+    if whole_teacher:
+        load_teacher_whole()
+    cfg = load_config(None, overrides)
+    torch.manual_seed(cfg.train.seed)
+    networks = models.build_networks(cfg)
+    draw = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for net in (networks.generator, networks.fake_score):
+            for name, p in net.named_parameters():
+                if "lora_A" in name:
+                    p.copy_(torch.randn(p.shape, generator=draw) / p.shape[1] ** 0.5)
+    Trainer(cfg, networks).run()
+    dist.barrier()  # rank 0 hosts the rendezvous store: no rank leaves while another still uses it
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("extra", [[], ["fake_score.lora_rank=4"]], ids=["bf16_teacher", "lora_fake_score"])
+def test_losses_equal_those_of_a_teacher_loaded_whole(teacher_dir, tmp_path, extra):
+    """The same weights, sharded alike, give the same losses bit for bit, whether the teacher was filled shard by
+    shard or loaded whole and then sharded; with a LoRA fake score the teacher is its base network with the adapter
+    off, which is filled the same way."""
+    from conftest import TINY_TOY
+    from test_parallel import losses
+
+    if extra:
+        pytest.importorskip("peft")
+    args = [*TINY_TOY, "teacher.kind=diffusers", f"teacher.path={teacher_dir}", "parallel.backend=fsdp2",
+            "train.device=cpu", "train.precision=bf16", "train.batch_size=4", "train.total_nimg=12",
+            "train.log_every=1", "train.checkpoint_every=0", *extra]
+    for whole in (False, True):
+        overrides = [*args, f"train.run_dir={tmp_path / str(whole)}"]
+        mp.start_processes(train, args=(free_port(), overrides, whole), nprocs=WORLD, start_method="spawn")
+    filled, reference = losses(tmp_path / "False"), losses(tmp_path / "True")
+    assert filled.shape == (3, 2) and filled.isfinite().all()
+    assert torch.equal(filled, reference), (filled, reference)

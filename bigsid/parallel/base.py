@@ -22,10 +22,11 @@ class BackendError(ValueError):
 
 
 def start_state(module: nn.Module, prefix: str, source: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The whole state dict a trained network built on the meta device starts from: for each tensor still on meta,
-    the teacher's (`source`, named as the teacher's denoiser names it; `prefix` is where the denoiser sits in
-    `module`, and a peft adapter's `base_layer` holds what the teacher's layer held), and what the module already
-    holds (adapter weights, buffers) for the rest."""
+    """The whole state dict a network built on the meta device starts from: for each tensor still on meta, the
+    teacher's (`source`, named as the teacher's denoiser names it; `prefix` is where the denoiser sits in `module`,
+    and a peft adapter's `base_layer` holds what the teacher's layer held) in the dtype the network stores it (a
+    bf16 teacher's tensors are rounded once, as from_pretrained rounds them, and broadcast at half the bytes), and
+    what the module already holds (adapter weights, buffers) for the rest."""
     state = {}
     for name, t in module.state_dict(keep_vars=True).items():
         if not t.is_meta:
@@ -33,9 +34,9 @@ def start_state(module: nn.Module, prefix: str, source: dict[str, torch.Tensor])
             continue
         key = name.removeprefix(prefix).replace(".base_layer.", ".")
         if key not in source:
-            raise BackendError(f"the teacher's weights have no {key!r} for the trained network's {name!r}: the "
-                               "networks were not built from this teacher (models.build_networks)")
-        state[name] = source[key]
+            raise BackendError(f"the teacher's weights have no {key!r} for the network's {name!r}: the networks "
+                               "were not built from this teacher (models.build_networks)")
+        state[name] = source[key].to(t.dtype)
     return state
 
 
@@ -121,34 +122,37 @@ class Backend:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    # whether this rank reads the teacher's weights for the trained networks (Networks.initial_state)
+    # whether this rank reads the teacher's weights for the networks built empty (Networks.initial_state)
     reads_weights = True
 
     def place(self, networks, shard=None) -> None:
         """Every network on this rank's device, before any wrapping. The VAE only on rank 0, the one rank that decodes
         (sample grids, evaluation images): the others drop it rather than hold it idle beside the three networks.
 
-        A backend that shards passes `shard(module, denoiser)`, applied to each trained network before it holds any
-        memory: one built on the meta device (models.empty_copy) is sharded, then materialised on the device, then
-        loaded (`load_state`) with the teacher's fp32 weights and the adapter weights and buffers it was built with:
-        a rank holds its shards of it, and only the ranks that read (`reads_weights`) hold the teacher's weights
-        whole, once, for both trained networks."""
+        A backend that shards passes `shard(module, denoiser)`, applied to each of the three networks that holds
+        parameters before it holds any memory: one built on the meta device (models.build_networks) is sharded,
+        then materialised on the device, then loaded (`load_state`) with the teacher's weights and the adapter
+        weights and buffers it was built with: a rank holds its shards of it, and only the ranks that read
+        (`reads_weights`) hold the teacher's fp32 weights whole, once, for all three. The teacher goes first: its
+        state, cast to its dtype, is let go before the trained networks take memory."""
         if not self.is_main:
             networks.vae = None
-        for net in (networks.teacher, networks.encoder, networks.vae):
+        for net in (networks.encoder, networks.vae):
             if net is not None:
                 net.to(self.device)
-        trained = ((networks.generator, networks.generator.net, "net."), (networks.fake_score, networks.fake_score, ""))
-        empty = [module for module, _, _ in trained if any(p.is_meta for p in module.parameters())]
+        denoisers = ((networks.teacher, networks.teacher, ""), (networks.generator, networks.generator.net, "net."),
+                     (networks.fake_score, networks.fake_score, ""))
+        empty = [module for module, _, _ in denoisers if any(p.is_meta for p in module.parameters())]
         source = networks.initial_state() if empty and self.reads_weights else {}
-        for module, denoiser, prefix in trained:
+        for module, denoiser, prefix in denoisers:
             if module not in empty:
                 module.to(self.device)
-                if shard is not None:
+                # the teacher of a LoRA fake score (models.AdapterOff) is the fake score: nothing of its own
+                if shard is not None and any(True for _ in module.parameters()):
                     shard(module, denoiser)
                 continue
             state = start_state(module, prefix, source) if self.reads_weights else {}
-            buffers = {name: b.detach() for name, b in module.named_buffers()}
+            buffers = {name: b.detach() for name, b in module.named_buffers() if not b.is_meta}
             if shard is not None:
                 shard(module, denoiser)
             module.to_empty(device=self.device)

@@ -210,10 +210,8 @@ class FSDP2Backend(Collectives, Backend):
             self.shard_encoder(networks.encoder)  # before place(), which would move it whole to the device
         self.place(networks, shard=self.shard)
         once = self.cfg.parallel.gather_frozen_once
-        if any(True for _ in networks.teacher.parameters()):
-            self.shard(networks.teacher, networks.teacher)
-            if once:
-                keep_gathered(networks.teacher)
+        if once and any(True for _ in networks.teacher.parameters()):
+            keep_gathered(networks.teacher)
         o = self.cfg.optim
         generator, fake_score = (FSDP2Trainable(net, self.make_optimizer(net, lr), o.grad_clip) for net, lr in
                                  ((networks.generator, o.lr_generator), (networks.fake_score, o.lr_fake_score)))
