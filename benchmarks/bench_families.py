@@ -29,28 +29,23 @@ GMM = {"num_prompts": 2, "modes_per_prompt": 2, "latent_shape": [4, 4, 4], "mode
 SETTINGS = ["objective.name=sid", "objective.fake_score_weighting=edm", "objective.sigma_data=1.0",
             "optim.lr_generator=3e-5", "optim.lr_fake_score=1e-4", "train.batch_size=32",
             "train.ema_halflife_nimg=2000", "train.ema_rampup=0.0", "eval.num_samples=500",
-            "eval.teacher_sampler_steps=25", "data.source=vocab", "teacher.text_max_length=16"]
+            "eval.teacher_sampler_steps=25", "data.source=vocab"]
 
 
 def run(family: str, fit_steps: int, iterations: int, seed: int) -> dict:
     from bigsid.config import GMMConfig, load_config
-    from bigsid.toy import prepare_toy_teacher
+    from bigsid.toy import prepare_family_teacher
     from bigsid.trainer import Trainer
 
-    text = 16 if family in ("pixart", "sd3") else 0
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        teacher = prepare_toy_teacher(Path(tmp) / "teacher", GMMConfig(**GMM, seed=seed), fit_steps=fit_steps,
-                                      seed=seed, family=family, text_max_length=text,
-                                      prediction_type="epsilon" if family == "sd3" else "v_prediction")
+        teacher_overrides = prepare_family_teacher(Path(tmp) / "teacher", GMMConfig(**GMM, seed=seed), family,
+                                                   fit_steps, seed=seed)
         fitted = time.perf_counter()
         run_dir = Path(tmp) / "run"
-        overrides = [*SETTINGS, "teacher.kind=diffusers", f"teacher.path={teacher}", f"train.run_dir={run_dir}",
-                     f"train.total_nimg={32 * iterations}", f"train.eval_every={max(1, iterations // 6)}",
-                     f"generator.t_init={999 if family == 'sd3' else 625}", "train.progress=false",
-                     "train.sample_every=0", "train.checkpoint_every=0", f"train.seed={seed}"]
-        if not text:
-            overrides.remove("teacher.text_max_length=16")
+        overrides = [*SETTINGS, *teacher_overrides, f"train.run_dir={run_dir}", f"train.total_nimg={32 * iterations}",
+                     f"train.eval_every={max(1, iterations // 6)}", "train.progress=false", "train.sample_every=0",
+                     "train.checkpoint_every=0", f"train.seed={seed}"]
         final = Trainer(load_config(None, overrides)).run()
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         curve = [(r["step"], r["eval/fd_generator"]) for r in rows if "eval/fd_generator" in r]

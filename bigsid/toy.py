@@ -459,11 +459,13 @@ def build_toy_pipeline(truth: GMM, seed: int = 0, prediction_type: str = "epsilo
 
 
 def prepare_toy_teacher(folder: str | Path, gmm: GMMConfig, fit_steps: int = 3000, seed: int = 0,
-                        prediction_type: str = "epsilon", family: str = "sd", text_max_length: int = 0) -> Path:
+                        prediction_type: str = "epsilon", family: str = "sd", text_max_length: int = 0,
+                        fit_lr: float = 1e-3) -> Path:
     """Fit a tiny pipeline of `family` to the exact GMM denoiser and save it as a diffusers folder with its truth:
     SD's (eps- or v-prediction, `prediction_type`) or bigsid.tiny's SDXL, PixArt or SD3 (flow). The fit goes
     through the loading code a real teacher goes through, on the folder as saved; `text_max_length` as
-    teacher.text_max_length (a T5 family's runs must use the same)."""
+    teacher.text_max_length (a T5 family's runs must use the same); `fit_lr` the fit's peak learning rate (cosine
+    decay over `fit_steps`)."""
     from bigsid.families import load_teacher
     from bigsid.tiny import build_pipeline
 
@@ -474,13 +476,34 @@ def prepare_toy_teacher(folder: str | Path, gmm: GMMConfig, fit_steps: int = 300
     partial = folder.with_name(folder.name + ".partial")
     pipe.save_pretrained(partial, safe_serialization=True)
     teacher = load_teacher(str(partial), text_max_length=text_max_length)
-    loss = fit_denoiser(teacher.denoiser, teacher.encoder, truth, teacher.schedule, fit_steps, batch=128, lr=1e-3,
+    loss = fit_denoiser(teacher.denoiser, teacher.encoder, truth, teacher.schedule, fit_steps, batch=128, lr=fit_lr,
                         seed=seed, log_every=max(1, fit_steps // 10))
     teacher.denoiser.network.save_pretrained(partial / teacher.family.network, safe_serialization=True)
     truth.save(partial)
     partial.rename(folder)  # a teacher folder exists only once it is complete
     log.info("toy teacher saved to %s (final v mse %.5f)", folder, loss)
     return folder
+
+
+# the toy prompts ("toy prompt 0": 12 characters) are 14 T5 tokens with the word marker and </s>: 16 holds them, at
+# a fraction of the cost of PixArt's 300 or SD3's 256
+TOY_T5_LENGTH = 16
+
+
+def prepare_family_teacher(folder: str | Path, gmm: GMMConfig, family: str, fit_steps: int, seed: int = 0,
+                           fit_lr: float = 1e-3) -> list[str]:
+    """Fit a toy teacher of `family` in `folder` (prepare_toy_teacher) and return the overrides that distil it by
+    the family's conventions. The VP families (sd, sdxl, pixart) are fitted as v-prediction networks, EDM's
+    preconditioning (MLPDenoiser says why): an eps-prediction network's x0 error at the last timestep is its eps
+    error over a_t, 1 / 0.0064 on PixArt's linear betas. Their generator starts at SiD's t_init 625 (VE sigma 2.5
+    on SD's betas); the flow family (sd3) predicts its velocity and starts from pure noise at 999, where its
+    sampler starts."""
+    flow = family == "sd3"
+    text = TOY_T5_LENGTH if family in ("pixart", "sd3") else 0
+    prepare_toy_teacher(folder, gmm, fit_steps=fit_steps, seed=seed, family=family, text_max_length=text,
+                        prediction_type="epsilon" if flow else "v_prediction", fit_lr=fit_lr)
+    return ["teacher.kind=diffusers", f"teacher.path={folder}", f"generator.t_init={999 if flow else 625}",
+            *([f"teacher.text_max_length={text}"] if text else [])]
 
 
 def fd_history(run_dir: Path) -> list[tuple[int, float]]:
