@@ -118,6 +118,28 @@ def test_training_steps_run_on_every_family(family_dir, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def test_teacher_built_empty_and_filled_is_what_from_pretrained_loads(family_dir, tmp_path):
+    """A bf16 run's teacher, built on the meta device and filled by the backend from the fp32 weights, holds what
+    from_pretrained(torch_dtype=bf16) loads, bit for bit and dtype for dtype, buffers included (PixArt's position
+    embedding, computed rather than read, stays fp32; SD3's, read from the file, is bf16)."""
+    from bigsid.families import load_network
+    from bigsid.parallel.local import LocalBackend
+
+    name, folder = family_dir
+    cfg = load_config(None, overrides(name, folder, tmp_path, "train.precision=bf16"))
+    networks = build_networks(cfg)
+    assert all(p.is_meta for p in networks.teacher.parameters())
+    LocalBackend(cfg).place(networks)
+    family = FAMILIES[name]
+    reference = family.denoiser(load_network(family, str(folder), torch_dtype=torch.bfloat16), "epsilon")
+    expected = {**dict(reference.named_parameters()), **dict(reference.named_buffers())}
+    held = {**dict(networks.teacher.named_parameters()), **dict(networks.teacher.named_buffers())}
+    assert held.keys() == expected.keys()
+    assert {str(t.dtype) for t in held.values()} >= {"torch.bfloat16"}
+    for key, t in expected.items():
+        assert held[key].dtype == t.dtype and torch.equal(held[key], t), key
+
+
 def test_fsdp2_shards_every_family_by_its_plan_and_matches_one_process(family_dir, tmp_path):
     """Each family's blocks become FSDP2 units (none left to a whole-network unit), and 2 gloo ranks give the
     one-process losses (tests/test_parallel.py argues the tolerance; one prompt, as there, so that the prompt
