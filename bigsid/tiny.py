@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
-# The SD 1.x/2.x family's tiny pipeline is the toy teacher's (bigsid.toy.build_toy_pipeline).
-FAMILIES = ("sdxl", "pixart", "sd3")
+# The SD 1.x/2.x family's tiny pipeline is the toy teacher's (bigsid.toy.build_toy_pipeline). Both PixArt pipelines
+# are the pixart family's: `pixart` builds PixArtSigmaPipeline, `pixart_alpha` PixArtAlphaPipeline.
+PIPELINES = ("sdxl", "pixart", "pixart_alpha", "sd3")
 
 
 def byte_level_clip_tokenizer(folder: Path, max_length: int = 32):
@@ -74,8 +75,13 @@ def _vae(channels: int, size: int, **extra):
 
 
 def build_pipeline(family: str, latent_shape=(4, 8, 8), seed: int = 0, prediction_type: str = "epsilon"):
-    """A tiny randomly initialised pipeline of `family` (sdxl, pixart, sd3) with latents of `latent_shape`;
-    `prediction_type` for the VP families (SD3 predicts the flow velocity)."""
+    """A tiny randomly initialised pipeline of `family` (one of PIPELINES) with latents of `latent_shape`;
+    `prediction_type` for the VP families (SD3 predicts the flow velocity).
+
+    PixArt's transformers take resolution and aspect-ratio conditioning as the released ones do: PixArt-alpha's at
+    128 latents (its 1024 px model, diffusers' default for that size, the only size at which PixArtAlphaPipeline
+    passes them), never PixArt-Sigma's (its pipeline never passes them). Latents of 128 are patched by 8, not 2, so
+    that the transformer still sees 16 x 16 tokens."""
     if family == "sd3" and prediction_type != "epsilon":
         raise ValueError(f"prediction_type={prediction_type!r}: an SD3 pipeline predicts the flow velocity")
     import diffusers
@@ -98,16 +104,20 @@ def build_pipeline(family: str, latent_shape=(4, 8, 8), seed: int = 0, predictio
             vae=_vae(channels, size), text_encoder=_clip_encoder(clip_l, 32, False), tokenizer=clip_l,
             text_encoder_2=_clip_encoder(clip_g, 32, True), tokenizer_2=clip_g, unet=unet, scheduler=scheduler)
     t5 = byte_level_t5_tokenizer()
-    if family == "pixart":
+    if family in ("pixart", "pixart_alpha"):
+        heads = 6 if family == "pixart_alpha" else 4  # 96 wide: the resolution and aspect embeddings are a third each
         transformer = diffusers.PixArtTransformer2DModel(
-            sample_size=size, num_layers=2, patch_size=2, attention_head_dim=16, num_attention_heads=4,
-            caption_channels=32, in_channels=channels, cross_attention_dim=64, out_channels=2 * channels,
+            sample_size=size, num_layers=2, patch_size=max(2, size // 16), attention_head_dim=16,
+            num_attention_heads=heads, caption_channels=32, in_channels=channels, cross_attention_dim=16 * heads,
+            out_channels=2 * channels,
             attention_bias=True, activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
-            norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6)
+            norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+            use_additional_conditions=size == 128 if family == "pixart_alpha" else False)
         scheduler = diffusers.DPMSolverMultistepScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02,
                                                           prediction_type=prediction_type)
-        return diffusers.PixArtSigmaPipeline(tokenizer=t5, text_encoder=_t5_encoder(t5, 32), vae=_vae(channels, size),
-                                             transformer=transformer, scheduler=scheduler)
+        pipeline = diffusers.PixArtAlphaPipeline if family == "pixart_alpha" else diffusers.PixArtSigmaPipeline
+        return pipeline(tokenizer=t5, text_encoder=_t5_encoder(t5, 32), vae=_vae(channels, size),
+                        transformer=transformer, scheduler=scheduler)
     if family == "sd3":
         transformer = diffusers.SD3Transformer2DModel(
             sample_size=size, patch_size=2, in_channels=channels, out_channels=channels, num_layers=2,
@@ -119,4 +129,4 @@ def build_pipeline(family: str, latent_shape=(4, 8, 8), seed: int = 0, predictio
             text_encoder=_clip_encoder(clip_l, 16, True),
             tokenizer=clip_l, text_encoder_2=_clip_encoder(clip_g, 16, True), tokenizer_2=clip_g,
             text_encoder_3=_t5_encoder(t5, 64), tokenizer_3=t5)
-    raise ValueError(f"family {family!r}: expected one of {FAMILIES} (sd: bigsid.toy.build_toy_pipeline)")
+    raise ValueError(f"family {family!r}: expected one of {PIPELINES} (sd: bigsid.toy.build_toy_pipeline)")

@@ -18,39 +18,80 @@ from conftest import TINY_TOY
 from test_parallel import assert_same_loss, launch, losses
 
 PROMPTS = ["a red cube", "two cats on a sofa", ""]
+# bigsid.tiny's pipelines (`pixart` is PixArt-Sigma's) and PixArt-alpha's at 128 latents, the size of its 1024 px
+# model, whose transformer takes resolution and aspect-ratio conditioning: the tiny pipeline each name builds
+TINY = {"pixart_alpha_1024": ("pixart_alpha", (4, 128, 128))}
+
+
+def save_tiny(name, folder):
+    pipeline, latent_shape = TINY.get(name, (name, (4, 8, 8)))
+    build_pipeline(pipeline, latent_shape).save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(scope="module", params=["sdxl", "pixart", "sd3"])
 def family_dir(request, tmp_path_factory):
-    folder = tmp_path_factory.mktemp(request.param) / "pipe"
-    build_pipeline(request.param).save_pretrained(folder)
-    return request.param, folder
+    return request.param, save_tiny(request.param, tmp_path_factory.mktemp(request.param) / "pipe")
+
+
+def stock_micro_conditions(transformer, call) -> list:
+    """The resolution and aspect ratio (added_cond_kwargs) each call of PixArt's `transformer` gets in `call()`."""
+    passed = []
+    hook = transformer.register_forward_hook(
+        lambda module, args, kwargs, out: passed.append(kwargs["added_cond_kwargs"]), with_kwargs=True)
+    try:
+        call()
+    finally:
+        hook.remove()
+    return passed
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("family_dir", ["sdxl", "pixart", "pixart_alpha", "pixart_alpha_1024", "sd3"],
+                         indirect=True)
 def test_conditioning_is_what_the_stock_pipeline_encodes(family_dir):
-    """Bit for bit: the same tokenizers, layers, padding and empty prompt as the family's own encode_prompt."""
+    """Bit for bit: the same tokenizers, layers, padding and empty prompt as the family's own encode_prompt, and
+    PixArt's resolution and aspect-ratio conditioning as its pipeline passes it."""
     from diffusers import DiffusionPipeline
 
     name, folder = family_dir
     teacher = load_teacher(str(folder))
-    assert teacher.family is FAMILIES[name]
+    family = teacher.family.name
+    assert family == name.partition("_")[0]
     pipe = DiffusionPipeline.from_pretrained(folder)
     cond = teacher.encoder(PROMPTS)
-    if name == "sdxl":
+    if family == "sdxl":
         emb, neg, pooled, neg_pooled = pipe.encode_prompt(PROMPTS, device="cpu", negative_prompt=None)
         size = pipe._get_add_time_ids((64, 64), (0, 0), (64, 64), emb.dtype,
                                       pipe.text_encoder_2.config.projection_dim)
         assert torch.equal(cond.size, size.expand(len(PROMPTS), -1))
         # force_zeros_for_empty_prompt: the stock negative is zeros, not the encoded ""
         assert not neg.any() and not cond.uncond.emb.any() and not cond.uncond.pooled.any()
-    elif name == "pixart":
-        emb, mask, _, _ = pipe.encode_prompt(PROMPTS, device="cpu", max_sequence_length=300)
-        _, _, neg, neg_mask = pipe.encode_prompt([""], device="cpu", max_sequence_length=300)
+    elif family == "pixart":
+        # at the stock T5 length, PixArt-alpha's 120 tokens or Sigma's 300
+        emb, mask, _, _ = pipe.encode_prompt(PROMPTS, device="cpu")
+        _, _, neg, neg_mask = pipe.encode_prompt([""], device="cpu")
+        assert emb.shape[1] == (120 if name.startswith("pixart_alpha") else 300)
         assert torch.equal(cond.mask, mask) and torch.equal(cond.uncond.mask, neg_mask)
         assert torch.equal(cond.uncond.emb, neg)
         assert cond.mask.sum(1).tolist()[:2] == [len(p) + 2 for p in PROMPTS[:2]]  # one piece a char, "▁", </s>
-        assert cond.size.tolist()[0] == [64, 64, 1.0]
+        pixels = 8 * pipe.transformer.config.sample_size
+        assert cond.size.tolist() == [[pixels, pixels, 1.0]] * len(PROMPTS)
+        # The stock call at its default size without guidance (two steps: PixArtAlphaPipeline's single step reads
+        # an x0 that its DPM-Solver does not return) and bigsid's denoiser pass the transformer the same
+        # micro-conditions: (height, width) and height / width where it takes them (PixArt-alpha at 1024 px), none
+        # elsewhere.
+        x_t = torch.zeros(len(PROMPTS), *teacher.latent_shape)
+        stock = stock_micro_conditions(pipe.transformer, lambda: pipe(
+            PROMPTS, num_inference_steps=2, guidance_scale=1, use_resolution_binning=False, latents=x_t,
+            output_type="latent"))
+        ours = stock_micro_conditions(teacher.denoiser.transformer,
+                                      lambda: teacher.denoiser(x_t, torch.tensor([999] * len(PROMPTS)), cond))[0]
+        assert len(stock) == 2 and ours.keys() == {"resolution", "aspect_ratio"}
+        for passed in stock:
+            assert passed.keys() == ours.keys()
+            assert all(torch.equal(passed[k], ours[k]) if ours[k] is not None else passed[k] is None for k in ours)
+        assert (ours["resolution"] is not None) == (name == "pixart_alpha_1024")
     else:
         emb, _, pooled, _ = pipe.encode_prompt(PROMPTS, PROMPTS, PROMPTS, device="cpu")
         # the empty prompt is encoded once, alone: compared with the stock encoding of a batch of one
