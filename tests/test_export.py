@@ -76,8 +76,11 @@ def network_calls(network):
         t = torch.as_tensor(args[1] if len(args) > 1 else kwargs["timestep"]).flatten()
         assert (t == t[0]).all(), "one timestep for the whole batch"
         added = kwargs.get("added_cond_kwargs") or {}
+        size = added.get("time_ids")
+        if added.get("resolution") is not None:  # PixArt-alpha's micro-conditions: Cond.size is (h, w, h / w)
+            size = torch.cat([added["resolution"], added["aspect_ratio"]], 1)
         fields = {"emb": kwargs["encoder_hidden_states"], "mask": kwargs.get("encoder_attention_mask"),
-                  "pooled": added.get("text_embeds", kwargs.get("pooled_projections")), "size": added.get("time_ids")}
+                  "pooled": added.get("text_embeds", kwargs.get("pooled_projections")), "size": size}
         calls.append((x.detach().clone(), t[0].clone(), {k: v.detach().clone() for k, v in fields.items()
                                                          if v is not None}, output[0][:, :x.shape[1]].detach().clone()))
 

@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusers import DiffusionPipeline
 from PIL import Image
 
 from bigsid.cli import main
 from bigsid.config import load_config, to_dict
-from bigsid.export import ExportError, export, load_distilled, stock_call
+from bigsid.export import ExportError, export, latent_shape, load_distilled, stock_call
 from bigsid.families import decode, load_teacher
 from bigsid.models import OneStepGenerator
 from bigsid.tiny import build_pipeline
@@ -21,18 +22,20 @@ from conftest import TINY_TOY
 from evaluation.settings import load_settings
 from evaluation.sources import load_source
 from test_export import assert_stock_call_is_bigsids, card_code, perturbed_generator, run_card, write_checkpoint
+from test_families import save_tiny
 
 # Mixed case and a trailing space: PixArt's pipeline lowercases and strips, and bigsid must encode as it does.
 PROMPTS = ["A Photo of a Cat ", "two dogs"]
-PIPELINES = {"sdxl": "StableDiffusionXLPipeline", "pixart": "PixArtSigmaPipeline", "sd3": "StableDiffusion3Pipeline"}
-T_INIT = {"sdxl": 625, "pixart": 625, "sd3": 999}  # SiD's VP start; pure noise for flow
+# bigsid.tiny's pipelines by name (`pixart` is PixArt-Sigma's)
+PIPELINES = {"sdxl": "StableDiffusionXLPipeline", "pixart": "PixArtSigmaPipeline",
+             "pixart_alpha": "PixArtAlphaPipeline", "sd3": "StableDiffusion3Pipeline"}
+T_INIT = {"sdxl": 625, "pixart": 625, "pixart_alpha": 625, "sd3": 999}  # SiD's VP start; pure noise for flow
+ALL = list(PIPELINES)
 
 
-@pytest.fixture(scope="module", params=list(PIPELINES))
+@pytest.fixture(scope="module", params=["sdxl", "pixart", "sd3"])
 def family(request, tmp_path_factory):
-    folder = tmp_path_factory.mktemp(request.param) / "teacher"
-    build_pipeline(request.param).save_pretrained(folder)
-    return request.param, folder
+    return request.param, save_tiny(request.param, tmp_path_factory.mktemp(request.param) / "teacher")
 
 
 def run_config(folder, run_dir, *extra) -> dict:
@@ -103,6 +106,27 @@ def test_export_runs_in_the_familys_stock_pipeline_as_bigsid_does(family, tmp_pa
     assert not np.array_equal(*made[0])
 
 
+@pytest.mark.parametrize("name", ["pixart_alpha", "pixart_alpha_1024"])
+def test_pixart_alpha_exports_into_its_own_pipeline(name, tmp_path):
+    """PixArtAlphaPipeline, at its default 120 T5 tokens, runs bigsid's one- and three-step chains as
+    PixArtSigmaPipeline does above (its single step takes the scheduler's x0, not its next sample), passing the
+    1024 px model's transformer the resolution and aspect ratio bigsid conditions on (each call's checked bit for
+    bit against the Cond). Latents only: the images go through the code the Sigma export's test covers."""
+    folder = save_tiny(name, tmp_path / "teacher")
+    config = run_config(folder, tmp_path / "run", "generator.t_init=625")
+    write_checkpoint(tmp_path / "run", perturbed_generator(folder, t_init=625), config)
+    out = export(tmp_path / "run", tmp_path / "export")
+    assert "use_resolution_binning=False, clean_caption=False, max_sequence_length=120" in card_code(out)
+    pipe = DiffusionPipeline.from_pretrained(out)  # the card's pipeline, its call made below
+    assert type(pipe).__name__ == "PixArtAlphaPipeline" and type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
+    assert pipe.transformer.config.use_additional_conditions == (name == "pixart_alpha_1024")
+    d = load_distilled(tmp_path / "run")
+    z = torch.randn(len(PROMPTS), *latent_shape(pipe.transformer), generator=torch.Generator().manual_seed(7))
+    for steps in (1, 3):
+        assert_stock_call_is_bigsids(d, pipe, PROMPTS, z, steps, latents=z)
+
+
+@pytest.mark.parametrize("family", ALL, indirect=True)
 def test_the_teachers_own_sampler_runs_for_evaluation(family, tmp_path):
     name, folder = family
     settings = load_settings(["device=cpu", "sampler=teacher", "teacher_steps=2", "guidance=2"])
@@ -114,9 +138,9 @@ def test_the_teachers_own_sampler_runs_for_evaluation(family, tmp_path):
     assert [im.size for im in made] == [(64, 64)] * 2
 
 
+@pytest.mark.parametrize("family", ALL, indirect=True)
 def test_lora_generator_exports_where_the_pipeline_loads_lora(family, tmp_path):
     peft = pytest.importorskip("peft")
-    from diffusers import DiffusionPipeline
 
     name, folder = family
     targets = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -124,7 +148,7 @@ def test_lora_generator_exports_where_the_pipeline_loads_lora(family, tmp_path):
     config["generator"] |= {"lora_rank": 4, "lora_alpha": 8, "lora_target_modules": targets}
     teacher = load_teacher(str(folder))
     generator = OneStepGenerator(teacher.denoiser, teacher.schedule, T_INIT[name])
-    if name == "pixart":  # diffusers gives PixArt's transformer no adapter: nothing to train, nothing to export
+    if name.startswith("pixart"):  # diffusers gives PixArt's transformer no adapter: nothing to train or export
         write_checkpoint(tmp_path / "run", generator, config)
         with pytest.raises(ExportError, match="PixArtTransformer2DModel.*takes no LoRA adapter"):
             export(tmp_path / "run", tmp_path / "lora")
