@@ -187,8 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, default=1, help="GPUs the run uses")
     p.add_argument("--gpu-mem", type=float, default=80.0, help="memory per GPU in GiB (default 80)")
     p.add_argument("--network", "--unet", dest="network", default=None, help="a preset (sd15 | sd21 | sdxl | "
-                   "pixart_alpha_512 | pixart_sigma_1024 | sd35_medium | tiny | tiny_pixart), a UNet, PixArt or SD3 "
-                   "transformer config.json, or a network or pipeline folder (default: the config's teacher)")
+                   "pixart_alpha_512 | pixart_alpha_1024 | pixart_sigma_1024 | sd35_medium | tiny | tiny_pixart), a "
+                   "UNet, PixArt or SD3 transformer config.json, or a network or pipeline folder (default: the "
+                   "config's teacher)")
     p.add_argument("--resolution", type=int, default=None, help="image size in pixels (default: the network's)")
     p.add_argument("--batch", type=int, default=None, help="per-GPU batch (default: train.batch_size / GPUs)")
     p.add_argument("--shard-size", type=int, default=None, help="also plan fsdp2 sharded within groups of this "

@@ -137,6 +137,7 @@ PRESETS = {
     # SD 1.x, 2.x, SDXL and PixArt share one VAE architecture (SDXL's differs in its scaling factor only)
     "sdxl": Preset("sdxl", _CLIP_L + _OPENCLIP_BIGG, _VAE, 77, 0, "vae"),
     "pixart_alpha_512": Preset("pixart", _T5_XXL, _VAE, 0, 120, "vae"),
+    "pixart_alpha_1024": Preset("pixart", _T5_XXL, _VAE, 0, 120, "vae"),  # with resolution and aspect conditioning
     "pixart_sigma_1024": Preset("pixart", _T5_XXL, _VAE, 0, 300, "vae"),
     "sd35_medium": Preset("sd3", _CLIP_L_PROJ + _OPENCLIP_BIGG + _T5_XXL, _VAE_SD3, 77, 256, "vae_sd3"),
     "tiny": Preset("sd", TextSize(), 0, 32, 0, None),
@@ -148,6 +149,7 @@ KNOWN_HUB_IDS = {"stable-diffusion-v1-5/stable-diffusion-v1-5": ("sd15", 64),
                  "stabilityai/stable-diffusion-2-1-base": ("sd21", 64), "stabilityai/stable-diffusion-2-1": ("sd21", 96),
                  "stabilityai/stable-diffusion-xl-base-1.0": ("sdxl", 128),
                  "PixArt-alpha/PixArt-XL-2-512x512": ("pixart_alpha_512", 64),
+                 "PixArt-alpha/PixArt-XL-2-1024-MS": ("pixart_alpha_1024", 128),
                  "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS": ("pixart_sigma_1024", 128),
                  "stabilityai/stable-diffusion-3.5-medium": ("sd35_medium", 128)}
 # A bare network config's prompt tokens (CLIP, T5), as its family's pipeline pads them (families.T5_MAX_LENGTH)

@@ -16,10 +16,10 @@ from bigsid import plan
 from bigsid.cli import main
 from bigsid.config import GMMConfig, load_config
 from bigsid.families import FAMILIES
-from bigsid.tiny import build_pipeline
 from bigsid.toy import prepare_toy_teacher
 from bigsid.trainer import Trainer
 from conftest import TINY_TOY
+from test_families import save_tiny
 
 GUIDED = [f"objective.kappa{i}=1.5" for i in range(1, 5)]
 
@@ -32,12 +32,10 @@ def teacher_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipeline_dirs(tmp_path_factory):
-    """Tiny PixArt and SD3 pipeline folders (bigsid.tiny), as a teacher folder of those families is planned."""
-    dirs = {}
-    for family in ("pixart", "sd3"):
-        dirs[family] = tmp_path_factory.mktemp(family) / "pipe"
-        build_pipeline(family).save_pretrained(dirs[family])
-    return dirs
+    """Tiny PixArt and SD3 pipeline folders (bigsid.tiny; PixArt-alpha's with resolution and aspect-ratio
+    conditioning too), as a teacher folder of those families is planned."""
+    return {name: save_tiny(name, tmp_path_factory.mktemp(name) / "pipe")
+            for name in ("pixart", "pixart_alpha_1024", "sd3")}
 
 
 def storage_bytes(tensors) -> int:
@@ -64,6 +62,17 @@ def test_reference_transformers_have_their_published_sizes():
     assert alpha.params == sigma.params == 610_856_096 and sd35.params == 2_243_171_520
     assert (alpha.text_tokens, sigma.text_tokens, sd35.text_tokens) == (120, 300, 77 + 256)
     assert (alpha.latent_size, sigma.latent_size, sd35.latent_size) == (64, 128, 128)
+    # PixArt-alpha 1024: alpha 512's network plus its resolution and aspect-ratio embedders (each two linear
+    # layers, 256 sinusoidal channels to a third of the width, 384, then 384 to 384)
+    alpha_1024 = plan.load_model("pixart_alpha_1024")
+    embedder = 256 * 384 + 384 + 384 * 384 + 384
+    assert alpha_1024.params == alpha.params + 2 * embedder
+    assert (alpha_1024.latent_size, alpha_1024.text_tokens) == (128, 120)
+    conditioned = lambda spec: spec.network_config["use_additional_conditions"]  # noqa: E731
+    assert conditioned(alpha_1024) and not conditioned(alpha) and not conditioned(sigma)
+    hub = load_config(None, ["teacher.kind=diffusers", "teacher.path=PixArt-alpha/PixArt-XL-2-1024-MS"],
+                      check_data=False)
+    assert plan.load_model(cfg=hub).params == alpha_1024.params
     # FSDP2's units are the 24 joint blocks: 0-12 with a second image self-attention, the last one without the
     # text stream's output half (context_pre_only); the root keeps the embeddings and the output layer
     _, units, root = sd35.counts
@@ -107,11 +116,13 @@ def known(source, kind, checkpointing, bf16):
     pytest.param(source, batch, kind, checkpointing, bf16, marks=known(source, kind, checkpointing, bf16))
     for source, batch in (("tiny", 4), ("pixart", 4), ("sd3", 1))
     for kind, checkpointing in (("trained", False), ("trained", True), ("input_grad", False), ("input_grad", True))
-    for bf16 in (False, True)])
+    for bf16 in (False, True)] + [("pixart_alpha_1024", 2, "trained", False, False),
+                                  ("pixart_alpha_1024", 2, "input_grad", True, False)])
 def test_meta_measurement_matches_a_real_forward_and_backward(pipeline_dirs, source, batch, kind, checkpointing,
                                                               bf16):
     """A tiny network of each family (the tiny UNet preset; PixArt and SD3 from their pipeline folders, at the
-    prompt lengths their pipelines pad to) on the CPU, called through its family's denoiser with torch.autocast,
+    prompt lengths their pipelines pad to; PixArt-alpha at 1024 px's latent size, conditioned on its resolution and
+    aspect ratio) on the CPU, called through its family's denoiser with torch.autocast,
     against the planner's batch-1 meta measurement (CPU autocast policy) times the batch: activations are linear in
     the batch, and the meta run misses nothing. SD3 at batch 1: its trained call keeps some tensors once per call,
     not per sample (3% of this tiny network's activations), which the planner's per-sample scaling overcounts at a
