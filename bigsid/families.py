@@ -80,7 +80,8 @@ class UNetDenoiser(_Denoiser):
 
 class PixArtDenoiser(_Denoiser):
     """A PixArt-alpha/Sigma transformer: T5 tokens with their mask, resolution and aspect-ratio conditioning where
-    the model takes it (the 1024 px models), and of its learned-variance output only the eps channels."""
+    the model takes it (of the released ones PixArt-alpha's 1024 px model alone: PixArt-Sigma's take none), and of its
+    learned-variance output only the eps channels."""
 
     component = "transformer"
 
