@@ -149,6 +149,7 @@ def overrides(name, folder, tmp_path, *extra, prompts=("a red cube",) * 2):
             f"generator.t_init={999 if name == 'sd3' else 625}", *extra]
 
 
+@pytest.mark.parametrize("family_dir", ["sdxl", "pixart", "pixart_alpha_1024", "sd3"], indirect=True)
 def test_training_steps_run_on_every_family(family_dir, tmp_path):
     name, folder = family_dir
     tr = Trainer(load_config(None, overrides(name, folder, tmp_path, prompts=PROMPTS[:2])))
