@@ -96,6 +96,11 @@ class ObjectiveConfig:
     alpha: float = 1.0  # SiD: 1.0 for text-to-image (SiD-LSG), 1.2 for EDM pixel models
     t_min: int = 20
     t_max: int = 979
+    # The generator loss's t has density ~ (t - t_min)^(p - 1): 1 is the papers' uniform. p > 1 draws large t more
+    # often, where the modes' noised distributions overlap and the score difference carries the mode weights; with
+    # few samples per step the small-t pull that sharpens the modes otherwise drifts the weights
+    # (benchmarks/results/demo_diagnosis.md). The fake score keeps the uniform: it must track every t.
+    generator_t_power: float = 1.0
     # Long-short guidance (SiD-LSG). kappa1: fake score inside its own training; kappa2/kappa3: fake score in
     # the generator loss (in delta and in the alpha term); kappa4: teacher in the generator loss.
     kappa1: float = 1.0
@@ -346,6 +351,7 @@ def validate(cfg: Config, check_data: bool = True) -> Config:
            cfg.teacher.text_max_length)
     _check(0 <= o.t_min < o.t_max <= 999, "objective.t_min/t_max", "0 <= t_min < t_max <= 999",
            (o.t_min, o.t_max))
+    _check(o.generator_t_power > 0, "objective.generator_t_power", "> 0 (1: uniform t)", o.generator_t_power)
     for name, section in (("generator", cfg.generator), ("fake_score", cfg.fake_score)):
         _check(section.lora_rank >= 0 and section.lora_alpha >= 0, f"{name}.lora_rank/lora_alpha",
                f">= 0 (rank 0: train the full {name})", (section.lora_rank, section.lora_alpha))
