@@ -75,6 +75,7 @@ def test_missing_prompt_sources_and_bad_caption_keys_are_refused(tmp_path):
 @pytest.mark.parametrize("key,overrides", [
     ("optim.lr_generator", ["optim.lr_generator=inf"]), ("objective.alpha", ["objective.alpha=inf"]),
     ("train.seed", ["train.seed=-1"]), ("train.device", ["train.device=tpu"]),
+    ("objective.generator_t_power", ["objective.generator_t_power=0"]),
     ("data.path", ["data.source=text", "data.path=absent-prompts.txt"]),
     ("data.caption_key", ["data.caption_key=jsn:caption"])])
 def test_cli_exits_2_naming_the_key_before_building_anything(key, overrides, monkeypatch, capsys):
@@ -101,9 +102,9 @@ def test_demo_config_is_package_data_found_from_any_directory(tmp_path, monkeypa
     monkeypatch.setattr(bigsid.toy, "prepare_toy_teacher", fake_teacher)
     monkeypatch.setattr(bigsid.cli, "_run", lambda cfg, *args, **kw: ran.append(cfg) or 0)
     monkeypatch.chdir(tmp_path)  # no configs/ folder here
-    assert bigsid.cli.main(["demo", "--out", "demo", "train.total_nimg=64"]) == 0
+    assert bigsid.cli.main(["demo", "--out", "demo", "train.total_nimg=256"]) == 0
     (cfg,) = ran
-    assert (cfg.objective.name, cfg.train.batch_size, cfg.train.total_nimg) == ("sid", 64, 64)
+    assert (cfg.objective.name, cfg.train.batch_size, cfg.train.total_nimg) == ("sid", 256, 256)
     assert cfg.teacher.path == "demo/teacher"
 
 
