@@ -1,11 +1,30 @@
 """The FSDP2 layout on 2 gloo ranks: how many all-gathers one generator step issues, against the plan."""
 
+import contextlib
 import json
 
 import pytest
 import torch.multiprocessing as mp
 
 from test_parallel import PARITY, free_port
+
+
+@contextlib.contextmanager
+def counted_all_gathers():
+    """A list that gets one entry per FSDP2 all-gather issued inside the block (any unit, any rank's own)."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group
+
+    gathers, original = [], _fsdp_param_group.foreach_all_gather
+
+    def counted(*args, **kwargs):
+        gathers.append(1)
+        return original(*args, **kwargs)
+
+    _fsdp_param_group.foreach_all_gather = counted
+    try:
+        yield gathers
+    finally:
+        _fsdp_param_group.foreach_all_gather = original
 
 
 def count_worker(rank: int, world: int, port: int, overrides: list[str], report: str) -> None:
@@ -16,7 +35,6 @@ def count_worker(rank: int, world: int, port: int, overrides: list[str], report:
     import torch
     import torch.distributed as dist
     from torch.distributed.fsdp import FSDPModule
-    from torch.distributed.fsdp._fully_shard import _fsdp_param_group
 
     from bigsid.config import load_config
     from bigsid.trainer import Trainer
@@ -34,16 +52,8 @@ def count_worker(rank: int, world: int, port: int, overrides: list[str], report:
         root_own = any(id(p) not in inner for p in net.parameters())
         return len(own) + root_own, root_own
 
-    gathers = []
-    original = _fsdp_param_group.foreach_all_gather
-
-    def counted(*args, **kwargs):
-        gathers.append(1)
-        return original(*args, **kwargs)
-
-    _fsdp_param_group.foreach_all_gather = counted
-    trainer.generator_phase()
-    _fsdp_param_group.foreach_all_gather = original
+    with counted_all_gathers() as gathers:
+        trainer.generator_phase()
     with open(f"{report}.rank{rank}.json", "w") as f:
         json.dump({"gathers": len(gathers), "generator": units(trainer.generator.inner),
                    "teacher": units(trainer.teacher), "fake_score": units(trainer.fake_score.inner)}, f)

@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 from bigsid.config import ConfigError, load_config
 from bigsid.tiny import build_pipeline
 from test_families import overrides
+from test_fsdp2_layout import counted_all_gathers
 from test_parallel import free_port, launch, losses
 
 PROMPTS = ["a red cube", "two cats on a sofa", "", "a lighthouse at dusk, oil on canvas"]
@@ -33,7 +34,6 @@ def encode_worker(rank: int, world: int, port: int, folder: str, report: str) ->
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
     import torch.distributed as dist
-    from torch.distributed.fsdp._fully_shard import _fsdp_param_group
 
     from bigsid.families import load_teacher
     from bigsid.parallel.fsdp2 import FSDP2Backend
@@ -51,20 +51,10 @@ def encode_worker(rank: int, world: int, port: int, folder: str, report: str) ->
         sharded = copy.deepcopy(whole)
         expected = whole(prompts)
         backend.shard_encoder(sharded)
-        gathers = []
-        original = _fsdp_param_group.foreach_all_gather
-
-        def counted(*args, **kwargs):
-            gathers.append(1)
-            return original(*args, **kwargs)
-
-        _fsdp_param_group.foreach_all_gather = counted
-        try:
+        with counted_all_gathers() as gathers:
             sharded(prompts)  # the first call also encodes the empty prompt
             first = len(gathers)
             cond = sharded(prompts)
-        finally:
-            _fsdp_param_group.foreach_all_gather = original
         same = {}
         for c, e, prefix in ((cond, expected, ""), (cond.uncond, expected.uncond, "uncond.")):
             for f in fields(e):
