@@ -1,5 +1,6 @@
-"""Loading a diffusers teacher on 2 gloo ranks with FSDP2: the teacher, the generator and the fake score are built
-empty, sharded, then filled from the teacher's weights, read by rank 0 alone; no rank holds a whole network."""
+"""Loading a diffusers teacher on 2 gloo ranks with FSDP2 and with ZeRO-3: the teacher, the generator and the fake
+score are built empty and filled from the teacher's weights, read by rank 0 alone (fsdp2 shards each network first,
+ZeRO-3 partitions it module by module as it is filled); no rank holds a whole network."""
 
 import json
 import os
@@ -11,7 +12,10 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
+from test_parallel import BACKENDS, needs_deepspeed
+
 WORLD = 2
+SHARDING = ["fsdp2", pytest.param("zero3", marks=needs_deepspeed)]
 
 
 def status_kib(field: str) -> int:
@@ -19,13 +23,30 @@ def status_kib(field: str) -> int:
     return int(line.split()[1])
 
 
-def load_teacher_whole() -> None:
-    """Set-up as it was before the teacher was built empty: every rank loads it whole (from_pretrained), then it is
-    sharded; with it a LoRA fake score's base network, the teacher's own."""
+def load_whole(backend: str) -> None:
+    """Set-up as it was before, per backend. fsdp2: every rank loads the teacher whole (from_pretrained), then it is
+    sharded; with it a LoRA fake score's base network, the teacher's own. ZeRO-3: every rank reads the weights and
+    fills each network whole, then its engine partitions it."""
     from bigsid import models
+    from bigsid.parallel.base import Backend
 
-    load = models.load_teacher
-    models.load_teacher = lambda *args, **kwargs: load(*args, **{**kwargs, "weights": True})
+    if backend == "fsdp2":
+        load = models.load_teacher
+        models.load_teacher = lambda *args, **kwargs: load(*args, **{**kwargs, "weights": True})
+    else:
+        from bigsid.parallel.deepspeed import DeepSpeedBackend
+
+        DeepSpeedBackend.fill, DeepSpeedBackend.reads_weights = Backend.fill, True
+
+
+def gathered(net) -> dict[str, torch.Tensor]:
+    """The whole state dict of a sharded network, on every rank (every rank joins each gather)."""
+    if any(hasattr(p, "ds_tensor") for p in net.parameters()):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(net.parameters())):
+            return {key: value.clone() for key, value in net.state_dict().items()}
+    return {key: value.full_tensor() for key, value in net.state_dict().items()}
 
 
 def record_reads(reads: list, rank: int) -> None:
@@ -45,8 +66,9 @@ def record_reads(reads: list, rank: int) -> None:
     families.load_network = models.load_network = recorded
 
 
-def set_up(rank: int, port: int, overrides: list[str], out: str, whole_teacher: bool) -> None:
-    """One rank: build the networks and prepare them as a run does; write what the tests check."""
+def set_up(rank: int, port: int, overrides: list[str], out: str, whole: str | None) -> None:
+    """One rank: build the networks and prepare them as a run does (`whole`: as the backend of that name did before,
+    load_whole); write what the tests check: peak growth once the networks are placed, and at the end of prepare."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
     torch.set_num_threads(1)
@@ -60,24 +82,25 @@ def set_up(rank: int, port: int, overrides: list[str], out: str, whole_teacher: 
     from bigsid.models import build_networks
     from bigsid.parallel import build_backend
 
-    if whole_teacher:
-        load_teacher_whole()
+    if whole:
+        load_whole(whole)
     reads = []
     record_reads(reads, rank)
     cfg = load_config(None, overrides)
     backend = build_backend(cfg)
+    place, placed = backend.place, []
+    backend.place = lambda *args, **kwargs: (place(*args, **kwargs), placed.append(status_kib("VmHWM")))
     dist.barrier()
     Path("/proc/self/clear_refs").write_text("5")  # the kernel's high-water mark VmHWM := VmRSS
     start = status_kib("VmRSS")
     torch.manual_seed(cfg.train.seed)
     networks = build_networks(cfg)
     backend.prepare(networks)
-    growth = (status_kib("VmHWM") - start) * 1024
+    growth = {"placed": (placed[0] - start) * 1024, "prepared": (status_kib("VmHWM") - start) * 1024}
     whole = {}
     for name, net in (("teacher", networks.teacher), ("generator", networks.generator),
                       ("fake_score", networks.fake_score)):
-        for key, value in net.state_dict().items():
-            whole[f"{name}.{key}"] = value.full_tensor()  # every rank joins each gather
+        whole |= {f"{name}.{key}": value for key, value in gathered(net).items()}
     teacher_dtypes = sorted({str(p.dtype) for p in networks.teacher.parameters()})
     save_file(whole, f"{out}.rank{rank}.safetensors")
     Path(f"{out}.rank{rank}.json").write_text(json.dumps({"growth": growth, "reads": reads,
@@ -92,11 +115,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
+@pytest.fixture(scope="module", params=SHARDING)
+def loaded(request, tmp_path_factory):
     """A Stable Diffusion teacher whose UNet is large enough (~40 M parameters, 160 MB in fp32) for its copies to
-    stand out of a process's other memory, loaded on 2 ranks under bf16 with a LoRA generator: (folder, each
-    rank's report, each rank's gathered networks, each rank's report of the set-up that loads the teacher whole)."""
+    stand out of a process's other memory, loaded on 2 ranks under bf16 with a LoRA generator by each sharding
+    backend: (folder, each rank's report, each rank's gathered networks, each rank's report of the set-up as it
+    was before, backend name)."""
     pytest.importorskip("peft")
     from diffusers import UNet2DConditionModel
 
@@ -112,22 +136,22 @@ def loaded(tmp_path_factory):
         cross_attention_dim=32, attention_head_dim=8))
     pipe.save_pretrained(folder, safe_serialization=True)
     out = str(folder.parent / "report")
-    overrides = ["teacher.kind=diffusers", f"teacher.path={folder}", "parallel.backend=fsdp2", "train.device=cpu",
+    overrides = ["teacher.kind=diffusers", f"teacher.path={folder}", *BACKENDS[request.param], "train.device=cpu",
                  "train.precision=bf16", "train.batch_size=2", "generator.lora_rank=4"]
+    name = request.param
     reports = {}
-    for whole_teacher in (False, True):
-        out = str(folder.parent / f"report_whole{whole_teacher}")
-        mp.start_processes(set_up, args=(free_port(), overrides, out, whole_teacher), nprocs=WORLD,
-                           start_method="spawn")
-        reports[whole_teacher] = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(WORLD)]
-    whole = [load_file(f"{folder.parent}/report_wholeFalse.rank{r}.safetensors") for r in range(WORLD)]
-    return folder, reports[False], whole, reports[True]
+    for whole in (None, name):
+        out = str(folder.parent / f"report_{whole}")
+        mp.start_processes(set_up, args=(free_port(), overrides, out, whole), nprocs=WORLD, start_method="spawn")
+        reports[whole] = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(WORLD)]
+    gathered = [load_file(f"{folder.parent}/report_None.rank{r}.safetensors") for r in range(WORLD)]
+    return folder, reports[None], gathered, reports[name], name
 
 
 def test_trained_networks_start_as_the_teachers_fp32_weights(loaded):
     from bigsid.families import FAMILIES, UNetDenoiser, load_network
 
-    folder, reports, whole, _ = loaded
+    folder, reports, whole, _, _ = loaded
     assert all(r["teacher_dtypes"] == ["torch.bfloat16"] for r in reports), "the teacher is stored in bf16"
     assert whole[0].keys() == whole[1].keys()
     for key in whole[0]:
@@ -152,7 +176,7 @@ def test_teacher_is_the_files_weights_in_bf16_on_every_rank(loaded):
     makes of the file: each weight rounded once to bf16, bit for bit, on both ranks."""
     from bigsid.families import FAMILIES, UNetDenoiser, load_network
 
-    folder, _, whole, _ = loaded
+    folder, _, whole, _, _ = loaded
     reference = UNetDenoiser(load_network(FAMILIES["sd"], str(folder), torch_dtype=torch.bfloat16), "epsilon")
     expected = reference.state_dict()
     for rank in range(WORLD):
@@ -164,23 +188,59 @@ def test_teacher_is_the_files_weights_in_bf16_on_every_rank(loaded):
 
 
 def test_no_rank_holds_a_whole_network(loaded):
-    """Peak host memory growth at set-up, from the tensors' arithmetic, W = one fp32 UNet: rank 1 holds half of each
-    trained network (W) and half of the bf16 teacher (W / 4), 1.25 W; rank 0 alone also reads the fp32 weights all
-    three start from (W). Loading the teacher whole on every rank and sharding it after the trained networks (the
-    set-up before) held the whole bf16 teacher beside them while it was sharded: 1.75 W on rank 1, the bound, which
-    that set-up exceeds by whatever the arithmetic leaves out, and which leaves this one 0.5 W (80 MB) for it (the
-    allocator's free lists, the tensor in flight during each broadcast, the small text encoder and VAE). Only rank 0
-    ever reads the weight file: the set-up that loads the teacher whole shows that every read is seen."""
-    folder, reports, _, whole_teacher = loaded
+    """Peak host memory growth once the networks are placed, from the tensors' arithmetic, W = one fp32 UNet: rank 1
+    holds half of each trained network (W) and half of the bf16 teacher (W / 4), 1.25 W (ZeRO-3: and one module's
+    own parameters whole, here at most 0.04 W); rank 0 alone also reads the fp32 weights all three start from (W).
+    fsdp2's set-up before, loading the teacher whole on every rank and sharding it after the trained networks, held
+    the whole bf16 teacher beside them while it was sharded: 1.75 W on rank 1, the bound (ZeRO-3's before held all
+    three networks whole on every rank: 2.5 W and more), which leaves 0.5 W (80 MB) for what the arithmetic leaves
+    out (the allocator's free lists, the tensor in flight during each broadcast, the small text encoder and VAE).
+    Checked once placed: ZeRO-3's engines then allocate Adam's states and the gradients' partitions at once, where
+    FSDP2 does so at the first step. Only rank 0 ever reads the weight file: the set-up before shows that every
+    read is seen (fsdp2's read the teacher whole on every rank, then rank 0 the weights the trained networks start
+    from; ZeRO-3's read them once on every rank)."""
+    folder, reports, _, before, name = loaded
     unet_bytes = 4 * sum(v.numel() for v in load_file(folder / "unet/diffusion_pytorch_model.safetensors").values())
-    assert reports[1]["growth"] < 1.75 * unet_bytes, (reports[1]["growth"] / unet_bytes, "x one fp32 UNet")
+    placed = reports[1]["growth"]["placed"]
+    assert placed < 1.75 * unet_bytes, (placed / unet_bytes, "x one fp32 UNet")
     assert [r["reads"] for r in reports] == [[0], []]
-    assert [r["reads"] for r in whole_teacher] == [[0, 0], [1]]
+    assert [r["reads"] for r in before] == {"fsdp2": [[0, 0], [1]], "zero3": [[0], [1]]}[name]
 
 
-def train(rank: int, port: int, overrides: list[str], whole_teacher: bool) -> None:
-    """One rank of a short fsdp2 run; `whole_teacher`: set-up as it was before (load_teacher_whole). peft draws more random numbers for an adapter on a loaded network than on an empty one, so the
-    adapters' random A matrices are drawn again here, alike in both set-ups."""
+@needs_deepspeed
+def test_zero3_broadcasts_the_buffers_read_from_the_file(tmp_path):
+    """SD3's position embedding is a buffer the file holds (PixArt's is computed as built): under ZeRO-3 rank 1, which
+    reads nothing, gets rank 0's, so that both ranks' bf16 teachers hold what from_pretrained(torch_dtype=bf16)
+    loads, the buffer included, bit for bit. With hpZ (zero_hpz_partition_size), whose process group the first
+    module's partitioning makes and every later one must be given, since DeepSpeed refuses to make it twice."""
+    from bigsid.families import FAMILIES, load_network
+    from bigsid.tiny import build_pipeline
+
+    folder = tmp_path / "sd3"
+    build_pipeline("sd3").save_pretrained(folder)
+    family = FAMILIES["sd3"]
+    reference = family.denoiser(load_network(family, str(folder), torch_dtype=torch.bfloat16), "epsilon")
+    read = [name for name, b in family.denoiser(load_network(family, str(folder), weights=False), "epsilon")
+            .named_buffers() if b.is_meta]
+    assert read == ["transformer.pos_embed.pos_embed"]
+    hpz = tmp_path / "hpz.json"
+    hpz.write_text(json.dumps({"zero_optimization": {"zero_hpz_partition_size": WORLD}}))
+    overrides = ["teacher.kind=diffusers", f"teacher.path={folder}", *BACKENDS["zero3"], "train.device=cpu",
+                 "train.precision=bf16", "train.batch_size=2", f"parallel.deepspeed_config={hpz}"]
+    out = str(tmp_path / "report")
+    mp.start_processes(set_up, args=(free_port(), overrides, out, None), nprocs=WORLD, start_method="spawn")
+    for rank in range(WORLD):
+        held = {k.removeprefix("teacher."): v for k, v in load_file(f"{out}.rank{rank}.safetensors").items()
+                if k.startswith("teacher.")}
+        assert held.keys() == reference.state_dict().keys()
+        for key, value in reference.state_dict().items():
+            assert held[key].dtype == value.dtype and torch.equal(held[key], value), (rank, key)
+
+
+def train(rank: int, port: int, overrides: list[str], whole: str | None) -> None:
+    """One rank of a short run; `whole`: set-up as the backend of that name did before (load_whole). peft draws more
+    random numbers for an adapter on a loaded network than on an empty one, so the adapters' random A matrices are
+    drawn again here, alike in both set-ups."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
     torch.set_num_threads(1)
@@ -190,8 +250,8 @@ def train(rank: int, port: int, overrides: list[str], whole_teacher: bool) -> No
     from bigsid.config import load_config
     from bigsid.trainer import Trainer
 
-    if whole_teacher:
-        load_teacher_whole()
+    if whole:
+        load_whole(whole)
     cfg = load_config(None, overrides)
     torch.manual_seed(cfg.train.seed)
     networks = models.build_networks(cfg)
@@ -206,22 +266,25 @@ def train(rank: int, port: int, overrides: list[str], whole_teacher: bool) -> No
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("extra", [[], ["fake_score.lora_rank=4"]], ids=["bf16_teacher", "lora_fake_score"])
-def test_losses_equal_those_of_a_teacher_loaded_whole(teacher_dir, tmp_path, extra):
-    """The same weights, sharded alike, give the same losses bit for bit, whether the teacher was filled shard by
-    shard or loaded whole and then sharded; with a LoRA fake score the teacher is its base network with the adapter
-    off, which is filled the same way."""
+@pytest.mark.parametrize("name, extra", [("fsdp2", []), ("fsdp2", ["fake_score.lora_rank=4"]),
+                                         pytest.param("zero3", [], marks=needs_deepspeed)],
+                         ids=["fsdp2-bf16_teacher", "fsdp2-lora_fake_score", "zero3-bf16_teacher"])
+def test_losses_equal_those_of_a_set_up_as_before(teacher_dir, tmp_path, name, extra):
+    """The same weights, sharded alike, give the same losses bit for bit, whether the networks were filled shard by
+    shard (fsdp2) or module by module as they were partitioned (ZeRO-3), or as before (load_whole): the same values
+    in the same shards or partitions, so the same arithmetic on them. With a LoRA fake score the teacher is its
+    base network with the adapter off, which is filled the same way."""
     from conftest import TINY_TOY
     from test_parallel import losses
 
     if extra:
         pytest.importorskip("peft")
-    args = [*TINY_TOY, "teacher.kind=diffusers", f"teacher.path={teacher_dir}", "parallel.backend=fsdp2",
-            "train.device=cpu", "train.precision=bf16", "train.batch_size=4", "train.total_nimg=12",
-            "train.log_every=1", "train.checkpoint_every=0", *extra]
-    for whole in (False, True):
+    args = [*TINY_TOY, "teacher.kind=diffusers", f"teacher.path={teacher_dir}", *BACKENDS[name], "train.device=cpu",
+            "train.precision=bf16", "train.batch_size=4", "train.total_nimg=12", "train.log_every=1",
+            "train.checkpoint_every=0", *extra]
+    for whole in (None, name):
         overrides = [*args, f"train.run_dir={tmp_path / str(whole)}"]
         mp.start_processes(train, args=(free_port(), overrides, whole), nprocs=WORLD, start_method="spawn")
-    filled, reference = losses(tmp_path / "False"), losses(tmp_path / "True")
+    filled, reference = losses(tmp_path / "None"), losses(tmp_path / name)
     assert filled.shape == (3, 2) and filled.isfinite().all()
     assert torch.equal(filled, reference), (filled, reference)

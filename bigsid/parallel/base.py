@@ -131,10 +131,11 @@ class Backend:
 
         A backend that shards passes `shard(module, denoiser)`, applied to each of the three networks that holds
         parameters before it holds any memory: one built on the meta device (models.build_networks) is sharded,
-        then materialised on the device, then loaded (`load_state`) with the teacher's weights and the adapter
+        then materialised on the device, then loaded (`fill`) with the teacher's weights and the adapter
         weights and buffers it was built with: a rank holds its shards of it, and only the ranks that read
-        (`reads_weights`) hold the teacher's fp32 weights whole, once, for all three. The teacher goes first: its
-        state, cast to its dtype, is let go before the trained networks take memory."""
+        (`reads_weights`) hold the teacher's fp32 weights whole, once, for all three. A backend that can only
+        partition tensors that hold values (ZeRO-3) fills instead, partitioning each piece as it is filled. The
+        teacher goes first: its state, cast to its dtype, is let go before the trained networks take memory."""
         if not self.is_main:
             networks.vae = None
         for net in (networks.encoder, networks.vae):
@@ -152,15 +153,21 @@ class Backend:
                     shard(module, denoiser)
                 continue
             state = start_state(module, prefix, source) if self.reads_weights else {}
-            buffers = {name: b.detach() for name, b in module.named_buffers() if not b.is_meta}
             if shard is not None:
                 shard(module, denoiser)
-            module.to_empty(device=self.device)
-            with torch.no_grad():
-                for name, b in buffers.items():  # non-persistent ones are in no state dict
-                    module.get_buffer(name).copy_(b)
-            self.load_state(module, state)
+            self.fill(module, state)
         networks.initial_state = None  # read once; what it holds on to (the host tensors of the teacher) goes
+
+    def fill(self, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Materialise a network built on the meta device (sharded already, where `shard` did) on this rank's
+        device, then load `state` (start_state's; empty on a rank that does not read), keeping the buffers it was
+        built with."""
+        buffers = {name: b.detach() for name, b in module.named_buffers() if not b.is_meta}
+        module.to_empty(device=self.device)
+        with torch.no_grad():
+            for name, b in buffers.items():  # non-persistent ones are in no state dict
+                module.get_buffer(name).copy_(b)
+        self.load_state(module, state)
 
     def load_state(self, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
         """Load a whole state dict into `module` as this backend holds it (every name must be there)."""

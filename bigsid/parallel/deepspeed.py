@@ -208,6 +208,54 @@ class DeepSpeedBackend(Collectives, Backend):
         self.config = engine_config(cfg, self.world_size, read_user_config(cfg.parallel.deepspeed_config))
         self.stage = cfg.parallel.zero_stage
 
+    @property
+    def reads_weights(self) -> bool:
+        return self.stage == 2 or self.is_main  # ZeRO-3: fill() broadcasts rank 0's values
+
+    def fill(self, module, state):
+        """ZeRO-3 partitions a network as it fills it, module by module, each after the modules inside it: the
+        module's own parameters are materialised whole on the device and filled (from `state` on rank 0), then
+        deepspeed.zero.Init(module=...) partitions them, broadcasting rank 0's values first, in the parameter's dtype
+        (a bf16 teacher's at half the bytes), and skips the parameters of the modules inside, partitioned already.
+        Buffers stay whole; those read from the file are broadcast from rank 0. A rank so holds its partitions and
+        one module whole, and the engine, whose own Init finds every parameter partitioned, converts nothing again.
+        ZeRO-2 keeps whole weights on every rank by design: filled whole."""
+        if self.stage != 3:
+            return super().fill(module, state)
+
+        from deepspeed.utils.groups import _get_zero_param_intra_parallel_group as hpz_group
+
+        def span(p):  # bytes a parameter takes in `whole`, rounded up so that every dtype's view is aligned
+            return -(-p.numel() * p.element_size() // 64) * 64
+
+        modules = list(reversed(list(module.named_modules())))
+        # Every module's parameters materialised in turn in one buffer: allocated and freed module after module
+        # between the partitions, they would leave the host's heap full of holes (half a network more at the peak).
+        whole = torch.empty(max(sum(map(span, m.parameters(recurse=False))) for _, m in modules), dtype=torch.uint8,
+                            device=self.device)
+        with torch.no_grad():
+            for name, leaf in modules:
+                prefix = f"{name}." if name else ""
+                offset = 0
+                for n, p in list(leaf.named_parameters(recurse=False)):
+                    t = whole[offset:offset + p.numel() * p.element_size()].view(p.dtype).view(p.shape)
+                    offset += span(p)
+                    if not p.is_meta:  # built real: an adapter's weights
+                        t.copy_(p)
+                    elif self.reads_weights:
+                        t.copy_(state[prefix + n])
+                    setattr(leaf, n, nn.Parameter(t, requires_grad=p.requires_grad))
+                for n, b in list(leaf.named_buffers(recurse=False)):
+                    if b.is_meta:  # read from the file
+                        b = state[prefix + n].to(self.device) if self.reads_weights else \
+                            torch.empty_like(b, device=self.device)
+                        dist.broadcast(b, 0)
+                    setattr(leaf, n, b.to(self.device))
+                if offset:
+                    # hpZ's group (zero_hpz_partition_size): made by the first Init, then passed (Init makes it once)
+                    self.deepspeed.zero.Init(module=leaf, config_dict_or_path=self.config,
+                                             zero_param_parallel_group=hpz_group())
+
     def _engine(self, module: nn.Module, optimizer: torch.optim.Optimizer | None):
         engine, *_ = self.deepspeed.initialize(model=module, optimizer=optimizer, config=self.config)
         engine.checkpoint_engine = _safe_checkpoint_engine(engine._config)
