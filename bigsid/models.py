@@ -5,8 +5,9 @@ v_prediction, flow or sample), called at the time its schedule says (`Schedule.t
 each diffusers family to it. `predict` turns it into the x0- or eps-prediction the objectives need, with
 classifier-free guidance done in eps space on one batched call. The generator and the fake score start as copies
 of the teacher's network. All three are built empty (on the meta device) from its config and get their weights
-from the backend, which shards them first where it shards (`Networks.initial_state`), so a rank that shards holds
-no whole network on the host but the weights it reads (rank 0 only).
+from the backend, which shards them first where it shards (fsdp2) or partitions them as it fills them (ZeRO-3)
+(`Networks.initial_state`), so a rank that shards holds no whole network on the host but the weights it reads
+(rank 0 only).
 """
 
 from __future__ import annotations
