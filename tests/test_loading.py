@@ -272,8 +272,10 @@ def train(rank: int, port: int, overrides: list[str], whole: str | None) -> None
 def test_losses_equal_those_of_a_set_up_as_before(teacher_dir, tmp_path, name, extra):
     """The same weights, sharded alike, give the same losses bit for bit, whether the networks were filled shard by
     shard (fsdp2) or module by module as they were partitioned (ZeRO-3), or as before (load_whole): the same values
-    in the same shards or partitions, so the same arithmetic on them. With a LoRA fake score the teacher is its
-    base network with the adapter off, which is filled the same way."""
+    in the same shards or partitions, so the same arithmetic on them. ZeRO-3 now numbers the parameters in another
+    order, each module after those inside it, which orders the tensors in its gathers and gradient buckets but no
+    sum: each gradient element is still the sum of the same two ranks' values. With a LoRA fake score the teacher
+    is its base network with the adapter off, which is filled the same way."""
     from conftest import TINY_TOY
     from test_parallel import losses
 
