@@ -119,18 +119,20 @@ def main() -> None:
     out = str(folder / f"report.{args.backend}.{args.label}")
     mp.start_processes(rank_main, args=(2, port, str(folder), out, args.backend), nprocs=2, start_method="spawn")
     ranks = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(2)]
-    row = {"label": args.label, "code": args.code, "unet_params": params, "unet_fp32_bytes": 4 * params, "width": args.width, "world_size": 2,
-           "backend": {"fsdp2": "fsdp2", "zero3": "deepspeed zero3"}[args.backend], "precision": "bf16", "ranks": ranks,
+    backend = {"fsdp2": "fsdp2", "zero3": "deepspeed zero3"}[args.backend]
+    row = {"label": args.label, "code": args.code, "unet_params": params, "unet_fp32_bytes": 4 * params,
+           "width": args.width, "world_size": 2, "backend": backend, "precision": "bf16", "ranks": ranks,
            "machine": machine, "torch": torch.__version__}
     results = Path(args.results or ROOT / f"benchmarks/results/loading_{machine}.json")
     rows = json.loads(results.read_text()) if results.exists() else []
-    rows = [r for r in rows if (r["label"], r["width"], r["backend"]) != (args.label, args.width, row["backend"])] + [row]
+    key = ("label", "width", "backend")
+    rows = [r for r in rows if [r[k] for k in key] != [row[k] for k in key]] + [row]
     results.write_text(json.dumps(rows, indent=1) + "\n")
     gib = 2**30
     for r in ranks:
         print(f"{args.backend} {args.label}: rank {r['rank']}: peak host memory growth at set-up "
-              f"{r['setup_peak_growth_bytes'] / gib:.2f} GiB, {r['placed_peak_growth_bytes'] / gib:.2f} GiB once placed "
-              f"(one fp32 UNet: {4 * params / gib:.2f} GiB)")
+              f"{r['setup_peak_growth_bytes'] / gib:.2f} GiB, {r['placed_peak_growth_bytes'] / gib:.2f} GiB once "
+              f"placed (one fp32 UNet: {4 * params / gib:.2f} GiB)")
 
 
 if __name__ == "__main__":
