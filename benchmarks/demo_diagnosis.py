@@ -42,6 +42,25 @@ def offset_width(samples: dict[str, torch.Tensor], truth: toy.GMM) -> tuple[floa
     return sum(offsets) / len(offsets), sum(widths) / len(widths)
 
 
+def noise_left(samples: dict[str, torch.Tensor], noise: dict[str, torch.Tensor], truth: toy.GMM) -> tuple[float, float]:
+    """How much of the generator's within-mode error is its input noise passed through: per mode, the least-squares
+    c in x_gen - centre ~ c z, and the share of the error's square that c z explains. A generator started from the
+    teacher at t_init reads x0 = a x_t - s v from x_t = s z, so it must cancel a s z (0.345 z at t_init 625) with its
+    v output; what it leaves shows up here as c, and as width the truth's modes do not have."""
+    coefs, shares = [], []
+    for i, prompt in enumerate(truth.prompts):
+        x, z = samples[prompt].flatten(1).double(), noise[prompt].flatten(1).double()
+        _, mode = truth.nearest_mode(x, i)
+        for k in range(truth.means.shape[1]):
+            if (mode == k).sum() < 10:
+                continue
+            r, zk = x[mode == k] - x[mode == k].median(0).values, z[mode == k]
+            c = (r * zk).sum() / zk.square().sum()
+            coefs.append(c.item())
+            shares.append((c.square() * zk.square().sum() / r.square().sum()).item())
+    return sum(coefs) / len(coefs), sum(shares) / len(shares)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config")
@@ -77,6 +96,9 @@ def main() -> None:
                 ema = ground_truth.score(g, encoder)
                 generated = {p: toy.sample_generator(g, encoder, p, 1000, truth.latent_shape, 3 + i)
                              for i, p in enumerate(truth.prompts)}
+            # the noise sample_generator drew for each prompt, drawn again from its seed
+            noise = {p: torch.randn(1000, *truth.latent_shape, generator=torch.Generator().manual_seed(3 + i))
+                     for i, p in enumerate(truth.prompts)}
             fake = {p: toy.sample_teacher(trainer.fake_score.inner, net.schedule, net.scheduler_config, encoder, p,
                                           500, truth.latent_shape, 25, 7 + i) for i, p in enumerate(truth.prompts)}
             longer = []
@@ -90,8 +112,10 @@ def main() -> None:
               f"TV {raw['mode_coverage_tv']:.3f} | {' | '.join(longer)} | fake-score sampler: spread "
               f"{sum(s['spread_ratio'] for s in fake_scores) / len(fake_scores):.3f} TV "
               f"{sum(s['mode_coverage_tv'] for s in fake_scores) / len(fake_scores):.3f} | offset/width: EMA "
-              "generator %.3f %.3f, fake-score sampler %.3f %.3f | fake-score loss %.3f"
-              % (*offset_width(generated, truth), *offset_width(fake, truth), float(metrics["fake_score/loss"])),
+              "generator %.3f %.3f, fake-score sampler %.3f %.3f | noise left in the generator: c %.3f, share %.2f "
+              "| fake-score loss %.3f"
+              % (*offset_width(generated, truth), *offset_width(fake, truth), *noise_left(generated, noise, truth),
+                 float(metrics["fake_score/loss"])),
               flush=True)
 
 
