@@ -118,11 +118,18 @@ class AdapterOff(nn.Module):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         net = self.shared[0]
+        # peft's switches also set requires_grad on the adapter (False off, True on). The generator's loss calls the
+        # teacher while the fake score is frozen (Trainable.frozen); switched back on, the adapter would train in the
+        # generator's backward, leaving that loss's gradients in the fake score's next update (and, under ZeRO-3,
+        # its parameters queued twice in one gradient reduction, which DeepSpeed asserts against).
+        trained = [(p, p.requires_grad) for p in net.parameters()]
         net.network.disable_adapters()
         try:
             return net(x_t, t, cond)
         finally:
             net.network.enable_adapters()
+            for p, requires_grad in trained:
+                p.requires_grad_(requires_grad)
 
 
 def lora_config(config: dict, network: str = "generator"):

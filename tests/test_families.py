@@ -267,3 +267,21 @@ def test_fake_score_as_a_lora_adapter_on_the_teacher(teacher_dir, tmp_path):
     moved = {k for k, v in tr.fake_score.module.state_dict().items() if not torch.equal(weights[k], v)}
     assert moved and all("lora" in k for k in moved)
     assert not torch.equal(fake, after), "the fake score learned through its adapter"
+
+
+def test_the_generator_phase_leaves_a_lora_fake_score_frozen(teacher_dir, tmp_path):
+    """The generator's loss calls the teacher (the fake score's network with its adapter switched off) and then the
+    fake score, both frozen: peft's switch back on must not make the adapter trainable again, or the generator's
+    backward leaves its loss's gradients on the adapter, to be added into the fake score's next update (and, under
+    ZeRO-3, queued twice into one gradient reduction)."""
+    pytest.importorskip("peft")
+    tr = Trainer(load_config(None, [*TINY_TOY, "teacher.kind=diffusers", f"teacher.path={teacher_dir}",
+                                    "train.batch_size=4", f"train.run_dir={tmp_path}", "fake_score.lora_rank=4"]))
+    adapter = tr.fake_score.params
+    assert adapter and all("lora" in n for n, p in tr.fake_score.module.named_parameters() if p.requires_grad)
+    tr.fake_score_phase()
+    assert all(p.grad is None for p in adapter)  # the step consumed them
+    metrics = tr.generator_phase()
+    assert metrics["generator/grad_norm"] > 0  # the generator's backward ran, through both networks' inputs
+    assert [n for n, p in tr.fake_score.module.named_parameters() if p.grad is not None] == []
+    assert all(p.requires_grad for p in adapter)  # trainable again once its own phase comes
