@@ -121,15 +121,16 @@ class AdapterOff(nn.Module):
         # peft's switches also set requires_grad on the adapter (False off, True on). The generator's loss calls the
         # teacher while the fake score is frozen (Trainable.frozen); switched back on, the adapter would train in the
         # generator's backward, leaving that loss's gradients in the fake score's next update (and, under ZeRO-3,
-        # its parameters queued twice in one gradient reduction, which DeepSpeed asserts against).
-        trained = [(p, p.requires_grad) for p in net.parameters()]
+        # its parameters queued twice in one gradient reduction, which DeepSpeed asserts against). Restored by name:
+        # FSDP2 registers its gathered parameters in place of the shards for the call, and may keep them there.
+        trained = {name: p.requires_grad for name, p in net.named_parameters()}
         net.network.disable_adapters()
         try:
             return net(x_t, t, cond)
         finally:
             net.network.enable_adapters()
-            for p, requires_grad in trained:
-                p.requires_grad_(requires_grad)
+            for name, p in net.named_parameters():
+                p.requires_grad_(trained[name])
 
 
 def lora_config(config: dict, network: str = "generator"):

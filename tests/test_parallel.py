@@ -225,6 +225,38 @@ def test_sharded_backends_on_a_diffusers_unet_match_local_and_export(name, tmp_p
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
 
+
+
+@pytest.fixture(scope="module")
+def lora_local_run(tmp_path_factory):
+    """(args, run folder, initial generator) of a one-process run whose fake score is a LoRA adapter on a tiny
+    diffusers UNet teacher."""
+    pytest.importorskip("peft")
+    from bigsid.config import GMMConfig
+    from bigsid.toy import prepare_toy_teacher
+
+    teacher = prepare_toy_teacher(tmp_path_factory.mktemp("t") / "teacher",
+                                  GMMConfig(num_prompts=1, modes_per_prompt=2, latent_shape=[4, 4, 4]), fit_steps=2)
+    args = [*PARITY, "teacher.kind=diffusers", f"teacher.path={teacher}", "train.total_nimg=16",
+            "eval.num_samples=8", "fake_score.lora_rank=4"]
+    run_dir = tmp_path_factory.mktemp("lora_local")
+    return args, run_dir, run_locally(args, run_dir)
+
+
+@pytest.mark.parametrize("name", [backend(n) for n in BACKENDS])
+def test_a_lora_fake_score_matches_the_local_reference(name, lora_local_run, tmp_path):
+    """fake_score.lora_rank: the teacher is the fake score's network with its adapter off, so the generator phase
+    runs the one (sharded) network twice, frozen, and only the adapter trains in the fake-score phase. Every backend
+    gives the one-process run's losses and generator update (assert_same_loss, assert_same_update: the same sums,
+    reduced in another order); under ZeRO-3 the adapter's gradients were once queued twice in one reduction."""
+    args, reference, initial = lora_local_run
+    launch(2, [*args, f"train.run_dir={tmp_path}", *BACKENDS[name]])
+    expected = losses(reference)
+    assert expected.shape == (2, 2)
+    assert_same_loss(losses(tmp_path), expected)
+    assert_same_generator(tmp_path, reference, initial, steps=2)
+
+
 @needs_deepspeed
 def test_deepspeed_settings_that_contradict_bigsid_are_refused_before_training(tmp_path):
     from bigsid.config import ConfigError
