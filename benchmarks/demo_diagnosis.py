@@ -92,13 +92,12 @@ def main() -> None:
             continue
         with torch.no_grad():
             raw = ground_truth.score(trainer.generator.inner, encoder)
-            with trainer.ema.applied(trainer.generator) as g:
-                ema = ground_truth.score(g, encoder)
-                generated = {p: toy.sample_generator(g, encoder, p, 1000, truth.latent_shape, 3 + i)
-                             for i, p in enumerate(truth.prompts)}
-            # the noise sample_generator drew for each prompt, drawn again from its seed
+            # the generator's input kept beside its output, for noise_left
             noise = {p: torch.randn(1000, *truth.latent_shape, generator=torch.Generator().manual_seed(3 + i))
                      for i, p in enumerate(truth.prompts)}
+            with trainer.ema.applied(trainer.generator) as g:
+                ema = ground_truth.score(g, encoder)
+                generated = {p: g(z.to(trainer.device), encoder([p] * len(z))).float().cpu() for p, z in noise.items()}
             fake = {p: toy.sample_teacher(trainer.fake_score.inner, net.schedule, net.scheduler_config, encoder, p,
                                           500, truth.latent_shape, 25, 7 + i) for i, p in enumerate(truth.prompts)}
             longer = []
