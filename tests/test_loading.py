@@ -266,9 +266,11 @@ def train(rank: int, port: int, overrides: list[str], whole: str | None) -> None
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("name, extra", [("fsdp2", []), ("fsdp2", ["fake_score.lora_rank=4"]),
+# fsdp2 with a LoRA fake score fills the generator and the fake score's base as a full fake score would be filled;
+# the bf16 teacher those share with ZeRO-3's case is checked weight for weight by the `loaded` tests
+@pytest.mark.parametrize("name, extra", [("fsdp2", ["fake_score.lora_rank=4"]),
                                          pytest.param("zero3", [], marks=needs_deepspeed)],
-                         ids=["fsdp2-bf16_teacher", "fsdp2-lora_fake_score", "zero3-bf16_teacher"])
+                         ids=["fsdp2-lora_fake_score", "zero3-bf16_teacher"])
 def test_losses_equal_those_of_a_set_up_as_before(teacher_dir, tmp_path, name, extra):
     """The same weights, sharded alike, give the same losses bit for bit, whether the networks were filled shard by
     shard (fsdp2) or module by module as they were partitioned (ZeRO-3), or as before (load_whole): the same values
