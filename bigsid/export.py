@@ -434,7 +434,7 @@ def _evaluation(d: Distilled) -> str:
         return images or "No evaluation of this checkpoint was recorded with the run."
     rows = [("fd_generator", "this generator"), ("fd_teacher_sampler",
                                                  f"the teacher, {metrics.get('teacher_sampler_steps')} DDIM steps"),
-            ("fd_reference", "two exact sample sets (noise floor)")]
+            ("fd_reference", "exact samples (noise floor)")]
     lines = [f"Frechet distance in latent space to exact samples of the teacher's analytic Gaussian-mixture truth, "
              f"{metrics['num_samples']} samples per prompt, mean over prompts (lower is better); EMA weights, "
              f"step {metrics['step']}.", "", "| samples from | Frechet distance |", "| --- | --- |"]

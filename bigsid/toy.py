@@ -96,6 +96,13 @@ class GMM:
         r = torch.softmax(self.log_prior(index).to(x_t) - sq / (2 * v), dim=1)
         return s.square() / v * (r @ mu) + a * self.std ** 2 / v * x_t
 
+    def moments(self, prompt: int) -> tuple[np.ndarray, np.ndarray]:
+        """The mixture's exact mean and covariance for `prompt` (float64): sum_k w_k (m_k m_k^T + std^2 I) - mu mu^T."""
+        m, w = self.means[prompt].double(), self.weights[prompt].double()
+        mu = w @ m
+        cov = (m * w[:, None]).T @ m - torch.outer(mu, mu) + self.std ** 2 * torch.eye(self.dim, dtype=torch.float64)
+        return mu.numpy(), cov.numpy()
+
     def nearest_mode(self, x: torch.Tensor, prompt: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Distance to, and index of, the nearest of `prompt`'s modes for each sample."""
         return torch.cdist(x.flatten(1).double(), self.means[prompt].double()).min(1)
@@ -222,10 +229,15 @@ def frechet_from_stats(mu_x: np.ndarray, c_x: np.ndarray, mu_y: np.ndarray, c_y:
     return float(np.sum((mu_x - mu_y) ** 2) + np.trace(c_x) + np.trace(c_y) - 2 * np.trace(covmean.real))
 
 
-def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:
-    """The Frechet distance between the Gaussians fitted to two sample sets [N, ...]."""
-    x, y = x.flatten(1).double().cpu().numpy(), y.flatten(1).double().cpu().numpy()
-    return frechet_from_stats(x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False))
+def sample_moments(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    x = x.flatten(1).double().cpu().numpy()
+    return x.mean(0), np.cov(x, rowvar=False)
+
+
+def frechet_distance(x: torch.Tensor, y: torch.Tensor | tuple[np.ndarray, np.ndarray]) -> float:
+    """The Frechet distance between the Gaussian fitted to a sample set [N, ...] and that of another set, or one
+    given by its (mean, covariance)."""
+    return frechet_from_stats(*sample_moments(x), *(y if isinstance(y, tuple) else sample_moments(y)))
 
 
 def mode_scores(x: torch.Tensor, truth: GMM, prompt: int, weights: torch.Tensor | None = None,
@@ -308,9 +320,11 @@ def _key(metric: str, sample_set: str) -> str:
 class GroundTruth:
     """What a toy run is scored against, built once per run: its sample sets never change.
 
-    reference: exact samples of the mixture; for a guided run (guidance != 1, the teacher's kappa4), the exact
-    denoiser's guided sampler with eval.reference_steps steps, since a guided mixture has no closed-form
-    distribution. Two independent sets: their distance is the noise floor (fd_reference). teacher_sampler: the
+    Every FD is to the reference's mean and covariance: the mixture's own (GMM.moments), exact, so that no reference
+    sample's noise enters the comparison; for a guided run (guidance != 1, the teacher's kappa4), which has no
+    closed form, those of the exact denoiser's guided sampler with eval.reference_steps steps. reference: an exact
+    sample set (the guided sampler's), drawn in the plots; reference_b: another, whose FD (fd_reference) is the noise
+    floor, what samples of the truth itself read at eval.num_samples. teacher_sampler: the
     distilled teacher's own multi-step sampler; exact_sampler: the exact denoiser through the same sampler with the
     same steps, guidance and noise, which tells how much of the teacher sampler's distance is the teacher's fit
     (a fit far worse is warned about) and how much the sampler's discretisation."""
@@ -333,6 +347,7 @@ class GroundTruth:
         gen = torch.Generator().manual_seed(1)
         self.sets: dict[str, dict[str, torch.Tensor]] = {"teacher_sampler": {}, "exact_sampler": {},
                                                          "reference": {}, "reference_b": {}}
+        self.moments: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         weights = []
         for i, p in enumerate(truth.prompts):
             # the same noise for both samplers: their difference is the teacher's fit alone
@@ -347,6 +362,7 @@ class GroundTruth:
                 a, b = (sampler(exact, vocab, p, ev.reference_steps, seed) for seed in (20_000 + i, 30_000 + i))
                 weights.append(torch.tensor(mode_scores(torch.cat([a, b]), truth, i)["mode_weights"]))
             self.sets["reference"][p], self.sets["reference_b"][p] = a, b
+            self.moments[p] = truth.moments(i) if guidance == 1.0 else sample_moments(a)
         self.weights = torch.stack(weights)
 
     def score(self, generator: nn.Module, encoder: nn.Module, seed: int = 0) -> dict:
@@ -356,7 +372,7 @@ class GroundTruth:
         for i, prompt in enumerate(self.truth.prompts):
             x = sample_generator(generator, encoder, prompt, self.num_samples, self.truth.latent_shape,
                                  seed + 100 + i)
-            reference = self.sets["reference"][prompt]
+            reference = self.moments[prompt]
             for name, samples in (("generator", x), ("teacher_sampler", self.sets["teacher_sampler"][prompt]),
                                   ("exact_sampler", self.sets["exact_sampler"][prompt]),
                                   ("reference", self.sets["reference_b"][prompt])):
@@ -567,7 +583,7 @@ def draw_fd_curve(ax, history: list[tuple[int, float]], metrics: dict) -> None:
     steps = metrics.get("teacher_sampler_steps")
     for key, style, label, color in (("fd_teacher_sampler", "--", f"teacher, {steps} DDIM steps", "C1"),
                                      ("fd_exact_sampler", "-.", f"exact denoiser, {steps} DDIM steps", "C2"),
-                                     ("fd_reference", ":", "reference vs reference (noise floor)", "gray")):
+                                     ("fd_reference", ":", "exact samples (noise floor)", "gray")):
         if key in metrics:
             ax.axhline(metrics[key], linestyle=style, color=color, label=label)
     ax.set_yscale("log")

@@ -50,6 +50,18 @@ def test_exact_samples_score_as_exact():
     assert scores["spread_ratio"] == pytest.approx(1.0, abs=0.01)
 
 
+def test_moments_are_the_mixtures_closed_form():
+    """Two modes at +-m with weights w, 1 - w: mean (2w - 1) m, covariance std^2 I + 4 w (1 - w) m m^T, which
+    GMM.moments reaches by another sum; float64 throughout, so equal to rounding (entries O(1), 1e-12)."""
+    m = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)
+    w = 0.3
+    truth = GMM(torch.stack([m, -m])[None], torch.tensor([[w, 1 - w]], dtype=torch.float64), 0.2, [4, 1, 1], ["p"])
+    mu, cov = truth.moments(0)
+    torch.testing.assert_close(torch.from_numpy(mu), (2 * w - 1) * m, rtol=0, atol=1e-12)
+    expected = 0.2 ** 2 * torch.eye(4, dtype=torch.float64) + 4 * w * (1 - w) * torch.outer(m, m)
+    torch.testing.assert_close(torch.from_numpy(cov), expected, rtol=0, atol=1e-12)
+
+
 def test_metrics_see_lost_modes_and_bridges():
     gen = torch.Generator().manual_seed(2)
     x, modes = TRUTH.sample(torch.zeros(6000, dtype=torch.long), gen)
