@@ -437,7 +437,8 @@ def _evaluation(d: Distilled) -> str:
             ("fd_reference", "exact samples (noise floor)")]
     lines = [f"Frechet distance in latent space to the exact mean and covariance of the teacher's analytic "
              f"Gaussian-mixture truth (of its exact guided sampler for a guided run), {metrics['num_samples']} "
-             f"samples per prompt, mean over prompts (lower is better); EMA weights, step {metrics['step']}.", "", "| samples from | Frechet distance |", "| --- | --- |"]
+             f"samples per prompt, mean over prompts (lower is better); EMA weights, step {metrics['step']}.",
+             "", "| samples from | Frechet distance |", "| --- | --- |"]
     lines += [f"| {label} | {metrics[key]:.4f} |" for key, label in rows if key in metrics]
     lines += ["", f"Mode coverage (total variation between nearest-mode frequencies and the true weights): "
                   f"{metrics['mode_coverage_tv']:.4f}."]
