@@ -16,7 +16,7 @@ from bigsid.models import build_networks
 from bigsid.parallel.local import LocalBackend
 from evaluation.settings import EvalError
 
-CONVENTION = {"space": "latent", "reference": "exact samples of the analytic Gaussian mixture",
+CONVENTION = {"space": "latent", "reference": "the analytic Gaussian mixture's exact mean and covariance",
               "statistic": "mean over prompts", "weights": "EMA"}
 
 
@@ -51,7 +51,8 @@ def evaluate(source: str | Path, overrides: list[str]) -> tuple[Path, dict]:
 def as_report(metrics: dict, run_dir: Path) -> dict:
     """metrics.json's form: each scalar with the convention it was measured in."""
     reference = CONVENTION["reference"] if metrics["guidance"] == 1.0 else (
-        f"the exact denoiser's DDIM sampler at guidance {metrics['guidance']} (a guided mixture has no closed form)")
+        f"the mean and covariance of the exact denoiser's DDIM sampler at guidance {metrics['guidance']} (a guided "
+        "mixture has no closed form)")
     convention = {**CONVENTION, "reference": reference, "samples_per_prompt": metrics["num_samples"],
                   "teacher_sampler": f"DDIM, {metrics['teacher_sampler_steps']} steps"}
     scalars = {k: v for k, v in metrics.items() if isinstance(v, float)}
