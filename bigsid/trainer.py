@@ -284,6 +284,13 @@ def save_grid(images: torch.Tensor, rows: int, path: Path) -> None:
     Image.fromarray(grid.squeeze(-1) if c == 1 else grid).save(path)
 
 
+def _with_defaults(written: dict, defaults: dict) -> dict:
+    """A config section as a checkpoint wrote it, with the keys added since filled in as their defaults (nested
+    sections alike) and those removed since left out: what the run would have been under today's keys."""
+    return {k: _with_defaults(written[k], v) if isinstance(v, dict) and isinstance(written.get(k), dict)
+            else written.get(k, v) for k, v in defaults.items()}
+
+
 class Trainer:
     def __init__(self, cfg: Config, networks: Networks | None = None, image_eval=None):
         self.cfg = cfg
@@ -772,10 +779,10 @@ class Trainer:
         folder = checkpoint.newest_usable(self.run_dir, self._checkpoint_problems, self._set_aside)
         if folder is None:
             return
-        state = checkpoint.read_state(folder)
+        state, defaults = checkpoint.read_state(folder), to_dict(Config())
         for key in ("teacher", "generator", "fake_score", "objective"):
-            # a section a checkpoint predates is compared as its defaults
-            if state["config"].get(key, to_dict(Config())[key]) != to_dict(self.cfg)[key]:
+            # a section or key a checkpoint predates is compared as its default
+            if _with_defaults(state["config"].get(key, {}), defaults[key]) != to_dict(self.cfg)[key]:
                 raise checkpoint.CheckpointError(
                     f"{folder} was written with a different {key} config; resume with the run's own "
                     f"config.yaml or choose a new train.run_dir")

@@ -90,6 +90,29 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     assert full_result["fd_generator"] == resumed.last_eval["fd_generator"]
 
 
+def test_a_checkpoint_written_before_a_key_existed_resumes_and_a_changed_value_is_refused(tmp_path, monkeypatch):
+    """A key added to a section since the checkpoint was written reads as its default, one removed since is left
+    out; a value that differs from the run's is still refused, with what to do."""
+    from bigsid import checkpoint
+
+    make(tmp_path, "train.total_nimg=160").run()
+    read_state = checkpoint.read_state
+
+    def written(objective_changes):
+        def read(folder):
+            state = read_state(folder)
+            objective = {k: v for k, v in state["config"]["objective"].items() if k != "generator_t_uniform_share"}
+            state["config"]["objective"] = objective | {"a_key_since_removed": 1} | objective_changes
+            return state
+        return read
+
+    monkeypatch.setattr(checkpoint, "read_state", written({}))
+    assert make(tmp_path).step == 5
+    monkeypatch.setattr(checkpoint, "read_state", written({"alpha": 1.5}))
+    with pytest.raises(checkpoint.CheckpointError, match="different objective config; resume with the run's own"):
+        make(tmp_path)
+
+
 def test_asynchronous_checkpoint_holds_its_own_step_while_training_goes_on(tmp_path):
     """Written in the background while steps 6..10 change the weights, step 5's checkpoint still resumes into
     the uninterrupted run."""
