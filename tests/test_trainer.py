@@ -101,7 +101,7 @@ def test_a_checkpoint_written_before_a_key_existed_resumes_and_a_changed_value_i
     def written(objective_changes):
         def read(folder):
             state = read_state(folder)
-            objective = {k: v for k, v in state["config"]["objective"].items() if k != "generator_t_uniform_share"}
+            objective = {k: v for k, v in state["config"]["objective"].items() if k != "generator_t_power"}
             state["config"]["objective"] = objective | {"a_key_since_removed": 1} | objective_changes
             return state
         return read
