@@ -101,9 +101,6 @@ class ObjectiveConfig:
     # few samples per step the small-t pull that sharpens the modes otherwise drifts the weights
     # (benchmarks/results/demo_diagnosis.md). The fake score keeps the uniform: it must track every t.
     generator_t_power: float = 1.0
-    # The share of the generator loss's t drawn uniform instead (a mixture density): small t, where each mode's
-    # centre is pinned, without giving up the large-t draws that hold the mode weights.
-    generator_t_uniform_share: float = 0.0
     # Long-short guidance (SiD-LSG). kappa1: fake score inside its own training; kappa2/kappa3: fake score in
     # the generator loss (in delta and in the alpha term); kappa4: teacher in the generator loss.
     kappa1: float = 1.0
@@ -355,8 +352,6 @@ def validate(cfg: Config, check_data: bool = True) -> Config:
     _check(0 <= o.t_min < o.t_max <= 999, "objective.t_min/t_max", "0 <= t_min < t_max <= 999",
            (o.t_min, o.t_max))
     _check(o.generator_t_power > 0, "objective.generator_t_power", "> 0 (1: uniform t)", o.generator_t_power)
-    _check(0 <= o.generator_t_uniform_share <= 1, "objective.generator_t_uniform_share", "in [0, 1]",
-           o.generator_t_uniform_share)
     for name, section in (("generator", cfg.generator), ("fake_score", cfg.fake_score)):
         _check(section.lora_rank >= 0 and section.lora_alpha >= 0, f"{name}.lora_rank/lora_alpha",
                f">= 0 (rank 0: train the full {name})", (section.lora_rank, section.lora_alpha))

@@ -107,21 +107,16 @@ class Schedule(torch.nn.Module):
         return a * eps - s * x0 if dst == "v_prediction" else eps - x0
 
     def sample_t(self, n: int, t_min: int, t_max: int, device, generator: torch.Generator | None = None,
-                 power: float = 1.0, uniform_share: float = 0.0):
+                 power: float = 1.0):
         """t ~ U{t_min..t_max}, the discrete uniform the SiD-LSG and DMD code use. On a flow teacher's grid that is
         sigma = shift(u) for uniform u: the noise levels the teacher's own sampler spaces its steps by.
 
         power p != 1: t = t_min + (t_max - t_min) u^(1/p), rounded, for u ~ U(0, 1): density proportional to
-        (t - t_min)^(p - 1), so p > 1 draws large t more often. uniform_share s: each draw is, with probability s,
-        uniform instead (u^(1/p) replaced by u): the mixture (1 - s) p-density + s uniform."""
+        (t - t_min)^(p - 1), so p > 1 draws large t more often."""
         if power == 1.0:
             return torch.randint(t_min, t_max + 1, (n,), device=device, generator=generator)
         u = torch.rand(n, device=device, generator=generator, dtype=torch.float64)
-        exponent = 1 / power
-        if uniform_share > 0:
-            uniform = torch.rand(n, device=device, generator=generator) < uniform_share
-            exponent = torch.where(uniform, 1.0, exponent).double()
-        return (t_min + (t_max - t_min) * u.pow(exponent)).round().long()
+        return (t_min + (t_max - t_min) * u.pow(1 / power)).round().long()
 
     def nearest_t(self, sigma: float) -> int:
         """The grid time whose VE noise level s_t / a_t is closest to `sigma` (SIM's "generator input at sigma

@@ -381,12 +381,12 @@ class Trainer:
         shape = (self.cfg.train.batch_size, *self.networks.latent_shape)
         return self._slice(torch.randn(shape, generator=self.rng, device=self.device))
 
-    def _noise(self, power: float = 1.0, uniform_share: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Generator input z, diffusion time t (Schedule.sample_t's density) and diffusion noise eps for this rank's
-        share of the batch."""
+    def _noise(self, power: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Generator input z, diffusion time t (density ~ (t - t_min)^(power - 1)) and diffusion noise eps for this
+        rank's share of the batch."""
         c = self.cfg.objective
         t = self.objective.schedule.sample_t(self.cfg.train.batch_size, c.t_min, c.t_max, self.device, self.rng,
-                                             power, uniform_share)
+                                             power)
         return self._randn(), self._slice(t), self._randn()
 
     def _batch_loss(self, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -449,7 +449,7 @@ class Trainer:
         cond = self._encode_prompts()
         # the fake score stays frozen through the backward, which runs through its input
         with self.clock("generator"), self.fake_score.frozen() as fake_score:
-            z, t, eps = self._noise(self.cfg.objective.generator_t_power, self.cfg.objective.generator_t_uniform_share)
+            z, t, eps = self._noise(self.cfg.objective.generator_t_power)
 
             def micro_loss(i):
                 x_gen = self.generator.module(z[i], cond[i], self.k)

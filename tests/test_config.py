@@ -76,7 +76,6 @@ def test_missing_prompt_sources_and_bad_caption_keys_are_refused(tmp_path):
     ("optim.lr_generator", ["optim.lr_generator=inf"]), ("objective.alpha", ["objective.alpha=inf"]),
     ("train.seed", ["train.seed=-1"]), ("train.device", ["train.device=tpu"]),
     ("objective.generator_t_power", ["objective.generator_t_power=0"]),
-    ("objective.generator_t_uniform_share", ["objective.generator_t_uniform_share=1.5"]),
     ("data.path", ["data.source=text", "data.path=absent-prompts.txt"]),
     ("data.caption_key", ["data.caption_key=jsn:caption"])])
 def test_cli_exits_2_naming_the_key_before_building_anything(key, overrides, monkeypatch, capsys):

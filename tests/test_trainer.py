@@ -512,14 +512,13 @@ def test_eval_command_writes_the_ground_truth_report(tmp_path, capsys):
 
 
 def test_generator_t_power_reaches_the_generator_phase_only(tmp_path, monkeypatch):
-    tr = make(tmp_path, "objective.generator_t_power=4", "objective.generator_t_uniform_share=0.25",
-              "train.batch_size=4")
+    tr = make(tmp_path, "objective.generator_t_power=4", "train.batch_size=4")
     schedule = tr.objective.schedule
     drawn, sample_t = [], schedule.sample_t
 
     def record(*args, **kw):
         t = sample_t(*args, **kw)
-        drawn.append((args[5:7], t))  # (power, uniform_share), as the trainer passes them
+        drawn.append((args[5] if len(args) > 5 else kw.get("power", 1.0), t))
         return t
 
     losses = []
@@ -528,6 +527,6 @@ def test_generator_t_power_reaches_the_generator_phase_only(tmp_path, monkeypatc
     monkeypatch.setattr(tr.objective, "generator_loss",
                         lambda *a, **kw: losses.append(a[4]) or generator_loss(*a, **kw))
     tr.train_step()
-    # one fake-score draw at the papers' uniform, then the generator's at the configured density, whose t it uses
-    assert [density for density, _ in drawn] == [(1.0, 0.0), (4.0, 0.25)]
+    # one fake-score draw at the papers' uniform, then the generator's at the configured power, whose t it uses
+    assert [power for power, _ in drawn] == [1.0, 4.0]
     assert torch.equal(losses[0], drawn[1][1])
