@@ -249,15 +249,21 @@ def mode_scores(x: torch.Tensor, truth: GMM, prompt: int, weights: torch.Tensor 
     holds `mass` of one mode's samples (std sqrt(chi2_D quantile)), i.e. outside every mode, whether as bridges
     between modes or as modes too wide; spread_ratio: the median distance to the nearest mode over its true value
     (std sqrt(chi2_D median)), 1 for exact samples, above 1 when modes come out too wide, below when too narrow;
-    a median, so that samples bridging modes (under half of them) do not count as width."""
+    a median, so that samples bridging modes (under half of them) do not count as width; centre_offset: the
+    distance from the mean of each mode's samples inside its radius to its true mean, in mode stds, averaged over
+    the modes that have any (exact samples: ~sqrt(D / samples per mode), from sampling alone)."""
     distance, mode = truth.nearest_mode(x, prompt)
     freq = torch.bincount(mode, minlength=truth.weights.shape[1]).double() / len(x)
     weights = truth.weights[prompt].double() if weights is None else weights.double()
     radius = truth.std * math.sqrt(scipy.stats.chi2.ppf(mass, truth.dim))
+    inside, flat = distance <= radius, x.flatten(1).double()
+    offsets = [(flat[inside & (mode == k)].mean(0) - truth.means[prompt, k].double()).norm().item() / truth.std
+               for k in range(truth.weights.shape[1]) if (inside & (mode == k)).any()]
     return {"mode_weights": freq.tolist(),
             "mode_coverage_tv": 0.5 * (freq - weights).abs().sum().item(),
             "off_mode_fraction": (distance > radius).double().mean().item(),
-            "spread_ratio": distance.median().item() / (truth.std * math.sqrt(scipy.stats.chi2.ppf(0.5, truth.dim)))}
+            "spread_ratio": distance.median().item() / (truth.std * math.sqrt(scipy.stats.chi2.ppf(0.5, truth.dim))),
+            "centre_offset": sum(offsets) / len(offsets) if offsets else math.nan}
 
 
 @torch.no_grad()
@@ -556,7 +562,8 @@ def summary(metrics: dict) -> str:
             ("exact_sampler", f"exact denoiser, {metrics.get('teacher_sampler_steps')} steps"),
             ("reference", "reference (noise floor)"))
     rows = [("FD to the reference", "fd"), ("mode weights TV", "mode_coverage_tv"),
-            ("outside every mode", "off_mode_fraction"), ("spread / true spread", "spread_ratio")]
+            ("outside every mode", "off_mode_fraction"), ("spread / true spread", "spread_ratio"),
+            ("mode centres off (std)", "centre_offset")]
     width = max(len(label) for _, label in sets)
     lines = [f"{'':22}" + "".join(f"{label:>{width + 2}}" for _, label in sets)]
     for title, metric in rows:

@@ -182,6 +182,20 @@ def test_the_summary_says_whether_the_teacher_was_reached_beside_the_noise_floor
         assert "target NOT reached" in summary(metrics | worse)
 
 
+def test_centre_offset_is_the_inside_samples_mean_distance_from_the_true_mean():
+    """Mode 0: pairs mu_0 +- s e_j, whose mean is mu_0 exactly; mode 1: the same pairs around mu_1 + d with |d| =
+    2 std. One sample at the midpoint of modes 0 and 2, outside every radius, would move its nearest mode's mean by
+    far more if it counted. Offsets 0 and 2: their mean over the two modes present is 1 (float64, O(1) values: 1e-12)."""
+    mu, std = TRUTH.means[0].double(), TRUTH.std
+    pairs = torch.cat([torch.eye(TRUTH.dim, dtype=torch.float64)[:4], -torch.eye(TRUTH.dim, dtype=torch.float64)[:4]])
+    shift = 2 * std * torch.eye(TRUTH.dim, dtype=torch.float64)[5]
+    bridge = 0.5 * (mu[0] + mu[2])
+    x = torch.cat([mu[0] + std * pairs, mu[1] + shift + std * pairs, bridge[None]])
+    scores = mode_scores(x, TRUTH, 0)
+    assert scores["off_mode_fraction"] == pytest.approx(1 / 17)  # the bridge alone is outside
+    assert scores["centre_offset"] == pytest.approx(1.0, abs=1e-12)
+
+
 def test_spread_and_off_mode_share_match_hand_computed_distances():
     """Samples at chosen distances from mode 1 along one axis: the nearest mode is mode 1 (every distance is under
     half the gap to the other modes), the spread ratio is the median distance over std sqrt(chi2_16 median) and the
