@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", nargs="?", help="run directory, checkpoints/step-N or exported folder")
     p.add_argument("overrides", nargs="*", help="key=value: prompts=FILE, metrics=[fid,clip,aesthetic], "
                    "fid.inception=FILE, fid.reference=DIR, clip.weights=FILE, aesthetic.head=FILE, sampler=teacher, "
-                   "name=NAME (see evaluation/settings.py); toy runs: eval.num_samples=4000")
+                   "name=NAME (see evaluation/settings.py); toy runs: eval.num_samples=16000")
     p.add_argument("--compare", nargs="+", metavar="EVAL", help="print a Markdown table of these evaluations "
                    "(eval/NAME folders, metrics.json files, or run directories for all their evaluations)")
     p.set_defaults(func=cmd_eval)

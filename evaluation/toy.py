@@ -26,7 +26,7 @@ def has_truth(config: dict) -> bool:
 
 def evaluate(source: str | Path, overrides: list[str]) -> tuple[Path, dict]:
     """(run directory, toy metrics) of the newest complete checkpoint of `source` (or `source` itself).
-    `overrides` are the run's eval.* keys, e.g. eval.num_samples=4000."""
+    `overrides` are the run's eval.* keys, e.g. eval.num_samples=16000."""
     folder = find_checkpoint(source)
     run_dir = folder.parent.parent
     state = checkpoint.read_state(folder)
