@@ -195,7 +195,9 @@ class DataConfig:
 
 @dataclass
 class EvalConfig:
-    num_samples: int = 2000  # per prompt
+    # per prompt; a toy run's FD at fewer reads a generator with samples between modes high and scattered, so that
+    # the verdict against its teacher is the estimate's noise (benchmarks/results/demo_diagnosis.md, fourth round)
+    num_samples: int = 16000
     teacher_sampler_steps: int = 25
     # a guided toy run (objective.kappa4 != 1) is measured against the exact denoiser's guided sampler with this
     # many steps, since a guided mixture has no closed-form distribution
