@@ -174,14 +174,14 @@ class MetricLog:
     def __init__(self, run_dir: Path, enabled: bool, wandb_project: str = "", config: dict | None = None):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
+        self.tb_dir = run_dir / "tensorboard"
         self.tb = self.wandb = None
+        # TensorBoard hides the events an earlier writer left at or past this nimg (set by truncate): it then shows
+        # what metrics.jsonl holds, not the steps a restart redoes twice
+        self.tb_purge: int | None = None
         self.resumed_at, self.resumed_rows = 0, set()  # the key sets of the rows logged at the resumed step
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-            if wandb_project:
-                self.wandb = _wandb_run(run_dir, wandb_project, config or {})
+        if enabled and wandb_project:
+            self.wandb = _wandb_run(run_dir, wandb_project, config or {})
 
     def write(self, step: int, nimg: int, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -194,6 +194,10 @@ class MetricLog:
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         scalars = {k: v for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        if self.tb is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.tb_dir), purge_step=self.tb_purge)
         for k, v in scalars.items():
             self.tb.add_scalar(k, v, nimg)
         self.tb.flush()
@@ -207,6 +211,10 @@ class MetricLog:
             return
         kept = [r for r in self._rows() if 0 < step and r["step"] <= step]
         self.resumed_at, self.resumed_rows = step, {frozenset(r) for r in kept if r["step"] == step}
+        self.tb_purge = max((r["nimg"] + 1 for r in kept if type(r.get("nimg")) is int), default=0)
+        if self.tb is not None:  # the purge is written when a writer opens
+            self.tb.close()
+            self.tb = None
         self._rewrite(kept)  # also ends the last line, which a crash may have left open
 
     def _rows(self) -> list[dict]:

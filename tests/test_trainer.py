@@ -225,6 +225,24 @@ def test_metrics_log_keeps_what_a_restart_does_not_redo(tmp_path, caplog, monkey
         log.truncate(2)
 
 
+def test_tensorboard_shows_what_the_metrics_file_keeps_after_a_restart(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from bigsid.trainer import MetricLog
+
+    log = MetricLog(tmp_path, True)
+    for step in (1, 2, 3, 4):
+        log.write(step, 32 * step, {"loss": float(step)})
+    log.close()  # killed after step 4; the checkpoint is at step 2
+    log = MetricLog(tmp_path, True)
+    log.truncate(2)
+    log.write(3, 96, {"loss": 30.0})  # step 3 redone, with other values
+    log.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"), purge_orphaned_data=True)
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(32, 1.0), (64, 2.0), (96, 30.0)]
+
+
 def test_metrics_rows_appear_once_however_the_run_is_restarted(tmp_path):
     """Crashed before its first checkpoint, then finished, then started again: the log holds the rows of an
     uninterrupted run, each once. (A resume from a checkpoint: the tests of bad-data counts and of kill -9.)"""
