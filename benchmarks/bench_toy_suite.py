@@ -77,10 +77,12 @@ def write(out: Path) -> None:
              "the fitted teacher's 25-step FD against the exact denoiser's through the same sampler (ok within "
              "twice the exact one plus the noise floor). spread: median distance of samples to their nearest true "
              "mode over the true median (1: exact; the teacher's sampler is narrower than the truth because DDIM's "
-             "last x0-prediction is a posterior mean).\n",
+             "last x0-prediction is a posterior mean). FD scored: samples per prompt, and against what (the exact mean "
+             "and covariance of the mixture, or a second exact sample set; the latter reads FD higher and noisier, "
+             "benchmarks/results/demo_diagnosis.md, fourth round).\n",
              "| mixture | objective | seed | D | teacher FD (exact sampler) | teacher fit | FD init | FD final "
              "| TV final (teacher) | spread final (teacher) | iterations to target | holds | early R^2, it/e-fold "
-             "| wall s |", "|" + " --- |" * 14]
+             "| wall s | FD scored |", "|" + " --- |" * 15]
     for ax, name in zip(axes[0], names):
         runs = [m["result"] for m in metas if m["mixture"] == name]
         for i, r in enumerate(runs):
@@ -101,7 +103,7 @@ def write(out: Path) -> None:
                 f"| {r['mode_coverage_tv_final']:.3f} ({r['mode_coverage_tv_teacher_sampler']:.3f}) "
                 f"| {r['spread_ratio_final']:.2f} ({r['spread_ratio_teacher_sampler']:.2f}) "
                 f"| {'not reached' if first is None else first // r['batch_size']} | {'yes' if holds else 'no'} "
-                f"| {r2:.2f}, {efold:.0f} | {r['seconds']} |")
+                f"| {r2:.2f}, {efold:.0f} | {r['seconds']} | {r.get('scoring', '4000 per prompt, a sample set')} |")
     axes[0, 0].set_ylabel("FD to exact samples")
     axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
