@@ -527,24 +527,27 @@ class Trainer:
 
     def _poll(self, signum: int | None) -> None:
         """Read, over all ranks and in one reduction, what the host must act on: the stop conditions the device
-        recorded, a preemption signal, whether an asynchronous checkpoint is written. Every write of weights (a
+        recorded, whether the optimizers' moments are finite, a preemption signal, whether an asynchronous checkpoint
+        is written. Every write of weights (a
         checkpoint, sample grids, an evaluation) comes at a poll step, after the poll: so weights from an update at
         or after one that went non-finite are never saved. The EMA may have taken them in meanwhile; it is never
         saved either, as the run stops here."""
         done = self.pending is None or self.pending[2] is None or self.pending[2].done()
         host = torch.tensor([int(signum is None), int(done)], device=self.device)
-        *stops, quiet, all_done = self.backend.reduce(torch.cat([self.stops, host]), "min")
+        moments = torch.stack([tr.moments_finite().to(self.device) for tr in self._trainables().values()]).long()
+        read = self.backend.reduce(torch.cat([self.stops, moments, host]), "min")
+        stops, moments_ok, (quiet, all_done) = read[:len(_STOPS)], read[len(_STOPS):-2], read[-2:]
         at = dict(zip(_STOPS, stops))
         broken = [name for name in ("generator", "fake_score") if at[name] != NEVER]
+        stalled = [name for name, ok in zip(self._trainables(), moments_ok) if not ok]
         if broken:
-            self.finish_checkpoint()  # an asynchronous checkpoint in flight holds an earlier, finite step
-            last = checkpoint.latest_checkpoint(self.run_dir)
-            raise TrainingError(
-                f"the {' and '.join(broken)} weights became non-finite in the update of step "
-                f"{min(at[name] for name in broken)}; nothing was saved from it. The last good state is "
-                + (f"{last} (run the same command to resume from it)" if last is not None else
-                   f"not saved: {self.run_dir} has no complete checkpoint")
-                + ". Lower the learning rates, set optim.grad_clip, or use train.precision=fp32")
+            self._stop(f"the {' and '.join(broken)} weights became non-finite in the update of step "
+                       f"{min(at[name] for name in broken)}",
+                       "Lower the learning rates, set optim.grad_clip, or use train.precision=fp32")
+        if stalled:
+            self._stop(f"the {' and '.join(stalled)} optimizer state (Adam's moments) became non-finite by step "
+                       f"{self.step}: a gradient too large for float32 squares, after which those weights would "
+                       "silently stop learning", "Set optim.grad_clip or lower the learning rates")
         if at["skips"] != NEVER:
             folder = self.save_checkpoint()
             max_skips = self.cfg.train.max_consecutive_skips
@@ -559,6 +562,14 @@ class Trainer:
             raise Preempted(folder)
         if self.pending is not None and all_done:
             self.finish_checkpoint()
+
+    def _stop(self, what: str, advice: str) -> None:
+        """Stop on a state that must not be saved, pointing at the last one that was."""
+        self.finish_checkpoint()  # an asynchronous checkpoint in flight holds an earlier, finite step
+        last = checkpoint.latest_checkpoint(self.run_dir)
+        raise TrainingError(f"{what}; nothing was saved from it. The last good state is "
+                            + (f"{last} (run the same command to resume from it)" if last is not None else
+                               f"not saved: {self.run_dir} has no complete checkpoint") + f". {advice}")
 
     # ---- the run ----
 

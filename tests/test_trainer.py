@@ -486,6 +486,34 @@ def test_nonfinite_weights_stop_the_run_and_are_never_saved(tmp_path, network, c
         assert all(torch.isfinite(v).all() for v in load_file(file).values()), file
 
 
+@pytest.mark.parametrize("network", ["generator", "fake_score"])
+def test_nonfinite_adam_moments_stop_the_run_and_are_never_saved(tmp_path, network):
+    """A gradient whose square overflows leaves the weights finite and Adam's second moment inf: the next poll stops
+    the run, and the checkpoint of step 4 that would follow is never written."""
+    from safetensors.torch import load_file
+
+    from bigsid.trainer import TrainingError
+
+    tr = make(tmp_path, "train.checkpoint_every=2")
+    trainable = getattr(tr, network)
+    update = trainable.optimizer.step
+
+    def overflowing_update(*a, **k):
+        out = update(*a, **k)
+        if tr.step == 3:
+            trainable.optimizer.state[trainable.params[0]]["exp_avg_sq"].view(-1)[0] = float("inf")
+        return out
+
+    trainable.optimizer.step = overflowing_update
+    last_good = re.escape(str(tmp_path / "checkpoints" / "step-000000002"))
+    with pytest.raises(TrainingError, match=f"{network} optimizer state .* non-finite by step 4.*{last_good}"):
+        tr.run()
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-000000002"]
+    assert all(torch.isfinite(p).all() for p in trainable.params)  # the weights never showed it
+    for file in tmp_path.glob("checkpoints/*/*.safetensors"):
+        assert all(torch.isfinite(v).all() for v in load_file(file).values()), file
+
+
 def test_weights_check_sees_one_nan_and_passes_huge_finite_weights():
     from bigsid.parallel import Trainable
 

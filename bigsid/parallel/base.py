@@ -81,6 +81,20 @@ class Trainable:
         norms = torch._foreach_norm(local_shards(self.stored_params()), float("inf"))
         return torch.isfinite(torch.stack(norms)).all()
 
+    def moments_finite(self) -> torch.Tensor:
+        """Whether this rank's optimizer state (Adam's moments) is all finite, as a bool on the first weight's
+        device. A finite gradient whose square overflows float32 (|g| > ~1.8e19) makes exp_avg_sq inf while the
+        weights stay finite, and every later update of those elements is m / inf = 0: the network silently stops
+        learning. beta2 * inf stays inf, so a check now and then (the trainer's polls) sees it whenever it came."""
+        state = getattr(self.optimizer, "state", {})
+        tensors = [v for s in state.values() for v in s.values()
+                   if torch.is_tensor(v) and v.is_floating_point() and v.numel()]
+        device = self.params[0].device if self.params else torch.device("cpu")
+        if not tensors:
+            return torch.ones((), dtype=torch.bool, device=device)
+        norms = torch._foreach_norm(local_shards(tensors), float("inf"))  # max-abs: NaN or inf if any element is
+        return torch.stack([n.to(device) for n in norms]).isfinite().all()
+
     def step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(gradient norm, 1.0 if the update was applied else 0.0), both on the device. The norm is global, so
         every rank decides alike, and a non-finite one never reaches the weights. The decision stays on the device:
