@@ -50,7 +50,8 @@ def run(objective: str, seed: int, overrides: list[str], tag: str, run_dir: Path
     return {"objective": objective, "tag": tag, "seed": seed, "overrides": overrides,
             "batch_size": cfg.train.batch_size,
             # how the FDs were estimated: results written before exact moments say nothing (4,000 against a sample set)
-            "scoring": f"{cfg.eval.num_samples} per prompt, exact moments",
+            "scoring": f"{cfg.eval.num_samples} per prompt, "
+                       + ("exact moments" if cfg.objective.kappa4 == 1.0 else "the exact guided sampler's moments"),
             "iterations": curve[-1][0] // cfg.train.batch_size, "seconds": round(seconds, 1), "fd_init": curve[0][1],
             "fd_final": final["fd_generator"], "fd_best": min(c[1] for c in curve),
             "mode_coverage_tv_final": final["mode_coverage_tv"], "off_mode_fraction_final": final["off_mode_fraction"],

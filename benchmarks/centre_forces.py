@@ -9,9 +9,9 @@ For a trained toy run (the demo or any toy config), at its last checkpoint, with
    cancel.
 2. Posterior means. At x_t = a_t x_gen + s_t eps from inside samples, the outward component of D(x_t) - x_gen for
    the teacher, the exact truth, the fake score, and the exact posterior mean of the generator's own distribution
-   (12,000 of its samples as an empirical measure, noised samples held out, with and without the samples outside every mode's radius: these
-   are replaced by inside samples drawn at random). The fake score should match "generator"; the gap between
-   "generator" and "generator without bridges" is what the bridge samples do to it.
+   (12,000 of its samples as an empirical measure, the noised samples held out), with and without the samples
+   outside every mode's radius (replaced by inside samples drawn at random). The fake score should match
+   "generator"; the gap between "generator" and "generator without bridges" is what the bridge samples do to it.
 
     OMP_NUM_THREADS=1 python benchmarks/centre_forces.py RUN_DIR [--bands 10] [--samples 256]
 """

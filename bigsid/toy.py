@@ -261,7 +261,7 @@ def mode_scores(x: torch.Tensor, truth: GMM, prompt: int, weights: torch.Tensor 
                for k in range(truth.weights.shape[1]) if (inside & (mode == k)).any()]
     return {"mode_weights": freq.tolist(),
             "mode_coverage_tv": 0.5 * (freq - weights).abs().sum().item(),
-            "off_mode_fraction": (distance > radius).double().mean().item(),
+            "off_mode_fraction": (~inside).double().mean().item(),
             "spread_ratio": distance.median().item() / (truth.std * math.sqrt(scipy.stats.chi2.ppf(0.5, truth.dim))),
             "centre_offset": sum(offsets) / len(offsets) if offsets else math.nan}
 

@@ -528,10 +528,9 @@ class Trainer:
     def _poll(self, signum: int | None) -> None:
         """Read, over all ranks and in one reduction, what the host must act on: the stop conditions the device
         recorded, whether the optimizers' moments are finite, a preemption signal, whether an asynchronous checkpoint
-        is written. Every write of weights (a
-        checkpoint, sample grids, an evaluation) comes at a poll step, after the poll: so weights from an update at
-        or after one that went non-finite are never saved. The EMA may have taken them in meanwhile; it is never
-        saved either, as the run stops here."""
+        is written. Every write of weights (a checkpoint, sample grids, an evaluation) comes at a poll step, after the
+        poll: so weights from an update at or after one that went non-finite are never saved. The EMA may have taken
+        them in meanwhile; it is never saved either, as the run stops here."""
         done = self.pending is None or self.pending[2] is None or self.pending[2].done()
         host = torch.tensor([int(signum is None), int(done)], device=self.device)
         moments = torch.stack([tr.moments_finite().to(self.device) for tr in self._trainables().values()]).long()
