@@ -90,7 +90,7 @@ def main() -> None:
             group["lr"] = lr * trainer.lr_factor()
         loss = 0.0
         for i, prompt in enumerate(truth.prompts):
-            z, target = ode(prompt, per_prompt, 10_000 * step + i)
+            z, target = (v.to(trainer.device) for v in ode(prompt, per_prompt, 10_000 * step + i))
             loss = loss + (generator(z, conds[i]) - target).square().mean() / len(truth.prompts)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
