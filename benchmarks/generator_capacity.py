@@ -2,11 +2,11 @@
 
 Distillation aside: the run's generator, at its start (the teacher's weights at t_init), is regressed straight onto
 a map from its own noise to the truth with no samples between modes, the exact denoiser's deterministic DDIM
-sampler started from the same z (x_T = z): loss ||G(z) - ODE(z)||^2, with the run's Adam settings (beta1, beta2,
-eps, lr_generator unless --lr, and its lr_schedule over its own iterations unless --iters) and batch. Every --every iterations the raw generator is scored as a
-toy evaluation scores it (FD to the exact moments, samples outside every mode's 99.9% radius, spread, centre
-offset, mode weights TV). The ODE map's own scores are printed first: its modes are narrower than the truth's (the
-sampler's discretisation), but it leaves no sample between modes.
+sampler started from the same z (x_T = z): loss ||G(z) - ODE(z)||^2, with the run's batch and Adam settings (beta1,
+beta2, eps, lr_generator unless --lr, and its lr_schedule over its own iterations unless --iters). Every --every
+iterations the raw generator is scored as a toy evaluation scores it (FD to the exact moments, samples outside
+every mode's 99.9% radius, spread, centre offset, mode weights TV). The ODE map's own scores are printed first:
+its modes are narrower than the truth's (the sampler's discretisation), but it leaves no sample between modes.
 
 If the regression, given the best target there is, leaves as many samples between modes (or as wide modes) as the
 distilled run does after the same iterations, what limits the run is how fast this network and optimizer can make
@@ -44,7 +44,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as fresh:  # a run directory with no checkpoint: the networks at their start
         cfg = load_config(f"{args.run_dir}/config.yaml", ["train.progress=false", f"train.run_dir={fresh}",
-                                                          "train.eval_every=0", "train.sample_every=0", *args.overrides])
+                                                          "train.eval_every=0", "train.sample_every=0",
+                                                          *args.overrides])
         trainer = Trainer(cfg)
     networks, o = trainer.networks, cfg.optim
     truth, encoder, shape = networks.truth, networks.encoder, networks.truth.latent_shape
@@ -85,7 +86,7 @@ def main() -> None:
     report("iteration 0", sample)
     start = time.time()
     for step in range(1, iters + 1):
-        trainer.nimg = (step - 1) * cfg.train.batch_size
+        trainer.nimg = (step - 1) * cfg.train.batch_size  # Trainer.lr_factor reads the schedule off nimg alone
         for group in optimizer.param_groups:
             group["lr"] = lr * trainer.lr_factor()
         loss = 0.0
