@@ -1,8 +1,40 @@
 """Entry point of the 2-rank gloo tests: one Trainer per process, as torchrun would start it."""
 
+import itertools
 import json
 import os
+import socket
 import sys
+
+
+def _port_band() -> range:
+    """This pytest-xdist worker's own band of ports, below the kernel's ephemeral range. Ports picked by binding to
+    port 0 race: the kernel hands the same range to every gloo listener and TCP client, so another test's process
+    can take the port between the pick and the TCPStore's bind (EADDRINUSE). Below that range no kernel-assigned
+    port lands, and disjoint bands keep the two xdist workers off each other's picks."""
+    try:
+        ephemeral = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except OSError:
+        ephemeral = 32768
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    width = 1000
+    start = max(ephemeral - 8 * width, 1024) + (worker % 8) * width
+    return range(start, start + width)
+
+
+_PORTS = itertools.cycle(_port_band())
+
+
+def free_port() -> int:
+    """The next port of this worker's band that nothing listens on (other programs may use the band too)."""
+    for port in itertools.islice(_PORTS, 1000):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {_port_band()}: something on this machine holds them all")
 
 
 def run(rank: int, world: int, port: int, overrides: list[str], report: str | None,

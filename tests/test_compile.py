@@ -171,7 +171,7 @@ def test_fsdp2_units_keep_the_loss_and_gradients_with_a_compiled_block_or_channe
     sharded, and output and gradients are eager fp32's to rounding."""
     import torch.multiprocessing as mp
 
-    from test_parallel import free_port
+    from dist_worker import free_port
 
     report = str(tmp_path / "r.pt")
     mp.start_processes(sharded_worker, args=(1, free_port(), str(tmp_path / "run"), report, channels_last), nprocs=1,

@@ -6,7 +6,8 @@ import json
 import pytest
 import torch.multiprocessing as mp
 
-from test_parallel import PARITY, free_port
+from dist_worker import free_port
+from test_parallel import PARITY
 
 
 @contextlib.contextmanager

@@ -4,7 +4,6 @@ ZeRO-3 partitions it module by module as it is filled); no rank holds a whole ne
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
+from dist_worker import free_port
 from test_parallel import BACKENDS, needs_deepspeed
 
 WORLD = 2
@@ -108,11 +108,6 @@ def set_up(rank: int, port: int, overrides: list[str], out: str, whole: str | No
     dist.barrier()
     dist.destroy_process_group()
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module", params=SHARDING)

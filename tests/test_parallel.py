@@ -2,7 +2,6 @@
 
 import importlib.util
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -10,6 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 import dist_worker
+from dist_worker import free_port
 from bigsid.checkpoint import latest_checkpoint
 from bigsid.config import load_config
 from bigsid.export import export, load_generator_state
@@ -22,11 +22,6 @@ PARITY = [*TINY_TOY, "teacher.gmm.num_prompts=3", "train.batch_size=8", "train.t
           "train.checkpoint_every=2"]
 LR = load_config(None, PARITY).optim.lr_generator
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(world: int, overrides: list[str], report: str | None = None, poison=None, host_reads=False) -> None:

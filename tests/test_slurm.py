@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from safetensors.torch import load_file
 
 from bigsid.checkpoint import complete_checkpoints
 from conftest import TINY_TOY
+from dist_worker import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM = REPO / "slurm"
@@ -51,11 +51,6 @@ def _missing() -> str | None:
 MISSING = _missing()
 pytestmark = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(predicate, timeout: float, what: str, context=lambda: "", every: float = 0.2):
@@ -94,8 +89,8 @@ class Cluster:
         self.conf.write_text("\n".join([
             "ClusterName=bigsidtest",
             f"SlurmctldHost={self.host}(127.0.0.1)",
-            f"SlurmctldPort={_free_port()}",
-            f"SlurmdPort={_free_port()}",
+            f"SlurmctldPort={free_port()}",
+            f"SlurmdPort={free_port()}",
             "AuthType=auth/munge",
             "CredType=cred/munge",
             # cred_expire also sets how long a requeued job waits before it may run again (default 120 s).
@@ -296,7 +291,7 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_uninterrupted_weights(clus
     uninterrupted = reference(workers, extra)
     jid = cluster.sbatch(script, ["-", *TOY, *extra, f"train.run_dir={run_dir}"], *options, f"--chdir={tmp_path}",
                          f"--output={tmp_path}/logs/%x-%j.out",
-                         env={**job_env(_free_port()), **({"GPUS_PER_NODE": str(workers)} if workers > 1 else {})})
+                         env={**job_env(free_port()), **({"GPUS_PER_NODE": str(workers)} if workers > 1 else {})})
     log = tmp_path / "logs" / f"bigsid-train-{jid}.out"
     evaluation = None
     if script == "train.sbatch" and workers == 1:  # the README's chain: evaluate after training, requeues included

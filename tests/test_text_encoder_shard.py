@@ -14,7 +14,8 @@ from bigsid.config import ConfigError, load_config
 from bigsid.tiny import build_pipeline
 from test_families import overrides
 from test_fsdp2_layout import counted_all_gathers
-from test_parallel import free_port, launch, losses
+from dist_worker import free_port
+from test_parallel import launch, losses
 
 PROMPTS = ["a red cube", "two cats on a sofa", "", "a lighthouse at dusk, oil on canvas"]
 

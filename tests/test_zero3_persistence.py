@@ -11,7 +11,8 @@ from bigsid.checkpoint import latest_checkpoint
 from bigsid.config import load_config
 from bigsid.export import load_generator_state
 from bigsid.trainer import Trainer
-from test_parallel import PARITY, free_port
+from dist_worker import free_port
+from test_parallel import PARITY
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="pip install deepspeed")
 
