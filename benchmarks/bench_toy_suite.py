@@ -36,19 +36,12 @@ MIXTURES = {
 
 
 def rule(prompts: int, modes: int, shape: list[int], std: float) -> list[str]:
-    """The settings of a mixture: teacher.gmm.* set to it, and the fitted teacher sized by its latent size D.
-
-    teacher.student_width = max(512, 4 D), teacher.student_fit_steps = 1500 sqrt(D / 16) (D >= 16): the MLP maps
-    D inputs to D outputs. The 512-wide, 1,500-step fit of the tuned 16-dim mixture left a 256-dim one with a
-    broken teacher (25-step FD 85 against the exact denoiser's 1.6); 512 wide and 6,000 steps (2 D) still did (FD 39,
-    fit loss 0.097), 1,024 wide (4 D) fits it (FD 0.55, loss 0.009, 4,000 samples), as 512 = 4 D does at D = 128.
-    Everything else (batch 256, learning rates, EMA, t range, 2,000 iterations) is the configs' own for every
-    mixture."""
-    dim = math.prod(shape)
+    """The settings of a mixture: teacher.gmm.* set to it. The fitted teacher is sized by the latent size D, as
+    bigsid sizes it by default (teacher.student_width, teacher.student_fit_steps: max(512, 4 D) wide, 1500
+    sqrt(D / 16) steps; a fixed 512 wide left the 256-dim mixture's teacher broken). Everything else (batch 256,
+    learning rates, EMA, t range, 2,000 iterations) is the configs' own for every mixture."""
     return [f"teacher.gmm.num_prompts={prompts}", f"teacher.gmm.modes_per_prompt={modes}",
-            f"teacher.gmm.latent_shape=[{','.join(map(str, shape))}]", f"teacher.gmm.mode_std={std}",
-            f"teacher.student_width={max(512, 4 * dim)}",
-            f"teacher.student_fit_steps={round(1500 * math.sqrt(max(dim, 16) / 16))}"]
+            f"teacher.gmm.latent_shape=[{','.join(map(str, shape))}]", f"teacher.gmm.mode_std={std}"]
 
 
 def target(result: dict) -> tuple[int | None, bool]:
@@ -104,7 +97,7 @@ def write(out: Path) -> None:
     colors = {"sid": "C0", "sim": "C1", "dmd": "C2"}
     lines = ["# Ground-truth suite\n", f"Machine: {'; '.join(machines)}.\n",
              "benchmarks/bench_toy_suite.py: configs/toy_<objective>.yaml with teacher.gmm.* set to each mixture and "
-             "the teacher's width and fit steps that `rule` derives from the latent size; nothing else changes, nothing "
+             "the teacher sized by the latent size (bigsid's default); nothing else changes, nothing "
              "is tuned per mixture. Target: the one-step generator's FD to exact samples at "
              "or below the teacher's own 25-step DDIM sampler's, with mode weights TV within the teacher sampler's "
              "+ 0.01, at an evaluation (every 100 iterations); holds: the last evaluation meets it too. teacher fit: "

@@ -48,9 +48,13 @@ class TeacherConfig:
     # three seeds: median final FD exact -> fitted 0.069 -> 0.019 (SiD), 0.056 -> 0.016 (SIM), and the teacher
     # sampler's FD reached in 0 -> 3 of 3 seeds. Metrics are against the exact GMM either way.
     gmm_teacher: str = "fitted"
-    student_width: int = 256
+    # The MLP maps D latent values to D, so its size follows D; 0 sizes it so: width max(512, 4 D), 1500 sqrt(D / 16)
+    # fit steps. At a fixed 512 wide a 256-dimensional mixture's teacher was broken (25-step FD 39-85 against the
+    # exact denoiser's 1.6) and 1,024 = 4 D fits it (0.55); at D = 16 the rule gives the tuned 512 and 1,500
+    # (benchmarks/results/toy_suite_diagnosis.md).
+    student_width: int = 0
     student_depth: int = 3
-    student_fit_steps: int = 1500
+    student_fit_steps: int = 0
     prediction_type: str = ""  # override the scheduler config's prediction_type; "" keeps it
     # T5 tokens per prompt (pixart, sd3); 0: the stock pipeline's (PixArt-alpha 120, PixArt-Sigma 300, SD3 256)
     text_max_length: int = 0
@@ -410,9 +414,10 @@ def validate(cfg: Config, check_data: bool = True) -> Config:
     _check(len(g.latent_shape) == 3 and all(d >= 1 for d in g.latent_shape), "teacher.gmm.latent_shape",
            "[channels, height, width], each >= 1", g.latent_shape)
     _check(g.mode_std > 0, "teacher.gmm.mode_std", "> 0", g.mode_std)
-    _check(t.student_width >= 8 and t.student_depth >= 1, "teacher.student_width/depth", "width >= 8, depth >= 1",
-           (t.student_width, t.student_depth))
-    _check(t.student_fit_steps >= 0, "teacher.student_fit_steps", ">= 0", t.student_fit_steps)
+    _check((t.student_width == 0 or t.student_width >= 8) and t.student_depth >= 1, "teacher.student_width/depth",
+           "width 0 (sized by the latent size) or >= 8, depth >= 1", (t.student_width, t.student_depth))
+    _check(t.student_fit_steps >= 0, "teacher.student_fit_steps", ">= 0 (0: sized by the latent size)",
+           t.student_fit_steps)
     _check(cfg.parallel.shard_size >= 0, "parallel.shard_size", ">= 0 (0: shard over all ranks)",
            cfg.parallel.shard_size)
     if cfg.text_encoder.shard:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -187,13 +188,13 @@ def build_networks(cfg: Config) -> Networks:
         # The analytic teacher has no weights to copy: fit a small student network to it once, and start both
         # trained networks from that fit, as they would start from a pretrained teacher's weights. The Trainer
         # seeds torch with train.seed first, so `bigsid eval` rebuilds the same fitted teacher the run trained with.
-        student = toy.MLPDenoiser(truth.dim, len(truth.prompts) + 1, cfg.teacher.student_width,
-                                  cfg.teacher.student_depth)
-        fit = toy.fit_denoiser(student, encoder, truth, schedule, steps=cfg.teacher.student_fit_steps,
-                               seed=cfg.train.seed)
+        width = cfg.teacher.student_width or max(512, 4 * truth.dim)
+        steps = cfg.teacher.student_fit_steps or round(1500 * math.sqrt(max(truth.dim, 16) / 16))
+        student = toy.MLPDenoiser(truth.dim, len(truth.prompts) + 1, width, cfg.teacher.student_depth)
+        fit = toy.fit_denoiser(student, encoder, truth, schedule, steps=steps, seed=cfg.train.seed)
         # the fit's own loss; how far its sampler is from the exact denoiser's is checked at the first evaluation
-        log.info("toy teacher fitted to the exact denoiser: final v mse %.4g after %d steps", fit,
-                 cfg.teacher.student_fit_steps)
+        log.info("toy teacher (MLP %d wide) fitted to the exact denoiser: final v mse %.4g after %d steps", width,
+                 fit, steps)
         teacher = toy.GMMDenoiser(truth, schedule) if cfg.teacher.gmm_teacher == "exact" else student
         vae, shape, vocabulary, family = None, tuple(truth.latent_shape), truth.prompts, None
         scheduler_config = dict(SD_SCHEDULER_CONFIG)

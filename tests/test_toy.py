@@ -127,10 +127,11 @@ def test_the_guided_exact_denoiser_is_its_closed_form(guidance):
                                rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("teacher, fit_ok", [("teacher.student_fit_steps=0", False), ("teacher.gmm_teacher=exact", True)])
+@pytest.mark.parametrize("teacher, fit_ok", [("teacher.student_fit_steps=1", False),
+                                             ("teacher.gmm_teacher=exact", True)])
 def test_a_teacher_far_worse_than_the_exact_denoiser_is_warned_about(tmp_path, caplog, teacher, fit_ok):
-    """An unfitted MLP teacher (random weights) is warned about; the exact denoiser as teacher is its own
-    reference (same sampler, same noise), so it passes whatever the sampler's own error."""
+    """An MLP teacher fitted for one step (its random weights, nearly) is warned about; the exact denoiser as
+    teacher is its own reference (same sampler, same noise), so it passes whatever the sampler's own error."""
     from test_trainer import make
 
     metrics = make(tmp_path, teacher).evaluate()
@@ -138,6 +139,24 @@ def test_a_teacher_far_worse_than_the_exact_denoiser_is_warned_about(tmp_path, c
     assert ("poor fit" in caplog.text) is not fit_ok
     if fit_ok:
         assert metrics["fd_teacher_sampler"] == metrics["fd_exact_sampler"]
+
+
+@pytest.mark.parametrize("latent_shape, width, steps", [("[4,2,2]", 512, 1500), ("[4,8,8]", 1024, 6000)])
+def test_the_fitted_teacher_is_sized_by_the_latent_size_unless_set(monkeypatch, latent_shape, width, steps):
+    """0 (the default) sizes the MLP teacher by the latent size D: max(512, 4 D) wide, 1500 sqrt(D / 16) fit
+    steps; a set width or step count is kept."""
+    import bigsid.toy
+    from bigsid.config import load_config
+    from bigsid.models import build_networks
+
+    fits = []
+    monkeypatch.setattr(bigsid.toy, "fit_denoiser", lambda net, *a, steps, **k: fits.append((net, steps)) or 0.0)
+    gmm = f"teacher.gmm.latent_shape={latent_shape}"
+    for overrides, expected in (([], (width, steps)), (["teacher.student_width=96", "teacher.student_fit_steps=7"],
+                                                       (96, 7))):
+        build_networks(load_config(None, ["teacher.kind=toy_gmm", gmm, *overrides]))
+        net, fit_steps = fits.pop()
+        assert (net.body[0].out_features, fit_steps) == expected
 
 
 def test_a_guided_run_is_measured_against_the_exact_guided_sampler(tmp_path):
