@@ -5,6 +5,7 @@ import json
 import os
 import socket
 import sys
+from pathlib import Path
 
 
 def _port_band() -> range:
@@ -13,7 +14,7 @@ def _port_band() -> range:
     can take the port between the pick and the TCPStore's bind (EADDRINUSE). Below that range no kernel-assigned
     port lands, and disjoint bands keep the two xdist workers off each other's picks."""
     try:
-        ephemeral = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+        ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except OSError:
         ephemeral = 32768
     worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
