@@ -69,6 +69,8 @@ def summary(metas: list[dict], names: list[str]) -> list[str]:
     for name in names:
         runs = [m["result"] for m in metas if m["mixture"] == name and not m["result"].get("variant")
                 and "exact" in m["result"].get("scoring", "")]
+        if not runs:  # only variants, or only runs scored the older way
+            continue
         cells = []
         for objective in ("sid", "sim", "dmd"):
             verdicts = [(target(r), r["fd_final"] / r["fd_teacher_sampler"]) for r in runs

@@ -109,7 +109,6 @@ def set_up(rank: int, port: int, overrides: list[str], out: str, whole: str | No
     dist.destroy_process_group()
 
 
-
 @pytest.fixture(scope="module", params=SHARDING)
 def loaded(request, tmp_path_factory):
     """A Stable Diffusion teacher whose UNet is large enough (~40 M parameters, 160 MB in fp32) for its copies to

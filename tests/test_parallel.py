@@ -23,7 +23,6 @@ PARITY = [*TINY_TOY, "teacher.gmm.num_prompts=3", "train.batch_size=8", "train.t
 LR = load_config(None, PARITY).optim.lr_generator
 
 
-
 def launch(world: int, overrides: list[str], report: str | None = None, poison=None, host_reads=False) -> None:
     mp.start_processes(dist_worker.run, args=(world, free_port(), overrides, report, poison, host_reads),
                        nprocs=world, start_method="spawn")
@@ -218,8 +217,6 @@ def test_sharded_backends_on_a_diffusers_unet_match_local_and_export(name, tmp_p
     assert_same_generator(tmp_path / "sharded", tmp_path / "local", initial, steps=2)
     out = export(tmp_path / "sharded", tmp_path / "export")
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
-
-
 
 
 @pytest.fixture(scope="module")

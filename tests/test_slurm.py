@@ -52,7 +52,6 @@ MISSING = _missing()
 pytestmark = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
 
 
-
 def _wait(predicate, timeout: float, what: str, context=lambda: "", every: float = 0.2):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
