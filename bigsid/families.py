@@ -14,8 +14,10 @@ stock pipeline an export loads in (the teacher's own). The objectives, the train
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -273,6 +275,78 @@ def load_network(family: Family, path: str, revision: str = "", torch_dtype: tor
         else:
             module.register_buffer(attr, empty)
     return network
+
+
+# what from_pretrained reads when no variant is asked for: one file, or shards listed in WEIGHTS + ".index.json"
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+class StoredTensor:
+    """One tensor of a safetensors file, read when asked, whole or a run of its dim-0 rows, cast to `dtype`: a
+    rank that holds rows of a sharded parameter reads those bytes and no others. The file is opened per read, so
+    its pages are mapped only while one tensor is copied out of it."""
+
+    def __init__(self, file: Path, key: str, shape: tuple[int, ...], dtype: torch.dtype | None = None):
+        self.file, self.key, self.shape, self.dtype = file, key, shape, dtype
+
+    def to(self, dtype: torch.dtype) -> StoredTensor:
+        return StoredTensor(self.file, self.key, self.shape, dtype)
+
+    def read(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(self.file, framework="pt") as f:
+            t = f.get_slice(self.key)[start:stop] if self.shape else f.get_tensor(self.key)
+        return t.to(self.dtype) if self.dtype is not None else t
+
+
+def _network_folder(family: Family, path: str, revision: str) -> Path | None:
+    """The folder of the pipeline's denoising network: in a local pipeline folder, or in the hub cache (its
+    safetensors weights fetched there first, as from_pretrained would fetch them)."""
+    if Path(path).is_dir():
+        return Path(path) / family.network
+    from huggingface_hub import snapshot_download
+
+    sub = family.network
+    shards = f"{sub}/{WEIGHTS.removesuffix('.safetensors')}-*"  # the files an index lists, not the fp16 variant's
+    try:
+        return Path(snapshot_download(path, revision=revision or None,
+                                      allow_patterns=[f"{sub}/{WEIGHTS}", f"{sub}/{WEIGHTS}.index.json", shards])) / sub
+    except (OSError, ValueError) as err:  # the hub's errors: not reachable, no such repository or revision
+        log.info("the teacher's weight files of %r are not at hand (%s): from_pretrained reads them", path, err)
+        return None
+
+
+def stored_weights(family: Family, path: str, revision: str,
+                   expected: dict[str, torch.Tensor]) -> dict[str, StoredTensor] | None:
+    """The denoiser's weights as its safetensors files store them, named as the denoiser names them, for ranks that
+    each read only the rows they hold. `expected`: the denoiser's state dict (built empty), each of which the files
+    must hold in its shape. None where they are not stored so (.bin files, names from_pretrained converts, a hub id
+    not reachable): load_network then reads them whole, and says what is wrong where it cannot."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = _network_folder(family, path, revision)
+    if folder is None:
+        return None
+    try:
+        index = folder / f"{WEIGHTS}.index.json"
+        files = ({folder / name for name in json.loads(index.read_text())["weight_map"].values()}
+                 if index.is_file() else {folder / WEIGHTS})
+        stored = {}
+        for file in sorted(files):
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    stored[f"{family.network}.{key}"] = StoredTensor(file, key, tuple(f.get_slice(key).get_shape()))
+    except (OSError, ValueError, KeyError, SafetensorError) as err:
+        log.info("the teacher's weights in %s are not readable tensor by tensor (%s): from_pretrained reads them",
+                 folder, err)
+        return None
+    for name, t in expected.items():
+        if name not in stored or stored[name].shape != tuple(t.shape):
+            log.info("%s does not hold %s as the network names it: from_pretrained reads the teacher's weights",
+                     folder, name)
+            return None
+    return stored
 
 
 def load_teacher(path: str, revision: str = "", prediction_type: str = "", text_max_length: int = 0,

@@ -6,8 +6,9 @@ each diffusers family to it. `predict` turns it into the x0- or eps-prediction t
 classifier-free guidance done in eps space on one batched call. The generator and the fake score start as copies
 of the teacher's network. All three are built empty (on the meta device) from its config and get their weights
 from the backend, which shards them first where it shards (fsdp2) or partitions them as it fills them (ZeRO-3)
-(`Networks.initial_state`), so a rank that shards holds no whole network on the host but the weights it reads
-(rank 0 only).
+(`Networks.initial_state`), so a rank that shards holds no whole network on the host but the weights it reads:
+with FSDP2, its own rows of the teacher's safetensors files (`Networks.stored_weights`); with ZeRO-3, on rank 0,
+the fp32 weights whole.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch import nn
 
 from bigsid.config import Config
 from bigsid.diffusion import SD_SCHEDULER_CONFIG, Schedule, VPSchedule
-from bigsid.families import Family, TeacherError, load_network, load_teacher
+from bigsid.families import Family, StoredTensor, TeacherError, load_network, load_teacher, stored_weights
 from bigsid.text import Cond
 
 log = logging.getLogger("bigsid.models")
@@ -104,6 +105,9 @@ class Networks:
     # three from a diffusers teacher); called once, by the ranks that read weights (Backend.place). None: nothing is
     # on meta.
     initial_state: Callable[[], dict[str, torch.Tensor]] | None = None
+    # The same weights as the teacher's files store them, read tensor by tensor where a rank asks (FSDP2: the rows
+    # it holds); the callable returns None where the files do not store them so (families.stored_weights).
+    stored_weights: Callable[[], dict[str, StoredTensor] | None] | None = None
 
 
 class AdapterOff(nn.Module):
@@ -198,7 +202,7 @@ def build_networks(cfg: Config) -> Networks:
         teacher = toy.GMMDenoiser(truth, schedule) if cfg.teacher.gmm_teacher == "exact" else student
         vae, shape, vocabulary, family = None, tuple(truth.latent_shape), truth.prompts, None
         scheduler_config = dict(SD_SCHEDULER_CONFIG)
-        copy_of, initial_state = copy.deepcopy, None  # fitted here, in memory, and tiny: plain copies
+        copy_of, initial_state, stored = copy.deepcopy, None, None  # fitted here, in memory, and tiny: plain copies
     else:
         # Frozen and computed in bf16 anyway: stored in bf16 it takes half the memory and autocast has no copies
         # of it to cast and keep for the backward through its input. A LoRA fake score's base network is the
@@ -225,6 +229,10 @@ def build_networks(cfg: Config) -> Networks:
 
         def initial_state(path=cfg.teacher.path, revision=cfg.teacher.revision, like=teacher):
             return type(like)(load_network(family, path, revision), like.prediction_type).state_dict()
+
+        def stored(path=cfg.teacher.path, revision=cfg.teacher.revision, like=teacher):
+            empty = {name: t for name, t in like.state_dict(keep_vars=True).items() if t.is_meta}
+            return stored_weights(family, path, revision, empty)
     generator_net = copy_of(student)
     fake_score = student if cfg.fake_score.lora_rank else copy_of(student)
     if cfg.fake_score.lora_rank:
@@ -254,4 +262,4 @@ def build_networks(cfg: Config) -> Networks:
             raise TeacherError(f"{key}={t} is past the teacher's last timestep {schedule.num_timesteps - 1}")
     generator = OneStepGenerator(generator_net, schedule, cfg.generator.t_init, cfg.generator.steps)
     return Networks(teacher, generator, fake_score, schedule, encoder, shape, scheduler_config, vae, truth, vocabulary,
-                    family, initial_state)
+                    family, initial_state, stored)

@@ -285,3 +285,85 @@ def test_the_generator_phase_leaves_a_lora_fake_score_frozen(teacher_dir, tmp_pa
     assert metrics["generator/grad_norm"] > 0  # the generator's backward ran, through both networks' inputs
     assert [n for n, p in tr.fake_score.module.named_parameters() if p.grad is not None] == []
     assert all(p.requires_grad for p in adapter)  # trainable again once its own phase comes
+
+
+def empty_denoiser_state(family, folder) -> dict:
+    """What a denoiser built empty from `folder` needs from its files: its tensors still on meta."""
+    from bigsid.families import load_network
+
+    net = family.denoiser(load_network(family, str(folder), weights=False), "epsilon")
+    return {name: t for name, t in net.state_dict(keep_vars=True).items() if t.is_meta}
+
+
+def cache_as_hub_snapshot(folder, cache, monkeypatch) -> str:
+    """Moves a pipeline folder into a hub cache as the snapshot of repository org/tiny; returns its id."""
+    import huggingface_hub.constants
+
+    commit = "0" * 40
+    repo = cache / "models--org--tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots").mkdir()
+    folder.rename(repo / "snapshots" / commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return "org/tiny"
+
+
+@pytest.mark.parametrize("layout", ["one file", "index", "hub"])
+def test_stored_weights_are_what_from_pretrained_loads(tmp_path, monkeypatch, layout):
+    """Every tensor a denoiser built empty starts from, read from the teacher's safetensors (one file, shards listed
+    by an index, or a hub id's cached snapshot) whole, by rows, and cast, is what from_pretrained loads, bit for
+    bit: what FSDP2's ranks read their shards from."""
+    from bigsid.families import WEIGHTS, load_network, stored_weights
+
+    family = FAMILIES["sd3"]
+    folder = tmp_path / "pipe"
+    build_pipeline("sd3").save_pretrained(folder)
+    reference = family.denoiser(load_network(family, str(folder)), "epsilon").state_dict()
+    expected = empty_denoiser_state(family, folder)
+    path = str(folder)
+    if layout == "index":
+        network = load_network(family, str(folder))
+        for file in (folder / "transformer").glob("*.safetensors"):
+            file.unlink()
+        network.save_pretrained(folder / "transformer", max_shard_size="20KB")
+        assert (folder / "transformer" / f"{WEIGHTS}.index.json").is_file()
+        assert len(list((folder / "transformer").glob("*.safetensors"))) > 2
+    elif layout == "hub":
+        path = cache_as_hub_snapshot(folder, tmp_path / "hub", monkeypatch)
+    stored = stored_weights(family, path, "", expected)
+    assert stored is not None and expected.keys() <= stored.keys()
+    assert "transformer.pos_embed.pos_embed" in expected, "a buffer read from the file is read so too"
+    for name in expected:
+        whole = stored[name].read()
+        assert whole.dtype == reference[name].dtype and torch.equal(whole, reference[name]), name
+        assert torch.equal(stored[name].to(torch.bfloat16).read(), reference[name].to(torch.bfloat16)), name
+        if whole.dim():
+            n = len(whole)
+            assert torch.equal(stored[name].read(n // 3, n - 1), reference[name][n // 3:n - 1]), name
+
+
+def test_stored_weights_step_aside_where_from_pretrained_must_read(tmp_path, caplog):
+    """Weights in .bin files, a tensor the files lack or hold in another shape (names from_pretrained would convert),
+    a hub id not in the cache: None, with the reason in the log, so that from_pretrained reads the weights whole and
+    says what is wrong where it cannot."""
+    from bigsid.families import load_network, stored_weights
+
+    family = FAMILIES["sd3"]
+    folder = tmp_path / "pipe"
+    build_pipeline("sd3").save_pretrained(folder)
+    expected = empty_denoiser_state(family, folder)
+    assert stored_weights(family, str(folder), "", expected) is not None
+    name, t = next(iter(expected.items()))
+    with caplog.at_level(logging.INFO, logger="bigsid.families"):
+        assert stored_weights(family, str(folder), "", {**expected, "transformer.extra": t}) is None
+        assert "transformer.extra" in caplog.text
+        reshaped = {**expected, name: torch.empty(t.numel() + 1, device="meta")}
+        assert stored_weights(family, str(folder), "", reshaped) is None
+        assert stored_weights(family, "org/absent", "", expected) is None
+        assert "org/absent" in caplog.text
+        network = load_network(family, str(folder))
+        for file in (folder / "transformer").glob("*.safetensors"):
+            file.unlink()
+        network.save_pretrained(folder / "transformer", safe_serialization=False)
+        assert stored_weights(family, str(folder), "", expected) is None

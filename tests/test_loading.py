@@ -1,6 +1,7 @@
 """Loading a diffusers teacher on 2 gloo ranks with FSDP2 and with ZeRO-3: the teacher, the generator and the fake
-score are built empty and filled from the teacher's weights, read by rank 0 alone (fsdp2 shards each network first,
-ZeRO-3 partitions it module by module as it is filled); no rank holds a whole network."""
+score are built empty and filled from the teacher's weights (fsdp2 shards each network first and each rank reads
+its own rows of the file; ZeRO-3 partitions it module by module as it is filled from rank 0's read); no rank holds a
+whole network."""
 
 import json
 import os
@@ -25,14 +26,18 @@ def status_kib(field: str) -> int:
 
 def load_whole(backend: str) -> None:
     """Set-up as it was before, per backend. fsdp2: every rank loads the teacher whole (from_pretrained), then it is
-    sharded; with it a LoRA fake score's base network, the teacher's own. ZeRO-3: every rank reads the weights and
-    fills each network whole, then its engine partitions it."""
+    sharded; with it a LoRA fake score's base network, the teacher's own; rank 0 reads the fp32 weights the trained
+    networks start from whole and broadcasts them. ZeRO-3: every rank reads the weights and fills each network whole,
+    then its engine partitions it."""
     from bigsid import models
     from bigsid.parallel.base import Backend
 
     if backend == "fsdp2":
+        from bigsid.parallel.fsdp2 import FSDP2Backend
+
         load = models.load_teacher
         models.load_teacher = lambda *args, **kwargs: load(*args, **{**kwargs, "weights": True})
+        FSDP2Backend.weights = Backend.weights
     else:
         from bigsid.parallel.deepspeed import DeepSpeedBackend
 
@@ -49,21 +54,28 @@ def gathered(net) -> dict[str, torch.Tensor]:
     return {key: value.full_tensor() for key, value in net.state_dict().items()}
 
 
-def record_reads(reads: list, rank: int) -> None:
-    """Appends `rank` to `reads` each time this process reads the network's weight file: every read goes through
-    families.load_network (the teacher loaded whole, the fp32 weights the empty networks start from)."""
+def record_reads(reads: list, rows: list, rank: int) -> None:
+    """Appends `rank` to `reads` each time this process reads the network's weight file whole (families.load_network:
+    the teacher loaded whole, the fp32 weights the empty networks start from), and to `rows` the elements of each
+    tensor it reads from the file by rows (families.StoredTensor)."""
     import inspect
 
     from bigsid import families, models
 
-    load = families.load_network
+    load, read = families.load_network, families.StoredTensor.read
 
     def recorded(*args, **kwargs):
         if inspect.signature(load).bind(*args, **kwargs).arguments.get("weights", True):
             reads.append(rank)
         return load(*args, **kwargs)
 
+    def recorded_rows(self, *args, **kwargs):
+        t = read(self, *args, **kwargs)
+        rows.append(t.numel())
+        return t
+
     families.load_network = models.load_network = recorded
+    families.StoredTensor.read = recorded_rows
 
 
 def set_up(rank: int, port: int, overrides: list[str], out: str, whole: str | None) -> None:
@@ -84,8 +96,8 @@ def set_up(rank: int, port: int, overrides: list[str], out: str, whole: str | No
 
     if whole:
         load_whole(whole)
-    reads = []
-    record_reads(reads, rank)
+    reads, rows = [], []
+    record_reads(reads, rows, rank)
     cfg = load_config(None, overrides)
     backend = build_backend(cfg)
     place, placed = backend.place, []
@@ -103,7 +115,7 @@ def set_up(rank: int, port: int, overrides: list[str], out: str, whole: str | No
         whole |= {f"{name}.{key}": value for key, value in gathered(net).items()}
     teacher_dtypes = sorted({str(p.dtype) for p in networks.teacher.parameters()})
     save_file(whole, f"{out}.rank{rank}.safetensors")
-    Path(f"{out}.rank{rank}.json").write_text(json.dumps({"growth": growth, "reads": reads,
+    Path(f"{out}.rank{rank}.json").write_text(json.dumps({"growth": growth, "reads": reads, "rows": sum(rows),
                                                           "teacher_dtypes": teacher_dtypes}))
     dist.barrier()
     dist.destroy_process_group()
@@ -182,22 +194,33 @@ def test_teacher_is_the_files_weights_in_bf16_on_every_rank(loaded):
 
 
 def test_no_rank_holds_a_whole_network(loaded):
-    """Peak host memory growth once the networks are placed, from the tensors' arithmetic, W = one fp32 UNet: rank 1
+    """Peak host memory growth once the networks are placed, from the tensors' arithmetic, W = one fp32 UNet: a rank
     holds half of each trained network (W) and half of the bf16 teacher (W / 4), 1.25 W (ZeRO-3: and one module's
-    own parameters whole, here at most 0.04 W); rank 0 alone also reads the fp32 weights all three start from (W).
+    own parameters whole, here at most 0.04 W). fsdp2: each rank reads its own rows of the file, one tensor at a
+    time, and no more; ZeRO-3: rank 0 alone reads the fp32 weights all three start from (W), rank 1 nothing.
     fsdp2's set-up before, loading the teacher whole on every rank and sharding it after the trained networks, held
-    the whole bf16 teacher beside them while it was sharded: 1.75 W on rank 1, the bound (ZeRO-3's before held all
-    three networks whole on every rank: 2.5 W and more), which leaves 0.5 W (80 MB) for what the arithmetic leaves
-    out (the allocator's free lists, the tensor in flight during each broadcast, the small text encoder and VAE).
-    Checked once placed: ZeRO-3's engines then allocate Adam's states and the gradients' partitions at once, where
-    FSDP2 does so at the first step. Only rank 0 ever reads the weight file: the set-up before shows that every
-    read is seen (fsdp2's read the teacher whole on every rank, then rank 0 the weights the trained networks start
-    from; ZeRO-3's read them once on every rank)."""
+    the whole bf16 teacher beside them while it was sharded: 1.75 W on rank 1, the bound (rank 0, also reading the
+    fp32 weights whole: 2.25 W and more; ZeRO-3's before held all three networks whole on every rank: 2.5 W and
+    more), which leaves 0.5 W (80 MB) for what the arithmetic leaves out (the allocator's free lists, the tensor in
+    flight, the small text encoder and VAE). Checked once placed: ZeRO-3's engines then allocate Adam's states and
+    the gradients' partitions at once, where FSDP2 does so at the first step. The set-up before shows that every
+    whole read is seen (fsdp2's read the teacher whole on every rank, then rank 0 the weights the trained networks
+    start from; ZeRO-3's read them once on every rank)."""
     folder, reports, _, before, name = loaded
-    unet_bytes = 4 * sum(v.numel() for v in load_file(folder / "unet/diffusion_pytorch_model.safetensors").values())
-    placed = reports[1]["growth"]["placed"]
-    assert placed < 1.75 * unet_bytes, (placed / unet_bytes, "x one fp32 UNet")
-    assert [r["reads"] for r in reports] == [[0], []]
+    stored = load_file(folder / "unet/diffusion_pytorch_model.safetensors")
+    unet_bytes = 4 * sum(v.numel() for v in stored.values())
+    for rank in (0, 1) if name == "fsdp2" else (1,):
+        placed = reports[rank]["growth"]["placed"]
+        assert placed < 1.75 * unet_bytes, (rank, placed / unet_bytes, "x one fp32 UNet")
+    if name == "fsdp2":
+        assert [r["reads"] for r in reports] == [[], []]
+        # each of the three networks reads every stored element once, split between the ranks as their shards are:
+        # half each, less a row or more of the tensors whose rows do not split evenly
+        elements = sum(v.numel() for v in stored.values())
+        assert sum(r["rows"] for r in reports) == 3 * elements
+        assert all(r["rows"] < 0.55 * 3 * elements for r in reports), [r["rows"] for r in reports]
+    else:
+        assert [r["reads"] for r in reports] == [[0], []]
     assert [r["reads"] for r in before] == {"fsdp2": [[0, 0], [1]], "zero3": [[0], [1]]}[name]
 
 
@@ -286,3 +309,54 @@ def test_losses_equal_those_of_a_set_up_as_before(teacher_dir, tmp_path, name, e
     filled, reference = losses(tmp_path / "None"), losses(tmp_path / name)
     assert filled.shape == (3, 2) and filled.isfinite().all()
     assert torch.equal(filled, reference), (filled, reference)
+
+
+def fill_by_rows(rank: int, port: int, file: str, out: str) -> None:
+    """One rank: a network of uneven rows (3 and 5 over 2 ranks) built on meta, sharded by FSDP2, filled by
+    FSDP2Backend.load_state from the file's rows, plus a buffer built on each rank with that rank's own value."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    from safetensors import safe_open
+    from torch import nn
+    from torch.distributed.fsdp import fully_shard
+
+    from bigsid.config import load_config
+    from bigsid.families import StoredTensor
+    from bigsid.parallel.fsdp2 import FSDP2Backend
+
+    backend = FSDP2Backend(load_config(None, ["parallel.backend=fsdp2", "train.device=cpu"]))
+    with torch.device("meta"):
+        net = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 5))
+    net.register_buffer("scale", torch.full((3,), float(rank)))
+    for layer in net:
+        fully_shard(layer, mesh=backend.mesh)
+    fully_shard(net, mesh=backend.mesh)
+    with safe_open(file, framework="pt") as f:
+        state = {key: StoredTensor(Path(file), key, tuple(f.get_slice(key).get_shape())) for key in f.keys()}
+    backend.fill(net, {**state, "scale": net.scale.clone()})
+    save_file({k: (v.full_tensor() if hasattr(v, "full_tensor") else v).contiguous()
+               for k, v in net.state_dict().items()}, f"{out}.rank{rank}.safetensors")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_fsdp2_fills_uneven_shards_from_the_files_rows(tmp_path):
+    """Each rank reads the rows torch.chunk gives it (2 and 1 of 3, 3 and 2 of 5), so the gathered network is the
+    file's, bit for bit, on both ranks; a tensor built on every rank rather than read (an adapter's, a buffer) is
+    rank 0's on both, as the whole read's broadcast made it."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    weights = {k: v.contiguous() for k, v in nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 5)).state_dict().items()}
+    save_file(weights, tmp_path / "net.safetensors")
+    out = str(tmp_path / "filled")
+    mp.start_processes(fill_by_rows, args=(free_port(), str(tmp_path / "net.safetensors"), out), nprocs=WORLD,
+                       start_method="spawn")
+    for rank in range(WORLD):
+        filled = load_file(f"{out}.rank{rank}.safetensors")
+        assert filled.keys() == weights.keys() | {"scale"}
+        for key, value in weights.items():
+            assert torch.equal(filled[key], value), (rank, key)
+        assert torch.equal(filled["scale"], torch.zeros(3)), rank

@@ -147,7 +147,8 @@ class Backend:
         parameters before it holds any memory: one built on the meta device (models.build_networks) is sharded,
         then materialised on the device, then loaded (`fill`) with the teacher's weights and the adapter
         weights and buffers it was built with: a rank holds its shards of it, and only the ranks that read
-        (`reads_weights`) hold the teacher's fp32 weights whole, once, for all three. A backend that can only
+        (`reads_weights`) hold the teacher's fp32 weights whole, once, for all three (FSDP2 where the teacher's
+        files allow: each rank reads its own rows of them, and none holds them whole). A backend that can only
         partition tensors that hold values (ZeRO-3) fills instead, partitioning each piece as it is filled. The
         teacher goes first: its state, cast to its dtype, is let go before the trained networks take memory."""
         if not self.is_main:
@@ -158,7 +159,7 @@ class Backend:
         denoisers = ((networks.teacher, networks.teacher, ""), (networks.generator, networks.generator.net, "net."),
                      (networks.fake_score, networks.fake_score, ""))
         empty = [module for module, _, _ in denoisers if any(p.is_meta for p in module.parameters())]
-        source = networks.initial_state() if empty and self.reads_weights else {}
+        source = self.weights(networks) if empty else {}
         for module, denoiser, prefix in denoisers:
             if module not in empty:
                 module.to(self.device)
@@ -166,11 +167,17 @@ class Backend:
                 if shard is not None and any(True for _ in module.parameters()):
                     shard(module, denoiser)
                 continue
-            state = start_state(module, prefix, source) if self.reads_weights else {}
+            state = start_state(module, prefix, source) if source else {}
             if shard is not None:
                 shard(module, denoiser)
             self.fill(module, state)
-        networks.initial_state = None  # read once; what it holds on to (the host tensors of the teacher) goes
+        # read once; what they hold on to (the host tensors of the teacher) goes
+        networks.initial_state = networks.stored_weights = None
+
+    def weights(self, networks) -> dict:
+        """What this rank fills the networks built empty from (start_state's source): the teacher's fp32 state dict
+        where this rank reads weights, else nothing (load_state gives it the reading rank's)."""
+        return networks.initial_state() if self.reads_weights else {}
 
     def fill(self, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
         """Materialise a network built on the meta device (sharded already, where `shard` did) on this rank's

@@ -3,7 +3,9 @@
 Each block is its own FSDP unit (all-gathered just before use, freed after), then the root; the frozen teacher
 is sharded the same way and never gets gradients or optimizer state. With parallel.shard_size = S < world
 size, a 2-D mesh shards within groups of S ranks and replicates across them (hybrid sharding: all-gathers stay
-inside a node). Checkpoints go through torch.distributed.checkpoint, so they load on any number of ranks.
+inside a node). Each rank fills its shards from its own rows of the teacher's safetensors files, so no rank
+reads or holds the weights whole (rank 0 reads and broadcasts them where the files cannot be read so: .bin files).
+Checkpoints go through torch.distributed.checkpoint, so they load on any number of ranks.
 
 DCP's own reader runs code from the checkpoint: it unpickles `.metadata`, and its default planner reads
 non-tensor items (optimizer hyper-parameters) with torch.load(weights_only=False). Checkpoints sit on shared
@@ -27,8 +29,10 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state
                                                      set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 from bigsid.checkpoint import CheckpointError, read_rank_state, reading
+from bigsid.families import StoredTensor
 from bigsid.parallel.base import Backend, BackendError, Trainable
 from bigsid.parallel.dist import Collectives, init_process_group
 from bigsid.parallel.local import _save_tensors
@@ -117,6 +121,19 @@ def units(net: nn.Module) -> list[nn.Module]:
     return net.blocks() + net.stages()
 
 
+def first_row(t: torch.Tensor) -> int:
+    """The first dim-0 row of the whole tensor that this rank's shard of `t` holds: FSDP2 splits dim 0 as
+    torch.chunk does (ceil(rows / ranks) each, the last ones shorter or empty) along the mesh dimension that shards;
+    0 for a tensor that is not sharded."""
+    if not isinstance(t, DTensor):
+        return 0
+    start = 0
+    for dim, placement in enumerate(t.placements):
+        if placement.is_shard(0):
+            start += t.device_mesh.get_local_rank(dim) * -(-t.shape[0] // t.device_mesh.size(dim))
+    return start
+
+
 def reshard(net: nn.Module) -> None:
     """Free every gathered unit of `net` (a no-op for those already sharded)."""
     for m in net.modules():
@@ -200,10 +217,33 @@ class FSDP2Backend(Collectives, Backend):
 
     @property
     def reads_weights(self) -> bool:
-        return self.is_main  # load_state broadcasts each tensor to the ranks' shards
+        return self.is_main  # where the files cannot be read by rows: load_state broadcasts rank 0's tensors
+
+    def weights(self, networks):
+        """The teacher's files, read by every rank, each for the rows of the shards it holds, where every rank can
+        read them so: no rank holds the fp32 weights whole, nothing is broadcast. Else rank 0's whole read."""
+        stored = networks.stored_weights() if networks.stored_weights is not None else None
+        if self.reduce(torch.tensor([float(stored is not None)], device=self.device), "min")[0]:
+            return stored
+        return super().weights(networks)
 
     def load_state(self, module, state):
-        set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        if not any(isinstance(value, StoredTensor) for value in state.values()):
+            set_model_state_dict(module, state,
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+            return
+        with torch.no_grad():
+            for name, target in module.state_dict().items():
+                local = target.to_local() if isinstance(target, DTensor) else target
+                start = first_row(target)
+                value = state[name]
+                if isinstance(value, StoredTensor):
+                    value = value.read(start, start + len(local)) if local.dim() else value.read()
+                else:  # built on every rank (adapter weights, buffers): rank 0's, as the whole read gives them
+                    value = value.to(self.device).contiguous()
+                    dist.broadcast(value, 0)
+                    value = value[start:start + len(local)] if local.dim() else value
+                local.copy_(value)
 
     def prepare(self, networks):
         if self.cfg.text_encoder.shard:
