@@ -41,7 +41,8 @@ def load_whole(backend: str) -> None:
     else:
         from bigsid.parallel.deepspeed import DeepSpeedBackend
 
-        DeepSpeedBackend.fill, DeepSpeedBackend.reads_weights = Backend.fill, True
+        DeepSpeedBackend.fill, DeepSpeedBackend.weights = Backend.fill, Backend.weights
+        DeepSpeedBackend.reads_weights = True
 
 
 def gathered(net) -> dict[str, torch.Tensor]:
@@ -196,8 +197,8 @@ def test_teacher_is_the_files_weights_in_bf16_on_every_rank(loaded):
 def test_no_rank_holds_a_whole_network(loaded):
     """Peak host memory growth once the networks are placed, from the tensors' arithmetic, W = one fp32 UNet: a rank
     holds half of each trained network (W) and half of the bf16 teacher (W / 4), 1.25 W (ZeRO-3: and one module's
-    own parameters whole, here at most 0.04 W). fsdp2: each rank reads its own rows of the file, one tensor at a
-    time, and no more; ZeRO-3: rank 0 alone reads the fp32 weights all three start from (W), rank 1 nothing.
+    own parameters whole, here at most 0.04 W): each rank reads the file one tensor at a time, fsdp2 its own rows of
+    each, ZeRO-3 each tensor whole as it fills the module that holds it; none reads or holds the fp32 weights whole.
     fsdp2's set-up before, loading the teacher whole on every rank and sharding it after the trained networks, held
     the whole bf16 teacher beside them while it was sharded: 1.75 W on rank 1, the bound (rank 0, also reading the
     fp32 weights whole: 2.25 W and more; ZeRO-3's before held all three networks whole on every rank: 2.5 W and
@@ -209,32 +210,33 @@ def test_no_rank_holds_a_whole_network(loaded):
     folder, reports, _, before, name = loaded
     stored = load_file(folder / "unet/diffusion_pytorch_model.safetensors")
     unet_bytes = 4 * sum(v.numel() for v in stored.values())
-    for rank in (0, 1) if name == "fsdp2" else (1,):
+    for rank in range(WORLD):
         placed = reports[rank]["growth"]["placed"]
         assert placed < 1.75 * unet_bytes, (rank, placed / unet_bytes, "x one fp32 UNet")
+    assert [r["reads"] for r in reports] == [[], []]
+    # each of the three networks reads every stored element: fsdp2 once, split between the ranks as their shards
+    # are (half each, less a row or more of the tensors whose rows do not split evenly); ZeRO-3 once on each rank
+    elements = sum(v.numel() for v in stored.values())
     if name == "fsdp2":
-        assert [r["reads"] for r in reports] == [[], []]
-        # each of the three networks reads every stored element once, split between the ranks as their shards are:
-        # half each, less a row or more of the tensors whose rows do not split evenly
-        elements = sum(v.numel() for v in stored.values())
         assert sum(r["rows"] for r in reports) == 3 * elements
         assert all(r["rows"] < 0.55 * 3 * elements for r in reports), [r["rows"] for r in reports]
     else:
-        assert [r["reads"] for r in reports] == [[0], []]
+        assert [r["rows"] for r in reports] == [3 * elements] * WORLD
     assert [r["reads"] for r in before] == {"fsdp2": [[0, 0], [1]], "zero3": [[0], [1]]}[name]
 
 
 @needs_deepspeed
 def test_zero3_broadcasts_the_buffers_read_from_the_file(tmp_path):
-    """SD3's position embedding is a buffer the file holds (PixArt's is computed as built): under ZeRO-3 rank 1, which
-    reads nothing, gets rank 0's, so that both ranks' bf16 teachers hold what from_pretrained(torch_dtype=bf16)
-    loads, the buffer included, bit for bit. With hpZ (zero_hpz_partition_size), whose process group the first
+    """SD3's position embedding is a buffer the file holds (PixArt's is computed as built). Saved as .bin, which no
+    rank can read tensor by tensor, the weights are read by rank 0 alone: under ZeRO-3 rank 1, which reads nothing,
+    gets rank 0's, so that both ranks' bf16 teachers hold what from_pretrained(torch_dtype=bf16) loads, the buffer
+    included, bit for bit. With hpZ (zero_hpz_partition_size), whose process group the first
     module's partitioning makes and every later one must be given, since DeepSpeed refuses to make it twice."""
     from bigsid.families import FAMILIES, load_network
     from bigsid.tiny import build_pipeline
 
     folder = tmp_path / "sd3"
-    build_pipeline("sd3").save_pretrained(folder)
+    build_pipeline("sd3").save_pretrained(folder, safe_serialization=False)
     family = FAMILIES["sd3"]
     reference = family.denoiser(load_network(family, str(folder), torch_dtype=torch.bfloat16), "epsilon")
     read = [name for name, b in family.denoiser(load_network(family, str(folder), weights=False), "epsilon")
@@ -252,6 +254,8 @@ def test_zero3_broadcasts_the_buffers_read_from_the_file(tmp_path):
         assert held.keys() == reference.state_dict().keys()
         for key, value in reference.state_dict().items():
             assert held[key].dtype == value.dtype and torch.equal(held[key], value), (rank, key)
+    reports = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(WORLD)]
+    assert [(r["reads"], r["rows"]) for r in reports] == [([0], 0), ([], 0)]
 
 
 def train(rank: int, port: int, overrides: list[str], whole: str | None) -> None:

@@ -32,6 +32,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from bigsid.checkpoint import CheckpointError, read_rank_state, reading
+from bigsid.families import StoredTensor
 from bigsid.parallel.base import Backend, BackendError, Trainable
 from bigsid.parallel.dist import Collectives, init_process_group
 from bigsid.parallel.local import _save_tensors
@@ -139,6 +140,11 @@ def _safe_checkpoint_engine(config):
     return SafeTorchCheckpointEngine(config)
 
 
+def _tensor(value: torch.Tensor | StoredTensor) -> torch.Tensor:
+    """A tensor of start_state's state: read from the teacher's files where it is stored there."""
+    return value.read() if isinstance(value, StoredTensor) else value
+
+
 def _partitioned(p: torch.Tensor) -> bool:
     return hasattr(p, "ds_tensor")
 
@@ -212,14 +218,24 @@ class DeepSpeedBackend(Collectives, Backend):
     def reads_weights(self) -> bool:
         return self.stage == 2 or self.is_main  # ZeRO-3: fill() broadcasts rank 0's values
 
+    def weights(self, networks):
+        """ZeRO-3 where every rank can read the teacher's safetensors files tensor by tensor: each rank reads each
+        module's own tensors as it fills that module, so none holds the fp32 weights whole. Else rank 0's whole
+        read (ZeRO-2: every rank's)."""
+        stored = networks.stored_weights() if self.stage == 3 and networks.stored_weights is not None else None
+        if self.reduce(torch.tensor([float(stored is not None)], device=self.device), "min")[0]:
+            return stored
+        return super().weights(networks)
+
     def fill(self, module, state):
         """ZeRO-3 partitions a network as it fills it, module by module, each after the modules inside it: the
-        module's own parameters are materialised whole on the device and filled (from `state` on rank 0), then
-        deepspeed.zero.Init(module=...) partitions them, broadcasting rank 0's values first, in the parameter's dtype
-        (a bf16 teacher's at half the bytes), and skips the parameters of the modules inside, partitioned already.
-        Buffers stay whole; those read from the file are broadcast from rank 0. A rank so holds its partitions and
-        one module whole, and the engine, whose own Init finds every parameter partitioned, converts nothing again.
-        ZeRO-2 keeps whole weights on every rank by design: filled whole."""
+        module's own parameters are materialised whole on the device and filled (from `state`: every rank's read of
+        the files where it has one, else rank 0's), then deepspeed.zero.Init(module=...) partitions them,
+        broadcasting rank 0's values first, in the parameter's dtype (a bf16 teacher's at half the bytes), and skips
+        the parameters of the modules inside, partitioned already. Buffers stay whole; those read from the file are
+        broadcast from rank 0. A rank so holds its partitions and one module whole, and the engine, whose own Init
+        finds every parameter partitioned, converts nothing again. ZeRO-2 keeps whole weights on every rank by
+        design: filled whole."""
         if self.stage != 3:
             return super().fill(module, state)
 
@@ -242,12 +258,12 @@ class DeepSpeedBackend(Collectives, Backend):
                     offset += span(p)
                     if not p.is_meta:  # built real: an adapter's weights
                         t.copy_(p)
-                    elif self.reads_weights:
-                        t.copy_(state[prefix + n])
+                    elif state:
+                        t.copy_(_tensor(state[prefix + n]))
                     setattr(leaf, n, nn.Parameter(t, requires_grad=p.requires_grad))
                 for n, b in list(leaf.named_buffers(recurse=False)):
                     if b.is_meta:  # read from the file
-                        b = state[prefix + n].to(self.device) if self.reads_weights else \
+                        b = _tensor(state[prefix + n]).to(self.device) if state else \
                             torch.empty_like(b, device=self.device)
                         dist.broadcast(b, 0)
                     setattr(leaf, n, b.to(self.device))
