@@ -7,8 +7,8 @@ classifier-free guidance done in eps space on one batched call. The generator an
 of the teacher's network. All three are built empty (on the meta device) from its config and get their weights
 from the backend, which shards them first where it shards (fsdp2) or partitions them as it fills them (ZeRO-3)
 (`Networks.initial_state`), so a rank that shards holds no whole network on the host but the weights it reads:
-with FSDP2, its own rows of the teacher's safetensors files (`Networks.stored_weights`); with ZeRO-3, on rank 0,
-the fp32 weights whole.
+from the teacher's safetensors files (`Networks.stored_weights`), with FSDP2 its own rows of each tensor, with ZeRO-3
+each module's tensors as it fills that module.
 """
 
 from __future__ import annotations
@@ -106,7 +106,8 @@ class Networks:
     # on meta.
     initial_state: Callable[[], dict[str, torch.Tensor]] | None = None
     # The same weights as the teacher's files store them, read tensor by tensor where a rank asks (FSDP2: the rows
-    # it holds); the callable returns None where the files do not store them so (families.stored_weights).
+    # it holds; ZeRO-3: a module's tensors); the callable returns None where the files do not store them so
+    # (families.stored_weights).
     stored_weights: Callable[[], dict[str, StoredTensor] | None] | None = None
 
 

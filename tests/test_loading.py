@@ -37,12 +37,11 @@ def load_whole(backend: str) -> None:
 
         load = models.load_teacher
         models.load_teacher = lambda *args, **kwargs: load(*args, **{**kwargs, "weights": True})
-        FSDP2Backend.weights = Backend.weights
+        FSDP2Backend.reads_stored = False
     else:
         from bigsid.parallel.deepspeed import DeepSpeedBackend
 
-        DeepSpeedBackend.fill, DeepSpeedBackend.weights = Backend.fill, Backend.weights
-        DeepSpeedBackend.reads_weights = True
+        DeepSpeedBackend.fill, DeepSpeedBackend.reads_weights, DeepSpeedBackend.reads_stored = Backend.fill, True, False
 
 
 def gathered(net) -> dict[str, torch.Tensor]:

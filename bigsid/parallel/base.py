@@ -138,6 +138,8 @@ class Backend:
 
     # whether this rank reads the teacher's weights for the networks built empty (Networks.initial_state)
     reads_weights = True
+    # whether every rank reads the tensors it fills from the teacher's files where they allow (Networks.stored_weights)
+    reads_stored = False
 
     def place(self, networks, shard=None) -> None:
         """Every network on this rank's device, before any wrapping. The VAE only on rank 0, the one rank that decodes
@@ -147,8 +149,9 @@ class Backend:
         parameters before it holds any memory: one built on the meta device (models.build_networks) is sharded,
         then materialised on the device, then loaded (`fill`) with the teacher's weights and the adapter
         weights and buffers it was built with: a rank holds its shards of it, and only the ranks that read
-        (`reads_weights`) hold the teacher's fp32 weights whole, once, for all three (FSDP2 where the teacher's
-        files allow: each rank reads its own rows of them, and none holds them whole). A backend that can only
+        (`reads_weights`) hold the teacher's fp32 weights whole, once, for all three; where the teacher's files
+        allow, every rank reads what it fills from them instead (`reads_stored`: FSDP2 its rows of each tensor,
+        ZeRO-3 each module's tensors) and none holds them whole. A backend that can only
         partition tensors that hold values (ZeRO-3) fills instead, partitioning each piece as it is filled. The
         teacher goes first: its state, cast to its dtype, is let go before the trained networks take memory."""
         if not self.is_main:
@@ -175,8 +178,13 @@ class Backend:
         networks.initial_state = networks.stored_weights = None
 
     def weights(self, networks) -> dict:
-        """What this rank fills the networks built empty from (start_state's source): the teacher's fp32 state dict
-        where this rank reads weights, else nothing (load_state gives it the reading rank's)."""
+        """What this rank fills the networks built empty from (start_state's source). Where the backend
+        `reads_stored` and every rank can read the teacher's safetensors files tensor by tensor: those, from which
+        each rank reads what it fills, so that none holds the fp32 weights whole. Else the teacher's fp32 state dict
+        where this rank reads weights, and nothing where it does not (load_state gives it the reading rank's)."""
+        stored = networks.stored_weights() if self.reads_stored and networks.stored_weights is not None else None
+        if self.reads_stored and self.reduce(torch.tensor([float(stored is not None)], device=self.device), "min")[0]:
+            return stored
         return networks.initial_state() if self.reads_weights else {}
 
     def fill(self, module: nn.Module, state: dict[str, torch.Tensor]) -> None:

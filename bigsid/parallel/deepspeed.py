@@ -218,14 +218,9 @@ class DeepSpeedBackend(Collectives, Backend):
     def reads_weights(self) -> bool:
         return self.stage == 2 or self.is_main  # ZeRO-3: fill() broadcasts rank 0's values
 
-    def weights(self, networks):
-        """ZeRO-3 where every rank can read the teacher's safetensors files tensor by tensor: each rank reads each
-        module's own tensors as it fills that module, so none holds the fp32 weights whole. Else rank 0's whole
-        read (ZeRO-2: every rank's)."""
-        stored = networks.stored_weights() if self.stage == 3 and networks.stored_weights is not None else None
-        if self.reduce(torch.tensor([float(stored is not None)], device=self.device), "min")[0]:
-            return stored
-        return super().weights(networks)
+    @property
+    def reads_stored(self) -> bool:
+        return self.stage == 3  # each rank each module's own tensors as it fills that module
 
     def fill(self, module, state):
         """ZeRO-3 partitions a network as it fills it, module by module, each after the modules inside it: the

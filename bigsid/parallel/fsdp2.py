@@ -182,6 +182,7 @@ class FSDP2Trainable(Trainable):
 
 class FSDP2Backend(Collectives, Backend):
     checkpoint_group = None
+    reads_stored = True  # each rank the rows of its shards (load_state): nothing is broadcast
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -218,14 +219,6 @@ class FSDP2Backend(Collectives, Backend):
     @property
     def reads_weights(self) -> bool:
         return self.is_main  # where the files cannot be read by rows: load_state broadcasts rank 0's tensors
-
-    def weights(self, networks):
-        """The teacher's files, read by every rank, each for the rows of the shards it holds, where every rank can
-        read them so: no rank holds the fp32 weights whole, nothing is broadcast. Else rank 0's whole read."""
-        stored = networks.stored_weights() if networks.stored_weights is not None else None
-        if self.reduce(torch.tensor([float(stored is not None)], device=self.device), "min")[0]:
-            return stored
-        return super().weights(networks)
 
     def load_state(self, module, state):
         if not any(isinstance(value, StoredTensor) for value in state.values()):
