@@ -417,14 +417,15 @@ class Trainer:
         bad = 0
         count = self.local_batch // self.micro_batch
         for i in range(count):
-            index, sync = slice(i * self.micro_batch, (i + 1) * self.micro_batch), i == count - 1
-            with self.backend.autocast():
-                loss, metrics = micro_loss(index)
-                total, n = self._batch_loss(loss)
-                if backward_in_autocast:
-                    trainable.backward(total, sync)
-            if not backward_in_autocast:
-                trainable.backward(total, sync)
+            index = slice(i * self.micro_batch, (i + 1) * self.micro_batch)
+            with trainable.micro_step(sync=i == count - 1):
+                with self.backend.autocast():
+                    loss, metrics = micro_loss(index)
+                    total, n = self._batch_loss(loss)
+                    if backward_in_autocast:
+                        trainable.backward(total)
+                if not backward_in_autocast:
+                    trainable.backward(total)
             bad = bad + n
             for k, v in metrics.items():
                 parts.setdefault(k, []).append(v)

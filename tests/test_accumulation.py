@@ -61,3 +61,49 @@ def test_a_micro_batch_that_does_not_divide_the_batch_is_refused(tmp_path):
             pytest.raises(ValueError, match="per-rank batch 2"):
         Trainer(cfg)
     build.assert_not_called()
+
+
+def allreduce_worker(rank: int, world: int, port: int, report: str) -> None:
+    """One DDP step with the whole per-rank batch in one micro-batch, then one in two: the all-reduces each issues."""
+    import json
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
+    import torch
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    torch.set_num_threads(1)
+    trainer = Trainer(load_config(None, [*PARITY, *BACKENDS["ddp"], f"train.run_dir={report}.run"]))
+    reduces = []
+
+    def counted(state, bucket):
+        reduces.append(1)
+        return allreduce_hook(state, bucket)
+
+    for trainable in (trainer.generator, trainer.fake_score):
+        trainable.module.register_comm_hook(None, counted)
+    counts = []
+    for micro_batch in (trainer.local_batch, trainer.local_batch // 2):
+        trainer.micro_batch = micro_batch
+        reduces.clear()
+        trainer.train_step()
+        counts.append(len(reduces))
+    with open(f"{report}.rank{rank}.json", "w") as f:
+        json.dump(counts, f)
+
+
+def test_ddp_reduces_once_per_step_however_many_micro_batches(tmp_path):
+    """DDP decides in forward whether the coming backward all-reduces: a micro-batch's forward outside no_sync
+    would reduce after every micro-batch, twice the buckets here."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from dist_worker import free_port
+
+    report = str(tmp_path / "reduces")
+    mp.start_processes(allreduce_worker, args=(2, free_port(), report), nprocs=2, start_method="spawn")
+    for rank in range(2):
+        whole, halves = json.loads(open(f"{report}.rank{rank}.json").read())
+        assert whole > 0 and halves == whole, (whole, halves)

@@ -59,9 +59,13 @@ class Trainable:
         self.grad_clip = grad_clip
         self.params = [p for p in self.inner.parameters() if p.requires_grad]
 
-    def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
-        """Accumulate the loss's gradients; `sync`: the last micro-batch before step(), where a multi-process
-        backend reduces gradients across ranks (one process has nothing to reduce)."""
+    @contextlib.contextmanager
+    def micro_step(self, sync: bool):
+        """Around one micro-batch's forward and backward; `sync`: the last before step(), where a multi-process
+        backend reduces the accumulated gradients across ranks (one process has nothing to reduce)."""
+        yield
+
+    def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
     def stored_params(self) -> list[torch.Tensor]:

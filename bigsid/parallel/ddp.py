@@ -34,7 +34,7 @@ class DDPBackend(Collectives, LocalBackend):
 
 
 class DDPTrainable(Trainable):
-    def backward(self, loss, sync=True):
-        # gradients of earlier micro-batches stay local; the last backward all-reduces their sum
-        with contextlib.nullcontext() if sync else self.module.no_sync():
-            loss.backward()
+    def micro_step(self, sync):
+        # Gradients of earlier micro-batches stay local; the last backward all-reduces their sum. DDP decides in
+        # forward whether the coming backward reduces, so no_sync must hold the forward too.
+        return contextlib.nullcontext() if sync else self.module.no_sync()

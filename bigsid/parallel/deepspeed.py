@@ -20,6 +20,7 @@ of each run, what overlaps the elements its engine now holds (`_repartition`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections import defaultdict
@@ -181,11 +182,15 @@ class DeepSpeedTrainable(Trainable):
             self.persistent[0].all_gather(self.persistent)
             self.rebuilt_from = self._partition_versions()
 
-    def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
-        # the trainer already divides each micro-batch's loss by the whole batch
-        self.engine.backward(loss, scale_wrt_gas=False)
+    @contextlib.contextmanager
+    def micro_step(self, sync):
+        yield
         if not sync:
             self.engine.step()  # a micro-step inside the accumulation: DeepSpeed only counts it
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # the trainer already divides each micro-batch's loss by the whole batch
+        self.engine.backward(loss, scale_wrt_gas=False)
 
     def step(self) -> tuple[torch.Tensor, torch.Tensor]:
         # ZeRO decides the skip on the host itself (its overflow check reads the norm), so this step synchronises

@@ -152,10 +152,11 @@ def keep_gathered(net: nn.Module) -> None:
 class FSDP2Trainable(Trainable):
     gather_frozen_once = False
 
-    def backward(self, loss, sync=True):
+    @contextlib.contextmanager
+    def micro_step(self, sync):
         # earlier micro-batches keep unsharded gradients; the last reduce-scatters their sum
         self.inner.set_requires_gradient_sync(sync)
-        loss.backward()
+        yield
 
     def stored_params(self):
         # While a module is unsharded (a root can stay so after a no-grad forward), FSDP2 computes with the
