@@ -1,13 +1,16 @@
 """CLIP score and the LAION aesthetic score, each from a CLIP model loaded by open_clip (the papers' convention) or
 from a transformers CLIPModel folder (the same networks in transformers' format, e.g. openai/clip-vit-large-patch14).
 
-CLIP score as SiD-LSG reports it: open_clip ViT-g-14 / laion2b_s12b_b42k, each caption prefixed "A photo depicts ",
-the mean over images of the raw cosine between the image and caption embeddings (the 0.30 scale: no x100, no clipping
-at 0, unlike torchmetrics' CLIPScore).
+CLIP score as SiD-LSG reports it (GigaGAN's evaluation code): open_clip ViT-g-14 / laion2b_s12b_b42k, each image first
+centre-cropped and PIL-Lanczos-resized to the FID resolution (256) as uint8, exactly as FID's images are, each caption
+prefixed "A photo depicts ", the mean over images of the raw cosine between the image and caption embeddings (the
+0.30 scale: no x100, no clipping at 0, unlike torchmetrics' CLIPScore). GigaGAN's round trip through floats in [-1, 1]
+truncates, lowering 63 of the 256 uint8 levels by one; here the images stay as crop_resize gives them.
 
 Aesthetic score: the LAION aesthetic predictor v2 (improved-aesthetic-predictor, sac+logos+ava1-l14-linearMSE.pth), a
 linear MLP 768 -> 1024 -> 128 -> 64 -> 16 -> 1 with dropout between and no activations, on the L2-normalised image
-embedding of OpenAI CLIP ViT-L/14; the score is the mean over images."""
+embedding of OpenAI CLIP ViT-L/14 with its QuickGELU activation (open_clip's ViT-L-14-quickgelu); the score is the
+mean over images."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import pickle
 import torch
 from torch import nn
 
+from evaluation.fid import crop_resize
 from evaluation.settings import EvalError, weights_file
 
 AESTHETIC_WHAT = ("the LAION aesthetic predictor v2 head, sac+logos+ava1-l14-linearMSE.pth (from "
@@ -37,6 +41,7 @@ class CLIPEncoder:
                 raise EvalError(f"{key}.backend=open_clip needs the open_clip package: pip install 'bigsid[eval]'; "
                                 f"or {key}.backend=transformers with {key}.weights=a transformers CLIPModel folder of "
                                 "the same network") from None
+            _check_activation(open_clip, model, pretrained, key)
             if not weights and not allow_download:
                 weights_file("", f"{key}.weights", f"{what}, an open_clip checkpoint (open_clip_pytorch_model.bin "
                              "or .safetensors); or pass allow_download=true to fetch it from the hub")
@@ -44,6 +49,7 @@ class CLIPEncoder:
             self.model, _, self.preprocess = open_clip.create_model_and_transforms(model, pretrained=source,
                                                                                    device=device)
             self.tokenizer = open_clip.get_tokenizer(model)
+            self.record["activation"] = activation(self.model)
         else:
             from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
@@ -53,6 +59,7 @@ class CLIPEncoder:
             self.model = CLIPModel.from_pretrained(source).to(device)
             self.processor = CLIPImageProcessor.from_pretrained(source)
             self.tokenizer = CLIPTokenizer.from_pretrained(source)
+            self.record["activation"] = self.model.config.vision_config.hidden_act
         self.backend = backend
         self.record["weights"] = weights or "hub"
         self.model.eval()
@@ -77,6 +84,22 @@ class CLIPEncoder:
         return nn.functional.normalize(emb.float(), dim=-1)
 
 
+def _check_activation(open_clip, model: str, pretrained: str, key: str) -> None:
+    """Weights trained with QuickGELU (OpenAI's) load without complaint into a GELU model of the same shape, and a
+    local weights file bypasses open_clip's own warning, so the embeddings would be silently wrong."""
+    if not open_clip.get_pretrained_cfg(model, pretrained).get("quick_gelu", False):
+        return
+    if not (open_clip.get_model_config(model) or {}).get("quick_gelu", False):
+        fix = f"{model}-quickgelu" if f"{model}-quickgelu" in open_clip.list_models() else "a -quickgelu model"
+        raise EvalError(f"{key}.model={model} builds GELU layers, but the {key}.pretrained={pretrained} weights were "
+                        f"trained with QuickGELU and give other embeddings under GELU: set {key}.model={fix}")
+
+
+def activation(model: nn.Module) -> str:
+    """The open_clip model's transformer activation, as built."""
+    return "+".join(sorted({type(m).__name__ for m in model.modules()} & {"QuickGELU", "GELU"})) or "other"
+
+
 def _projected(out) -> torch.Tensor:
     """transformers 5 returns the projected embedding as pooler_output of a model output; earlier, a tensor."""
     return out if isinstance(out, torch.Tensor) else out.pooler_output
@@ -88,10 +111,12 @@ class CLIPScore:
     def __init__(self, settings, device: torch.device, allow_download: bool):
         s = settings.clip
         self.encoder = CLIPEncoder(s.backend, s.model, s.pretrained, s.weights, "clip", allow_download, device)
-        self.prefix = s.prefix
+        self.prefix, self.resolution = s.prefix, s.resolution
         self.cosines: list[torch.Tensor] = []
 
     def update(self, images: list, prompts: list[str]) -> None:
+        if self.resolution:
+            images = [crop_resize(im, self.resolution) for im in images]
         image, text = self.encoder.images(images), self.encoder.texts([self.prefix + p for p in prompts])
         self.cosines.append((image * text).sum(-1).cpu())
 
@@ -100,6 +125,8 @@ class CLIPScore:
         cos, self.cosines = torch.cat(self.cosines).double(), []
         return {self.name: {"value": cos.mean().item(), "convention": {
             **self.encoder.record, "prefix": self.prefix, "statistic": "mean raw cosine (no x100, no clipping)",
+            "image_resize": (f"long-edge centre crop, PIL Lanczos to {self.resolution} px, uint8, then CLIP's"
+                             if self.resolution else "CLIP's preprocessing only"),
             "images": len(cos)}}}
 
 
@@ -141,8 +168,8 @@ class AestheticScore:
         expected = self.head.layers[0].in_features
         if emb.shape[1] != expected:
             raise EvalError(f"the aesthetic head takes {expected}-d CLIP embeddings and aesthetic.model gives "
-                            f"{emb.shape[1]}-d ones: it needs OpenAI CLIP ViT-L/14 (aesthetic.model=ViT-L-14, "
-                            "aesthetic.pretrained=openai)")
+                            f"{emb.shape[1]}-d ones: it needs OpenAI CLIP ViT-L/14 "
+                            "(aesthetic.model=ViT-L-14-quickgelu, aesthetic.pretrained=openai)")
         self.scores.append(self.head(emb).cpu())
 
     def result(self) -> dict:

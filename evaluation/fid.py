@@ -7,7 +7,9 @@ file inception-2015-12-05.pt from a local path (clean-fid itself would download 
 torch's own interpreter, which cannot call Python, and its file hash is part of the convention.
 
 Reference statistics (mean, covariance and the features, for KID) are computed once and cached with their
-convention; a cache made under another convention is refused, naming both."""
+convention and the identity of the real images (their path, and the count and a hash of their sorted file listing,
+names and sizes); a cache made under another convention, or from images other than fid.reference holds now, is
+refused, naming both."""
 
 from __future__ import annotations
 
@@ -34,11 +36,13 @@ INCEPTION_WHAT = ("clean-fid's TorchScript Inception network, inception-2015-12-
 
 
 def crop_resize(image: Image.Image, resolution: int) -> Image.Image:
-    """Centre crop of the long edge to the short edge's length, then PIL Lanczos to resolution x resolution."""
+    """Centre crop of the long edge to the short edge's length, then PIL Lanczos to resolution x resolution. The
+    offset is rounded as torchvision's center_crop rounds it (GigaGAN's CenterCropLongEdge): Python's round, half
+    to even, which moves the crop one pixel from a floor's where the edges differ by 3 mod 4."""
     image = image.convert("RGB")
     w, h = image.size
     side = min(w, h)
-    left, top = (w - side) // 2, (h - side) // 2
+    left, top = round((w - side) / 2), round((h - side) / 2)
     return image.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.LANCZOS)
 
 
@@ -69,7 +73,7 @@ class Inception:
             raise EvalError(f"fid.inception={path} is not a TorchScript file ({err}); it must be "
                             f"{INCEPTION_WHAT}") from None
         self.device, self.resolution = device, settings.resolution
-        self.convention = {"protocol": "clean-fid", "crop": "long-edge centre crop",
+        self.convention = {"protocol": "clean-fid", "crop": "long-edge centre crop, offset rounded half to even",
                            "resize": f"PIL Lanczos to {settings.resolution} px, uint8",
                            "inception_resize": "clean: PIL bicubic per channel to 299, float32",
                            "network": path.name, "network_sha256": _sha256(path)}
@@ -109,11 +113,7 @@ def _reference_images(reference: str):
         return
     from bigsid import data
 
-    try:
-        shards = data._expand_shards(reference)
-    except data.DataError as err:
-        raise EvalError(f"fid.reference={reference}: {err}") from None
-    for url in shards:
+    for url in _shards(reference):
         try:
             with tarfile.open(data._local_path(url) or url) as archive:
                 for info in archive:
@@ -124,13 +124,40 @@ def _reference_images(reference: str):
             log.warning("fid.reference: shard %s unreadable from here on (%s)", url, err)
 
 
-def _stats_path(settings: FIDSettings, convention: dict) -> Path:
-    """fid.reference_stats, else a cache file named by the real images' path and the convention: another
-    resolution or Inception file computes its own statistics there rather than meeting a refusal."""
+def _shards(reference: str) -> list[str]:
+    from bigsid import data
+
+    try:
+        return data._expand_shards(reference)
+    except data.DataError as err:
+        raise EvalError(f"fid.reference={reference}: {err}") from None
+
+
+def reference_identity(reference: str) -> dict:
+    """Which real images statistics are computed from, told without reading them: the path, the number of files and a
+    hash of the sorted listing of names (relative to the folder; shards' file names) and sizes. Images added, removed,
+    renamed or replaced by files of another size change it."""
+    path = Path(reference)
+    if path.is_dir():
+        listing = sorted((p.relative_to(path).as_posix(), p.stat().st_size) for p in path.rglob("*") if p.is_file())
+        where = str(path.resolve())
+    else:
+        from bigsid import data
+
+        local = {url: data._local_path(url) for url in _shards(reference)}
+        listing = [(Path(file).name, os.path.getsize(file)) if file else (url, -1) for url, file in local.items()]
+        where = reference
+    text = "\n".join(f"{name}\t{size}" for name, size in listing)
+    return {"path": where, "files": len(listing), "listing_sha256": hashlib.sha256(text.encode()).hexdigest()}
+
+
+def _stats_path(settings: FIDSettings, convention: dict, identity: dict) -> Path:
+    """fid.reference_stats, else a cache file named by the real images' identity and the convention: another
+    resolution, Inception file or set of images computes its own statistics there rather than meeting a refusal."""
     if settings.reference_stats:
         return Path(settings.reference_stats)
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bigsid" / "fid"
-    key = f"{Path(settings.reference).resolve()}|{json.dumps(convention, sort_keys=True)}"
+    key = f"{json.dumps(identity, sort_keys=True)}|{json.dumps(convention, sort_keys=True)}"
     return cache / f"reference-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
 
 
@@ -140,6 +167,20 @@ def _compare(found: dict, asked: dict, where: Path) -> None:
         raise EvalError(f"the reference statistics {where} were computed under another convention ("
                         + "; ".join(f"{k}: {found.get(k)!r} there, {asked.get(k)!r} asked" for k in changed)
                         + "): point fid.reference_stats to a new file, or fid.reference to the real images")
+
+
+def _check_identity(stored: dict, identity: dict, where: Path, reference: str) -> None:
+    """The listing decides, not the path: statistics copied along with the images to another mount stay valid."""
+    remedy = (f"delete {where} to recompute them, or point fid.reference_stats to a new file (or fid.reference to "
+              "the images they were made from)")
+    if "reference" not in stored:
+        raise EvalError(f"the reference statistics {where} do not record which images they were computed from, so "
+                        f"they cannot be checked against fid.reference={reference}: {remedy}")
+    found = json.loads(str(stored["reference"]))
+    if (found["files"], found["listing_sha256"]) != (identity["files"], identity["listing_sha256"]):
+        raise EvalError(f"the reference statistics {where} were computed from other images than fid.reference="
+                        f"{reference} holds now ({found['files']} files in {found['path']} then, "
+                        f"{identity['files']} in {identity['path']} now, or files renamed or changed): {remedy}")
 
 
 def load_stats(path: Path, convention: dict) -> dict:
@@ -153,16 +194,20 @@ def load_stats(path: Path, convention: dict) -> dict:
 
 
 def reference_stats(settings: FIDSettings, inception: Inception, batch_size: int) -> dict:
-    """{"mu", "sigma", "features", "count", "skipped"} of the real images, cached with their convention."""
+    """{"mu", "sigma", "features", "count", "skipped"} of the real images, cached with their convention and
+    identity."""
     if not settings.reference:
         raise EvalError("fid.reference is not set: point it to the real images (a folder or webdataset shards, "
                         "e.g. COCO-2014 val) or to a statistics .npz this package wrote")
     if settings.reference.endswith(".npz"):
         return load_stats(weights_file(settings.reference, "fid.reference", "reference statistics (.npz)"),
                           inception.convention)
-    path = _stats_path(settings, inception.convention)
+    identity = reference_identity(settings.reference)
+    path = _stats_path(settings, inception.convention, identity)
     if path.is_file():
-        return load_stats(path, inception.convention)
+        stored = load_stats(path, inception.convention)
+        _check_identity(stored, identity, path, settings.reference)
+        return stored
     features, batch, skipped, first_bad = [], [], 0, None
     for name, opener in _reference_images(settings.reference):
         try:
@@ -188,7 +233,7 @@ def reference_stats(settings: FIDSettings, inception: Inception, batch_size: int
     feats = np.concatenate(features)
     stats = {"mu": feats.mean(0), "sigma": np.cov(feats, rowvar=False), "features": feats.astype(np.float32),
              "count": np.array(count), "skipped": np.array(skipped),
-             "convention": np.array(json.dumps(inception.convention))}
+             "convention": np.array(json.dumps(inception.convention)), "reference": np.array(json.dumps(identity))}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
     np.savez(tmp, **stats)
@@ -218,9 +263,10 @@ class FID:
             raise EvalError("FID needs at least 2 generated images; raise num_images")
         ref = self.reference
         value = frechet_from_stats(feats.mean(0), np.cov(feats, rowvar=False), ref["mu"], ref["sigma"])
+        identity = json.loads(str(ref["reference"])) if "reference" in ref else {}
         convention = {**self.inception.convention, "generated_images": len(feats),
                       "reference_images": int(ref["count"]), "reference_skipped": int(ref["skipped"]),
-                      "reference": self.settings.reference}
+                      "reference": self.settings.reference, "reference_listing_sha256": identity.get("listing_sha256")}
         out = {"fid": {"value": value, "convention": convention}}
         if self.settings.kid:
             kid = kernel_distance(feats, ref["features"].astype(np.float64), self.settings.kid_subsets,

@@ -41,10 +41,18 @@ def plan(prompts: list[str], num_images: int, images_per_prompt: int, seed: int)
 
 def rank_and_world() -> tuple[int, int]:
     """From torchrun's environment, else srun's, else one process."""
-    for rank, world in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
-        if world in os.environ:
-            return int(os.environ.get(rank, 0)), int(os.environ[world])
-    return 0, 1
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ.get("RANK", 0)), int(os.environ["WORLD_SIZE"])
+    tasks = int(os.environ.get("SLURM_NTASKS", 1))
+    if tasks == 1:
+        return 0, 1
+    # sbatch --ntasks=N and salloc export SLURM_NTASKS to the one process of their script too; only srun starts the
+    # N tasks, each in a job step. Taken as rank 0 of N, that process would wait forever for the others' images.
+    if "SLURM_STEP_ID" not in os.environ:
+        raise EvalError(f"SLURM_NTASKS={tasks} but this process is no task of an srun job step (no SLURM_STEP_ID), "
+                        "so no other task makes its share of the images: start it as `srun bigsid eval ...` (as "
+                        "slurm/eval.sbatch does), or under torchrun, or give the job --ntasks=1")
+    return int(os.environ.get("SLURM_PROCID", 0)), tasks
 
 
 def write_atomic(path: Path, write) -> None:

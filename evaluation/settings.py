@@ -19,7 +19,9 @@ class EvalError(ValueError):
 class FIDSettings:
     inception: str = ""  # clean-fid's TorchScript Inception, inception-2015-12-05.pt
     reference: str = ""  # real images: a folder, webdataset shards ('{000..009}.tar') or a cached statistics .npz
-    reference_stats: str = ""  # where the reference statistics are cached (default: beside the evaluation root)
+    # where the reference statistics are cached; default: under $XDG_CACHE_HOME (~/.cache)/bigsid/fid, named by the
+    # real images' path, file listing and the convention, so every run that scores against them reuses them
+    reference_stats: str = ""
     resolution: int = 256  # long-edge centre crop, then PIL Lanczos to this size, real and generated alike
     kid: bool = False
     kid_subsets: int = 100
@@ -33,13 +35,16 @@ class CLIPSettings:
     pretrained: str = "laion2b_s12b_b42k"
     weights: str = ""  # a local weights file (open_clip) or model folder (transformers)
     prefix: str = "A photo depicts "
+    # GigaGAN's CLIP score (which SiD-LSG reports) sees each image centre-cropped and Lanczos-resized to its FID
+    # resolution as uint8 before CLIP's own preprocessing; 0: CLIP's preprocessing alone
+    resolution: int = 256
 
 
 @dataclass
 class AestheticSettings:
     head: str = ""  # the LAION predictor v2 head, sac+logos+ava1-l14-linearMSE.pth
     backend: str = "open_clip"
-    model: str = "ViT-L-14"
+    model: str = "ViT-L-14-quickgelu"  # OpenAI's weights were trained with QuickGELU; open_clip's ViT-L-14 is GELU
     pretrained: str = "openai"
     weights: str = ""  # OpenAI CLIP ViT-L/14: an open_clip weights file or a transformers CLIPModel folder
 
@@ -86,14 +91,22 @@ def load_settings(overrides: list[str]) -> EvalSettings:
     unknown = [m for m in settings.metrics if m not in METRICS]
     if unknown:
         raise ConfigError(f"metrics: unknown {unknown}; choose from {', '.join(METRICS)}")
-    for key, ok in (("sampler", settings.sampler in ("generator", "teacher")),
-                    ("clip.backend", settings.clip.backend in ("open_clip", "transformers")),
-                    ("aesthetic.backend", settings.aesthetic.backend in ("open_clip", "transformers")),
-                    ("num_images", settings.num_images >= 0), ("images_per_prompt", settings.images_per_prompt >= 1),
-                    ("teacher_steps", settings.teacher_steps >= 1), ("batch_size", settings.batch_size >= 1),
-                    ("fid.resolution", settings.fid.resolution >= 1)):
+    backends = ("open_clip", "transformers")
+    # KID needs two features per subset (its unbiased estimate divides by subset_size - 1) and at least one subset;
+    # checked here, since KID is computed only after every image is generated
+    for key, ok, expected in (("sampler", settings.sampler in ("generator", "teacher"), "generator or teacher"),
+                              ("clip.backend", settings.clip.backend in backends, " or ".join(backends)),
+                              ("aesthetic.backend", settings.aesthetic.backend in backends, " or ".join(backends)),
+                              ("num_images", settings.num_images >= 0, "an integer >= 0"),
+                              ("images_per_prompt", settings.images_per_prompt >= 1, "an integer >= 1"),
+                              ("teacher_steps", settings.teacher_steps >= 1, "an integer >= 1"),
+                              ("batch_size", settings.batch_size >= 1, "an integer >= 1"),
+                              ("fid.resolution", settings.fid.resolution >= 1, "a size in pixels, >= 1"),
+                              ("fid.kid_subsets", settings.fid.kid_subsets >= 1, "an integer >= 1"),
+                              ("fid.kid_subset_size", settings.fid.kid_subset_size >= 2, "an integer >= 2"),
+                              ("clip.resolution", settings.clip.resolution >= 0, "a size in pixels, or 0 for none")):
         if not ok:
-            raise ConfigError(f"{key}: invalid value {_get(settings, key)!r}")
+            raise ConfigError(f"{key}: invalid value {_get(settings, key)!r}; it must be {expected}")
     return settings
 
 

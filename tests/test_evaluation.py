@@ -6,6 +6,7 @@ Frechet tolerance is argued where it is used."""
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -153,6 +154,16 @@ def test_resize_is_a_centred_long_edge_crop_then_lanczos():
     assert np.allclose(big, np.array([10, 200, 30], np.float32)[:, None, None], atol=1e-3)
 
 
+@pytest.mark.parametrize("width,left", [(45, 2), (46, 3), (47, 4)])
+def test_the_crop_offset_is_rounded_as_torchvision_rounds_it(width, left):
+    """torchvision's center_crop (GigaGAN's) takes round((w - side) / 2), half to even: 2.5 -> 2, 3.5 -> 4; a floor
+    would give 3 at 47. At the crop's own size PIL's resize returns the crop unchanged, so columns tell the offset."""
+    x = np.zeros((40, width, 3), np.uint8)
+    x[..., 0] = np.arange(width, dtype=np.uint8)
+    out = np.asarray(fid.crop_resize(Image.fromarray(x), 40))
+    assert (out[0, :, 0] == np.arange(left, left + 40)).all()
+
+
 def test_resize_matches_clean_fid():
     resize = pytest.importorskip("cleanfid.resize")
     rng = np.random.default_rng(2)
@@ -232,11 +243,36 @@ def test_clip_score_is_the_mean_raw_cosine_of_prefixed_captions(monkeypatch):
             seen.extend(captions)
             return torch.tensor([texts[c] for c in captions])
 
-    score.encoder, score.prefix, score.cosines = Encoder(), "A photo depicts ", []
+    score.encoder, score.prefix, score.resolution, score.cosines = Encoder(), "A photo depicts ", 0, []
     score.update([None] * 3, ["a", "b", "c"])
     result = score.result()["clip_score"]
     assert seen == list(texts) and result["value"] == pytest.approx(-0.4, abs=1e-7)
     assert result["convention"]["prefix"] == "A photo depicts "
+
+
+def test_clip_score_sees_each_image_as_fid_crops_and_resizes_it(nets, monkeypatch):
+    """GigaGAN's CLIP score: the long-edge centre crop and Lanczos resize to 256 px of FID, then CLIP's preprocessing;
+    clip.resolution=0 hands CLIP the images as generated. The score is the cosine of those images' embeddings."""
+    from evaluation.settings import load_settings
+
+    rng = np.random.default_rng(4)
+    images = [Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)) for shape in ((300, 420, 3), (64, 64, 3))]
+    captions = ["A photo depicts a cat", "A photo depicts a dog"]
+    for resolution in (256, 0):
+        settings = load_settings(["clip.backend=transformers", f"clip.weights={nets['clip']}",
+                                  f"clip.resolution={resolution}"])
+        score = clip.CLIPScore(settings, torch.device("cpu"), False)
+        real, seen = score.encoder.images, []
+        monkeypatch.setattr(score.encoder, "images", lambda ims: (seen.extend(ims), real(ims))[1])
+        score.update(images, ["a cat", "a dog"])
+        expected = [fid.crop_resize(im, 256) for im in images] if resolution else images
+        assert len(seen) == 2 and all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(seen, expected))
+        result = score.result()["clip_score"]
+        cosine = (real(expected) * score.encoder.texts(captions)).sum(-1).mean().item()
+        assert result["value"] == pytest.approx(cosine, abs=1e-6)
+        assert result["convention"]["image_resize"].startswith(
+            "long-edge centre crop, PIL Lanczos to 256 px, uint8" if resolution else "CLIP's preprocessing only")
+        assert result["convention"]["activation"] == "quick_gelu"  # the tiny config's, as OpenAI's CLIP has it
 
 
 def test_open_clip_path_with_a_tiny_custom_model(tmp_path):
@@ -260,6 +296,24 @@ def test_open_clip_path_with_a_tiny_custom_model(tmp_path):
         ref_i = model.eval().encode_image(encoder.preprocess(image)[None])
     assert torch.allclose(emb_i, torch.nn.functional.normalize(ref_i, dim=-1), atol=1e-6)
     assert emb_t.shape == (1, 16) and torch.allclose(emb_t.norm(dim=-1), torch.ones(1))
+    assert encoder.record["activation"] == "GELU"
+
+
+def test_aesthetic_clip_is_built_with_openais_quickgelu(tmp_path):
+    """OpenAI's ViT-L/14 weights were trained with QuickGELU. open_clip's plain ViT-L-14 builds exact GELU and loads
+    them from a local file without a word, so the default builds the -quickgelu config, and ViT-L-14 with OpenAI's
+    weights is refused before any file is read."""
+    open_clip = pytest.importorskip("open_clip")
+    from evaluation.settings import AestheticSettings
+
+    default = AestheticSettings()
+    with torch.device("meta"):  # the real architectures, without allocating their 430M weights
+        built = {name: open_clip.create_model(name, device="meta") for name in (default.model, "ViT-L-14")}
+    assert clip.activation(built[default.model]) == "QuickGELU" and clip.activation(built["ViT-L-14"]) == "GELU"
+    (tmp_path / "vit-l-14.pt").write_bytes(b"never read")
+    with pytest.raises(EvalError, match="aesthetic.model=ViT-L-14 builds GELU.*set aesthetic.model=ViT-L-14-quickgelu"):
+        clip.CLIPEncoder("open_clip", "ViT-L-14", default.pretrained, str(tmp_path / "vit-l-14.pt"), "aesthetic",
+                         False, torch.device("cpu"))
 
 
 # ---- generation and the whole path ----
@@ -400,6 +454,44 @@ def test_reference_statistics_from_shards_equal_those_from_the_folder(nets, tmp_
     assert np.allclose(stats["shards"]["sigma"], stats["folder"]["sigma"], rtol=0, atol=1e-12)
 
 
+def test_reference_statistics_of_other_images_are_refused(nets, tmp_path, monkeypatch):
+    """The statistics record the listing (names and sizes) of the images they were computed from: the same images
+    elsewhere reuse them; an image more, or one renamed, is refused naming the file to delete, which is left as it
+    was; a file recording no images is refused; the default cache computes a new file for other images."""
+    from evaluation.settings import FIDSettings
+
+    real, moved, stats_file = tmp_path / "real", tmp_path / "moved", tmp_path / "stats.npz"
+    shutil.copytree(nets["real"], real)
+    shutil.copytree(nets["real"], moved)
+    inception = fid.Inception(FIDSettings(inception=str(nets["inception"])), torch.device("cpu"))
+
+    def stats(reference, cache=""):
+        settings = FIDSettings(inception=str(nets["inception"]), reference=str(reference), reference_stats=cache)
+        return fid.reference_stats(settings, inception, batch_size=5)
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert int(stats(real)["count"]) == 12
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(real / "extra.png")
+    assert int(stats(real)["count"]) == 13  # the default cache: a second file for the other images, the first kept
+    assert len(list((tmp_path / "cache" / "bigsid" / "fid").glob("*.npz"))) == 2
+
+    first = stats(moved, str(stats_file))
+    written = stats_file.read_bytes()
+    monkeypatch.setattr(inception, "features", lambda images: pytest.fail("recomputed cached statistics"))
+    assert np.array_equal(stats(nets["real"], str(stats_file))["mu"], first["mu"])  # the same images elsewhere
+    with pytest.raises(EvalError, match=re.escape(f"computed from other images than fid.reference={real} holds now "
+                                                  f"(14 files in {moved} then, 15 in {real} now")
+                       + ".*" + re.escape(f"delete {stats_file}")):
+        stats(real, str(stats_file))
+    (moved / "00.png").rename(moved / "00-renamed.png")
+    with pytest.raises(EvalError, match="computed from other images"):
+        stats(moved, str(stats_file))
+    assert stats_file.read_bytes() == written
+    np.savez(tmp_path / "legacy.npz", **{k: v for k, v in first.items() if k != "reference"})
+    with pytest.raises(EvalError, match="do not record which images they were computed from"):
+        stats(nets["real"], str(tmp_path / "legacy.npz"))
+
+
 def test_reward_models_without_package_or_weights_are_skipped_with_a_message(evaluated, nets):
     out, _ = evaluated
     assert main(["eval", str(out.parent.parent), *metric_args(nets, "name=full",
@@ -426,6 +518,39 @@ def test_missing_weights_file_names_file_what_and_key(run_dir, nets, tmp_path, c
     err = capsys.readouterr().err  # without open_clip its package is missing, with it the ViT-g-14 weights are
     assert "pip install 'bigsid[eval]'" in err or "clip.weights is not set: it must point to the weights of CLIP " \
         "ViT-g-14 (laion2b_s12b_b42k)" in err
+
+
+def test_bad_settings_say_what_they_must_be(tmp_path, capsys):
+    """Checked when the settings are read: KID's subsets=0 and subset_size=1 would otherwise fail (division by zero,
+    NaN) only after every image was generated."""
+    for override, message in (("fid.kid_subset_size=1", "fid.kid_subset_size: invalid value 1; it must be an "
+                                                        "integer >= 2"),
+                              ("fid.kid_subsets=0", "fid.kid_subsets: invalid value 0; it must be an integer >= 1"),
+                              ("sampler=ddim", "sampler: invalid value 'ddim'; it must be generator or teacher"),
+                              ("clip.resolution=-1", "clip.resolution: invalid value -1; it must be a size in pixels, "
+                                                     "or 0 for none")):
+        assert main(["eval", str(tmp_path), "metrics=[fid]", "fid.kid=true", override]) == 2
+        assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_slurm_tasks_outside_an_srun_step_are_refused_not_left_waiting(tmp_path, monkeypatch, capsys):
+    """sbatch --ntasks=4 exports SLURM_NTASKS=4 to its one script process: without srun no other task exists, and
+    rank 0 of 4 would wait forever for their images."""
+    for name in ("RANK", "WORLD_SIZE", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_STEP_ID"):
+        monkeypatch.delenv(name, raising=False)
+    assert generate.rank_and_world() == (0, 1)
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    assert main(["eval", str(tmp_path), "metrics=[fid]"]) == 2
+    assert "SLURM_NTASKS=4 but this process is no task of an srun job step" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+    monkeypatch.setenv("SLURM_STEP_ID", "0")  # task 2 of srun's step
+    monkeypatch.setenv("SLURM_PROCID", "2")
+    assert generate.rank_and_world() == (2, 4)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's environment comes first
+    monkeypatch.setenv("RANK", "1")
+    assert generate.rank_and_world() == (1, 2)
 
 
 def test_reference_statistics_of_another_convention_are_refused(evaluated, nets, capsys):
