@@ -125,6 +125,36 @@ class Schedule(torch.nn.Module):
         return int((ve - sigma).abs().argmin())
 
 
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+
+def vp_scheduler(config: dict) -> DDPMScheduler:
+    """The forward process of a DDPM-family scheduler config, as DDPMScheduler computes it from the keys that set
+    its betas: the training schedule and the export's scheduler both take it from here, so no key reaches one and
+    not the other.
+
+    use_karras_sigmas (like use_exponential_sigmas and use_beta_sigmas) only respaces a sampler's steps over these
+    betas, and the export ships its own scheduler without it, so it is accepted."""
+    name = config.get("_class_name", "DDPMScheduler")
+    if config.get("timestep_type", "discrete") != "discrete":
+        raise ScheduleError(f"scheduler config {name} has timestep_type={config['timestep_type']!r}: bigsid calls a "
+                            "VP teacher's network at its integer training timesteps, so it needs a teacher trained on "
+                            "them (timestep_type 'discrete')")
+    if config.get("trained_betas") is None and config.get("beta_schedule", "linear") not in BETA_SCHEDULES:
+        raise ScheduleError(f"scheduler config {name} has beta_schedule={config['beta_schedule']!r}, which bigsid does "
+                            f"not reproduce: one of {', '.join(BETA_SCHEDULES)}, or the betas themselves as "
+                            "trained_betas")
+    # A zero terminal SNR makes abar_T = 0: an eps-prediction has no x0 there, and the noise level s_t / a_t the
+    # objectives weight by is infinite. Training without the rescale would distil another schedule than the
+    # teacher's, and the export (which would apply it) would then disagree with training.
+    if config.get("rescale_betas_zero_snr"):
+        raise ScheduleError(f"scheduler config {name} has rescale_betas_zero_snr=true: bigsid does not distil "
+                            "zero-terminal-SNR teachers (abar_T = 0). If the teacher was trained without the "
+                            "rescale, remove the key from its scheduler_config.json")
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
+    return DDPMScheduler(**{k: config[k] for k in keys if config.get(k) is not None})
+
+
 class VPSchedule(Schedule):
     """Discrete-time VP schedule (DDPM family)."""
 
@@ -133,15 +163,8 @@ class VPSchedule(Schedule):
 
     @classmethod
     def _from_config(cls, config: dict, prediction_type: str) -> "VPSchedule":
-        name = config.get("_class_name", "DDPMScheduler")
-        if config.get("timestep_type", "discrete") != "discrete" or config.get("use_karras_sigmas") \
-                or config.get("beta_schedule", "linear") not in ("linear", "scaled_linear", "squaredcos_cap_v2"):
-            raise ScheduleError(f"scheduler config {name} with beta_schedule={config.get('beta_schedule')!r} is not a "
-                                "discrete VP schedule bigsid can reproduce")
-        # Only the betas matter for the forward process; clip_sample would clamp latents, so force it off.
-        keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
-        ddpm = DDPMScheduler(**{k: config[k] for k in keys if config.get(k) is not None}, clip_sample=False)
-        abar = ddpm.alphas_cumprod.double()
+        # diffusers' own fp32 cumulative product, which the exported scheduler computes alike from the same betas
+        abar = vp_scheduler(config).alphas_cumprod.double()
         return cls(abar.sqrt(), (1 - abar).sqrt(), torch.arange(abar.numel()),
                    prediction_type or config.get("prediction_type", "epsilon"))
 

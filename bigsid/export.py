@@ -12,9 +12,10 @@ the teacher's schedule cut at t0 (num_train_timesteps = t0 + 1, trained_betas = 
 timestep_spacing "trailing"). One step then runs the network once at t0 on sigma_t0 * z / sqrt(sigma_t0^2 + 1) =
 sqrt(1 - abar_t0) * z and returns its x0-prediction. With k steps the same scheduler re-noises x0 at trailing
 timesteps t0 > t_1 > ... with the noise the generator's own prediction implies (DDIM, eta = 0), the chain
-OneStepGenerator runs. SDXL's, PixArt's and SD's pipelines call the scheduler alike (scale_model_input, then step on
-the network's output: PixArt's of its eps channels); SDXL's also passes the size ids of its default image size,
-which is the size bigsid conditions on.
+OneStepGenerator runs, at timesteps it computes by the scheduler's own expression; a k whose spacing takes an extra
+step (to timestep -1) is refused. SDXL's, PixArt's and SD's pipelines call the scheduler alike (scale_model_input,
+then step on the network's output: PixArt's of its eps channels); SDXL's also passes the size ids of its default
+image size, which is the size bigsid conditions on.
 
 Rectified flow (SD3). A stock flow pipeline starts every chain from the noise itself, x = z at sigma = 1, and no
 FlowMatchEulerDiscreteScheduler setting scales it, so only a generator trained from pure noise (t_init = N - 1,
@@ -42,7 +43,8 @@ from safetensors.torch import load_file
 
 from bigsid import checkpoint
 from bigsid.families import Family, TeacherError, decode, detect, load_teacher, pipeline_config
-from bigsid.models import OneStepGenerator, lora_config, trailing_timesteps
+from bigsid.diffusion import FlowSchedule, Schedule, vp_scheduler
+from bigsid.models import OneStepGenerator, clean_step_counts, lora_config, trailing_timesteps
 from bigsid.text import PromptEncoder
 from bigsid.parallel import deepspeed as deepspeed_layout
 
@@ -137,21 +139,22 @@ def find_checkpoint(source: str | Path) -> Path:
 def one_step_scheduler(teacher_scheduler_config: dict, t_init: int, prediction_type: str):
     """EulerDiscreteScheduler on the teacher's schedule cut at t_init: num_inference_steps=k reproduces the
     generator's k-step chain (see the module docstring)."""
-    from diffusers import DDPMScheduler, EulerDiscreteScheduler
+    from diffusers import EulerDiscreteScheduler
 
-    betas = DDPMScheduler.from_config(teacher_scheduler_config).betas[: t_init + 1]
+    betas = vp_scheduler(teacher_scheduler_config).betas[: t_init + 1]
     # steps_offset only shifts "leading" spacing; 1 keeps StableDiffusionPipeline from rewriting the config.
     return EulerDiscreteScheduler(num_train_timesteps=t_init + 1, trained_betas=betas.tolist(),
                                   prediction_type=prediction_type, timestep_spacing="trailing", steps_offset=1)
 
 
-def export_scheduler(teacher_scheduler_config: dict, t_init: int, prediction_type: str):
-    """The scheduler an export ships: the Euler cut for a VP teacher, a flow teacher's own."""
+def export_scheduler(teacher_scheduler_config: dict, t_init: int, schedule: Schedule):
+    """The scheduler an export ships: the Euler cut for a VP teacher, a flow teacher's own (whatever the network
+    predicts: `_check_reproducible` refuses what that scheduler cannot run)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    if prediction_type == "flow":
+    if isinstance(schedule, FlowSchedule):
         return FlowMatchEulerDiscreteScheduler.from_config(teacher_scheduler_config)
-    return one_step_scheduler(teacher_scheduler_config, t_init, prediction_type)
+    return one_step_scheduler(teacher_scheduler_config, t_init, schedule.prediction_type)
 
 
 def _is_flow(scheduler) -> bool:
@@ -167,7 +170,12 @@ def sampling_timesteps(scheduler, steps: int) -> list[int]:
     if _is_flow(scheduler):
         return trailing_timesteps(most, steps)
     scheduler.set_timesteps(steps)
-    return [int(t) for t in scheduler.timesteps]
+    stock, chain = [int(t) for t in scheduler.timesteps], trailing_timesteps(most, steps)
+    if stock != chain:
+        raise ExportError(f"steps={steps}: the exported scheduler would run the network at timesteps {stock}, but the "
+                          f"generator's {steps}-step chain from t_init={most} runs at {chain}; ask for steps="
+                          f"{' or '.join(map(str, clean_step_counts(most, steps)))} instead")
+    return stock
 
 
 def step_arguments(scheduler, steps: int) -> dict:
@@ -283,7 +291,7 @@ def load_distilled(source: str | Path, ema: bool = True, teacher: str | None = N
                                                if "lora_" not in k)
     generator.load_state_dict(weights)
     generator.requires_grad_(False).eval()
-    scheduler = export_scheduler(loaded.scheduler_config, generator.t_init, schedule.prediction_type)
+    scheduler = export_scheduler(loaded.scheduler_config, generator.t_init, schedule)
     # T5 comes last in both T5 families' encoders (PixArt: alone; SD3: after the two CLIPs)
     t5_length = encoder.tokens[-1].max_length if family.name in ("pixart", "sd3") else 0
     return Distilled(generator, encoder, vae.eval(), scheduler, family, pipeline, t5_length, path, revision, lora,
@@ -315,6 +323,14 @@ def _replace(partial: Path, out: Path) -> None:
 
 def _check_reproducible(d: Distilled) -> None:
     """Refuse a flow generator that a stock flow pipeline cannot run (see the module docstring)."""
+    prediction = d.generator.net.prediction_type
+    if _is_flow(d.scheduler) and prediction != "flow":
+        raise ExportError(
+            f"{d.folder}: the generator predicts {prediction} (teacher.prediction_type={prediction}), but "
+            f"{d.pipeline}'s FlowMatchEulerDiscreteScheduler reads every network output as the flow velocity and "
+            f"no scheduler setting converts it, so no stock call reproduces this generator. Train from a flow "
+            f"teacher with teacher.prediction_type=flow to export it; `bigsid sample` and `bigsid eval` run this "
+            f"checkpoint as it is")
     last = d.generator.schedule.num_timesteps - 1
     if _is_flow(d.scheduler) and d.generator.t_init != last:
         raise ExportError(
@@ -594,6 +610,16 @@ def is_export(model: Path) -> bool:
     return (model / "model_index.json").is_file() or (model / LORA_WEIGHTS).is_file()
 
 
+def _sampling_inputs(model: Path, teacher: str | None) -> list[Path]:
+    """What sampling `model` reads, which an output folder must not hold: the model, and the local teacher folder
+    it names (an export's card's; a run's, `teacher` in place of the one it trained from)."""
+    if is_export(model):
+        named = card_metadata(model).get("teacher")
+    else:
+        named = teacher or checkpoint.read_state(find_checkpoint(model))["config"]["teacher"]["path"]
+    return [model] + ([Path(named)] if named and Path(named).exists() else [])
+
+
 @torch.no_grad()
 def sample(model: str | Path, prompts: list[str], out: str | Path, seeds: int = 4, seed: int = 0,
            steps: int | None = None,
@@ -609,7 +635,7 @@ def sample(model: str | Path, prompts: list[str], out: str | Path, seeds: int = 
     model, out, device = Path(model), Path(out), pick_device(device)
     if not prompts:
         raise ExportError("no prompts: pass --prompts")
-    partial = _output_folder(out, force, [model])
+    partial = _output_folder(out, force, _sampling_inputs(model, teacher))
     if is_export(model):
         pipe, call = load_export(model, steps)
         pipe.to(device)

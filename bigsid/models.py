@@ -19,6 +19,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -46,10 +47,28 @@ def predict(net: nn.Module, schedule: Schedule, x_t: torch.Tensor, t: torch.Tens
     return schedule.convert(uncond + guidance * (conditional - uncond), x_t, t, net.prediction_type, out)
 
 
-def trailing_timesteps(t_init: int, chain: int) -> list[int]:
-    """diffusers' "trailing" spacing of `chain` steps over the grid cut at t_init; t_init first."""
+def stock_trailing_timesteps(t_init: int, chain: int) -> list[int]:
+    """The timesteps EulerDiscreteScheduler's "trailing" spacing runs for `chain` steps over the grid cut at t_init
+    (num_train_timesteps = t_init + 1), by its own numpy expression: np.arange's float arithmetic decides which way
+    a point near .5 rounds (t_init=500, 14 steps: 250.50000000000006, not 250.5). Where it leaves the last point a
+    hair above 0 (t_init=761, 11 steps: 2.3e-13), np.arange keeps it: a last timestep -1, which is on no grid, and
+    a step the chain does not have."""
     n = t_init + 1
-    return [round(n - i * n / chain) - 1 for i in range(chain)]
+    return (np.arange(n, 0, -n / chain).round() - 1).astype(int).tolist()
+
+
+def clean_step_counts(t_init: int, steps: int) -> list[int]:
+    """The step counts nearest `steps` (one below, one above, within 1..t_init) whose stock trailing spacing over
+    [0, t_init] has no extra step: what to ask for instead of one that has."""
+    below = (k for k in range(steps - 1, 0, -1) if len(stock_trailing_timesteps(t_init, k)) == k)
+    above = (k for k in range(steps + 1, t_init + 1) if len(stock_trailing_timesteps(t_init, k)) == k)
+    return [k for k in (next(below, None), next(above, None)) if k is not None]
+
+
+def trailing_timesteps(t_init: int, chain: int) -> list[int]:
+    """diffusers' "trailing" spacing of `chain` steps over the grid cut at t_init; t_init first. Where the stock
+    spacing adds its -1 (see stock_trailing_timesteps), a chain of this length has no stock scheduler's twin."""
+    return stock_trailing_timesteps(t_init, chain)[:chain]
 
 
 class OneStepGenerator(nn.Module):
@@ -261,6 +280,14 @@ def build_networks(cfg: Config) -> Networks:
     for key, t in (("generator.t_init", cfg.generator.t_init), ("objective.t_max", cfg.objective.t_max)):
         if t >= schedule.num_timesteps:
             raise TeacherError(f"{key}={t} is past the teacher's last timestep {schedule.num_timesteps - 1}")
-    generator = OneStepGenerator(generator_net, schedule, cfg.generator.t_init, cfg.generator.steps)
+    t_init, steps = cfg.generator.t_init, cfg.generator.steps
+    # A VP export's scheduler runs the chain by its own trailing spacing (bigsid.export): refused here, not after
+    # the run, where that spacing has another step than the chain.
+    stock = stock_trailing_timesteps(t_init, steps)
+    if cfg.teacher.kind == "diffusers" and isinstance(schedule, VPSchedule) and len(stock) != steps:
+        raise TeacherError(f"generator.steps={steps} with generator.t_init={t_init}: the exported scheduler would "
+                           f"run {len(stock)} steps, at timesteps {stock}, so no export could reproduce this chain; "
+                           f"choose generator.steps={' or '.join(map(str, clean_step_counts(t_init, steps)))}")
+    generator = OneStepGenerator(generator_net, schedule, t_init, steps)
     return Networks(teacher, generator, fake_score, schedule, encoder, shape, scheduler_config, vae, truth, vocabulary,
                     family, initial_state, stored)

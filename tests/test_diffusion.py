@@ -69,6 +69,23 @@ def test_unsupported_schedulers_are_refused_with_the_reason():
     torch.testing.assert_close(clipped.a, SCHEDULE.a)  # clip_sample never reaches the maths
 
 
+def test_vp_keys_bigsid_cannot_reproduce_are_named_and_sampler_spacing_is_accepted():
+    for key, value, says in (("timestep_type", "continuous", "timestep_type='continuous'.*'discrete'"),
+                             ("beta_schedule", "sigmoid", "beta_schedule='sigmoid'.*linear.*trained_betas"),
+                             ("rescale_betas_zero_snr", True, "rescale_betas_zero_snr=true.*remove the key")):
+        with pytest.raises(ScheduleError, match=says):
+            Schedule.from_scheduler_config({**SD_SCHEDULER_CONFIG, key: value})
+    # Karras spacing picks a sampler's steps over the same betas: the training schedule is untouched, bit for bit.
+    karras = Schedule.from_scheduler_config({**SD_SCHEDULER_CONFIG, "_class_name": "EulerDiscreteScheduler",
+                                             "use_karras_sigmas": True})
+    assert torch.equal(karras.a, SCHEDULE.a) and torch.equal(karras.s, SCHEDULE.s)
+    # given betas are the schedule, whatever beta_schedule says
+    betas = DDPMScheduler.from_config(SD_SCHEDULER_CONFIG).betas.tolist()
+    given = Schedule.from_scheduler_config({**SD_SCHEDULER_CONFIG, "beta_schedule": "sigmoid",
+                                            "trained_betas": betas})
+    assert torch.equal(given.a, SCHEDULE.a) and torch.equal(given.s, SCHEDULE.s)
+
+
 def test_sample_t_covers_its_range_uniformly():
     t = SCHEDULE.sample_t(100_000, 20, 979, "cpu", torch.Generator().manual_seed(0))
     assert t.min() == 20 and t.max() == 979

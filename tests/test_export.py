@@ -10,6 +10,8 @@ import contextlib
 import copy
 import json
 import re
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,8 +22,9 @@ from safetensors.torch import load_file, save_file
 from bigsid import checkpoint
 from bigsid.cli import main
 from bigsid.config import load_config, to_dict
-from bigsid.export import (ExportError, export, load_distilled, load_generator_state, sampling_timesteps,
-                           stock_call)
+from bigsid.diffusion import SD_SCHEDULER_CONFIG, ScheduleError, VPSchedule
+from bigsid.export import (ExportError, export, load_distilled, load_generator_state, one_step_scheduler,
+                           sampling_timesteps, stock_call)
 from bigsid.families import decode, load_teacher
 from bigsid.models import OneStepGenerator
 from conftest import TINY_TOY
@@ -184,7 +187,10 @@ def write_checkpoint(run_dir, generator, config, step=3):
     save_file({k: v.contiguous() for k, v in generator.state_dict().items()}, partial / "generator.safetensors")
     trained = {n: p.detach().clone() for n, p in generator.named_parameters() if p.requires_grad}
     save_file(trained, partial / "ema.safetensors")
-    return checkpoint.commit(partial, {"step": step, "nimg": 4 * step, "config": config}, keep=1)
+    # every key a train state has (checkpoint.read_state); the export reads only step, nimg and config
+    state = {"step": step, "nimg": 4 * step, "skipped": {"nan_samples": 0, "nonfinite_steps": 0}, "data": {},
+             "config": config}
+    return checkpoint.commit(partial, state, keep=1)
 
 
 def perturbed_generator(teacher_dir, prediction_type="", t_init=625):
@@ -274,6 +280,77 @@ def test_v_prediction_teacher_and_few_steps(teacher_dir, tmp_path):
     for steps, timesteps in ((1, [625]), (2, [625, 312]), (3, [625, 416, 208])):
         assert sampling_timesteps(d.scheduler, steps) == timesteps
         assert_stock_call_is_bigsids(d, pipe, PROMPTS, z, steps, latents=z)
+
+
+def test_the_exported_scheduler_runs_the_generators_own_chain_or_the_export_refuses():
+    """Every step count of a VP export either runs the generator's chain timesteps in the stock scheduler or is
+    refused. t_init every 7 steps and 1..40 steps (5,000 pairs, hundreds of each kind) plus two cases np.arange's
+    float arithmetic decides: at t_init=500 the point 250.50000000000006 rounds up, and at t_init=761, 11 steps, a
+    last point 2.3e-13 becomes an extra timestep -1."""
+    schedule = VPSchedule.from_scheduler_config(SD_SCHEDULER_CONFIG)
+    outcomes = {"same": 0, "refused": 0}
+    for t_init in [*range(1, 1000, 7), 500, 761]:
+        scheduler = one_step_scheduler(SD_SCHEDULER_CONFIG, t_init, "epsilon")
+        generator = OneStepGenerator(torch.nn.Identity(), schedule, t_init)
+        for steps in range(1, min(t_init, 40) + 1):
+            chain = generator.timesteps(steps)
+            assert len(chain) == steps and chain[0] == t_init and chain[-1] >= 0
+            assert all(a > b for a, b in zip(chain, chain[1:]))
+            scheduler.set_timesteps(steps)
+            if [int(t) for t in scheduler.timesteps] == chain:
+                assert sampling_timesteps(scheduler, steps) == chain
+                outcomes["same"] += 1
+            else:
+                with pytest.raises(ExportError, match=f"steps={steps}: .* ask for steps="):
+                    sampling_timesteps(scheduler, steps)
+                outcomes["refused"] += 1
+    assert min(outcomes.values()) > 100, outcomes
+    assert OneStepGenerator(torch.nn.Identity(), schedule, 500).timesteps(14)[6:8] == [285, 250]
+    with pytest.raises(ExportError, match=r"timesteps \[761, .*, 68, -1\].*steps=10 or 12"):
+        sampling_timesteps(one_step_scheduler(SD_SCHEDULER_CONFIG, 761, "epsilon"), 11)
+
+
+def test_the_exported_scheduler_has_the_training_schedule():
+    """The export's Euler cut runs on the betas training uses, bit for bit (abar is one fp32 cumulative product of
+    the same values on both sides), sampler spacing settings included; a zero-terminal-SNR rescale, which training
+    does not apply, is refused on both sides."""
+    for config in (SD_SCHEDULER_CONFIG, {**SD_SCHEDULER_CONFIG, "_class_name": "EulerDiscreteScheduler",
+                                         "use_karras_sigmas": True}):
+        schedule = VPSchedule.from_scheduler_config(config)
+        scheduler = one_step_scheduler(config, 625, "epsilon")
+        assert torch.equal(scheduler.alphas_cumprod.double().sqrt().float(), schedule.a[:626])
+    rescaled = {**SD_SCHEDULER_CONFIG, "rescale_betas_zero_snr": True}
+    for build in (VPSchedule.from_scheduler_config, lambda config: one_step_scheduler(config, 625, "epsilon")):
+        with pytest.raises(ScheduleError, match="rescale_betas_zero_snr=true"):
+            build(rescaled)
+
+
+def test_a_few_step_chain_no_export_runs_is_refused_before_training(teacher_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "-", *overrides(teacher_dir, run, "generator.t_init=761", "generator.steps=11")]) == 2
+    err = capsys.readouterr().err
+    assert "generator.steps=11 with generator.t_init=761" in err and "choose generator.steps=10 or 12" in err
+    assert not (run / "checkpoints").exists()
+
+
+def test_sample_never_replaces_its_teacher(teacher_dir, tmp_path, capsys):
+    """--force replaces an output folder, but not one that holds the teacher a sample reads: the run's own, or the
+    one named with --teacher (a copy of the teacher both times, so that a failure costs no other test its
+    teacher)."""
+    models = tmp_path / "models"
+    teacher = Path(shutil.copytree(teacher_dir, models / "teacher"))
+    files = {p: p.read_bytes() for p in teacher.rglob("*") if p.is_file()}
+    for run, trained_from in (("own", teacher), ("elsewhere", teacher_dir)):
+        config = to_dict(load_config(None, overrides(trained_from, tmp_path / run)))
+        write_checkpoint(tmp_path / run, perturbed_generator(teacher), config)
+    for run, out, extra in (("own", teacher, []), ("own", models, []),
+                            ("elsewhere", teacher, ["--teacher", str(teacher)])):
+        assert main(["sample", str(tmp_path / run), "--prompts", "a cat", "--seeds", "1", "--force",
+                     "--out", str(out), *extra]) == 2
+        assert f"holds {teacher}, an input: choose an output folder outside it" in capsys.readouterr().err
+        assert {p: p.read_bytes() for p in teacher.rglob("*") if p.is_file()} == files
+    assert main(["sample", str(tmp_path / "own"), "--prompts", "a cat", "--seeds", "1",
+                 "--out", str(tmp_path / "samples")]) == 0
 
 
 def test_sample_from_checkpoint_and_from_export_agree(run_dir, exported, tmp_path):

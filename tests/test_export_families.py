@@ -172,7 +172,7 @@ def test_lora_generator_exports_where_the_pipeline_loads_lora(family, tmp_path):
     assert_stock_call_is_bigsids(d, fused, PROMPTS, z, same_network=False, latents=z)
 
 
-def test_flow_exports_few_steps_by_their_sigmas_and_refuses_starts_below_pure_noise(tmp_path):
+def test_flow_exports_few_steps_by_their_sigmas_and_refuses_what_no_stock_flow_call_runs(tmp_path):
     folder = tmp_path / "sd3"
     build_pipeline("sd3").save_pretrained(folder)
     config = run_config(folder, tmp_path / "run", "generator.t_init=999", "generator.steps=3")
@@ -192,3 +192,12 @@ def test_flow_exports_few_steps_by_their_sigmas_and_refuses_starts_below_pure_no
     # bigsid runs it as trained
     assert main(["sample", str(tmp_path / "low"), "--prompts", "a cat", "--seeds", "1",
                  "--out", str(tmp_path / "samples")]) == 0
+
+    # A flow teacher read as predicting x0 keeps its own flow scheduler, which reads every output as the velocity:
+    # no stock call runs that generator.
+    config = run_config(folder, tmp_path / "x0", "generator.t_init=999", "teacher.prediction_type=sample")
+    write_checkpoint(tmp_path / "x0", perturbed_generator(folder, "sample", t_init=999), config)
+    assert type(load_distilled(tmp_path / "x0").scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    with pytest.raises(ExportError, match="predicts sample.*as the flow velocity.*teacher.prediction_type=flow"):
+        export(tmp_path / "x0", tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
