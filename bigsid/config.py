@@ -348,8 +348,10 @@ def validate(cfg: Config, check_data: bool = True) -> Config:
         # An inf or NaN passes every `>` check below (or fails it with a misleading message) and trains garbage.
         if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
             raise ConfigError(f"{key} = {value!r} is not a finite number: give a finite value")
-        if key.rpartition(".")[2] == "seed":  # numpy's generators, which draw the prompt order, refuse negatives
-            _check(value >= 0, key, "an integer >= 0", value)
+        if key.rpartition(".")[2] == "seed":
+            # numpy's generators, which draw the prompt order, refuse negatives, and seed a key of 32-bit words
+            # padded with zeros: seed 2^32 in epoch 0 would draw as seed 0 in epoch 1
+            _check(0 <= value < 2**32, key, "an integer in [0, 2^32)", value)
     for key, choices in CHOICES.items():
         _check(flat[key] in choices, key, "one of " + ", ".join(repr(c) for c in choices), flat[key])
     o, t, tr, g = cfg.objective, cfg.teacher, cfg.train, cfg.teacher.gmm
@@ -363,9 +365,9 @@ def validate(cfg: Config, check_data: bool = True) -> Config:
                f">= 0 (rank 0: train the full {name})", (section.lora_rank, section.lora_alpha))
         if section.lora_rank and cfg.teacher.kind != "diffusers":
             raise ConfigError(f"{name}.lora_rank > 0 needs a diffusers teacher (teacher.kind=diffusers)")
+    _check(0 < cfg.generator.t_init <= 999, "generator.t_init", "1..999", cfg.generator.t_init)
     _check(1 <= cfg.generator.steps <= cfg.generator.t_init, "generator.steps", "1..generator.t_init",
            cfg.generator.steps)
-    _check(0 < cfg.generator.t_init <= 999, "generator.t_init", "1..999", cfg.generator.t_init)
     for k in ("kappa1", "kappa2", "kappa3", "kappa4"):
         _check(getattr(o, k) >= 1.0, f"objective.{k}", ">= 1 (1 disables guidance)", getattr(o, k))
     _check(0.0 <= o.prompt_drop < 1.0, "objective.prompt_drop", "a rate in [0, 1)", o.prompt_drop)

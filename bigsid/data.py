@@ -8,12 +8,14 @@ stream per DataLoader worker (one stream when data.num_workers is 0). Each epoch
 of the shards (text: of the lines) from (seed, epoch) and stream w of W takes every W-th entry, so no two streams
 read the same prompt within an epoch, and each epoch reshuffles. Samples within a shard are shuffled too, from
 (seed, epoch, shard). Prompts are taken from the streams round-robin, one at a time, so the sequence is a function
-of (seed, num_workers, position), never of which worker is faster.
+of (seed, num_workers, position), never of which worker is faster. A stream that ends its share of an epoch
+waits for the others to end theirs (streams hold unequal shares where shards differ in size): every epoch passes
+each prompt exactly once before the next begins.
 
 Position. Per stream, the next item to read: shards (epoch, slot in the stream's shard list, sample in the
 shard's shuffled order); text (epoch, index); vocab (draws). state_dict() holds the position after the last
-prompt the trainer took from each worker and the round-robin pointer: what workers prefetched does not count,
-and a restored stream restarts its workers from there.
+prompt the trainer took from each worker, the round-robin pointer and the streams waiting at an epoch's end: what
+workers prefetched does not count, and a restored stream restarts its workers from there.
 
 Bad data is skipped (or, for over-long prompts, passed on and counted), counted per kind and per shard, and logged
 once per kind and shard. Each problem travels with a prompt (the one before it in the same epoch, else the one
@@ -115,6 +117,7 @@ class _Record(NamedTuple):
     shard: str  # where the prompt came from
     position: tuple[int, ...]  # the stream's position after this prompt and the problems it carries
     issues: tuple[_Issue, ...]
+    last: bool = False  # the stream's last prompt of an epoch
 
 
 # ---- captions ----
@@ -323,7 +326,7 @@ class _ShardSource:
                                     f"prompt ({issues.summary()}): the shards are bad or lack the caption; check them "
                                     "with `bigsid data inspect PATTERN --caption-key KEY`")
             if held is not None:
-                yield held._replace(position=(epoch + 1, 0, 0), issues=held.issues + issues.take())
+                yield held._replace(position=(epoch + 1, 0, 0), issues=held.issues + issues.take(), last=True)
                 held = None
             epoch, slot = epoch + 1, 0
 
@@ -356,7 +359,7 @@ class _TextSource:
         while True:
             mine = _rng(self.seed, _LINE_ORDER, epoch).permutation(len(self.prompts))[stream::num_streams]
             for index in range(index, len(mine)):
-                yield _Record(self.prompts[mine[index]], self.path, (epoch, index + 1), ())
+                yield _Record(self.prompts[mine[index]], self.path, (epoch, index + 1), (), index == len(mine) - 1)
             epoch, index = epoch + 1, 0
 
 
@@ -428,6 +431,7 @@ class PromptStream:
                           "seed": source.seed, "num_workers": num_workers}
         self._positions = [(0,) * source.position_size for _ in range(max(1, num_workers))]
         self._next_worker = 0
+        self._waiting: set[int] = set()  # streams at the end of their share of the epoch, until all are
         self._chunks: Iterator[tuple[int, list[_Record]]] | None = None  # started on the first next_batch
         self._buffers: list[deque[_Record]] = []
         self._prompts = 0
@@ -449,7 +453,12 @@ class PromptStream:
             worker = self._next_worker
             record = self._take(worker)
             self._positions[worker] = record.position
-            self._next_worker = (worker + 1) % len(self._positions)
+            if record.last:
+                self._waiting.add(worker)
+                if len(self._waiting) == len(self._positions):
+                    self._waiting.clear()
+            n = len(self._positions)
+            self._next_worker = next(w % n for w in range(worker + 1, worker + 1 + n) if w % n not in self._waiting)
             self._tally(record.issues)
             prompts.append(record.prompt)
         self._prompts += len(prompts)
@@ -458,24 +467,30 @@ class PromptStream:
     def state_dict(self) -> dict:
         counts = {"prompts": self._prompts, "by_shard": {shard: dict(kinds) for shard, kinds in self._by_shard.items()}}
         return {**self._identity, "positions": [list(p) for p in self._positions], "next_worker": self._next_worker,
-                "counts": counts}
+                "waiting": sorted(self._waiting), "counts": counts}
 
     def load_state_dict(self, state: dict) -> None:
         for key, value in self._identity.items():
             if state.get(key) != value:
                 raise DataError(f"the saved prompt-stream position has {key} = {state.get(key)!r} and this stream "
-                                f"{value!r}: an exact resume needs the same data source, seed and data.num_workers "
-                                "(or start the prompt stream afresh: do not load its state)")
-        positions, next_worker = state.get("positions"), state.get("next_worker")
+                                f"{value!r}: an exact resume needs the same data source, seed and data.num_workers; "
+                                "resume with the run's own config.yaml, or choose a new train.run_dir")
+        # "waiting": absent from states saved before streams waited at an epoch's end
+        positions, next_worker, waiting = state.get("positions"), state.get("next_worker"), state.get("waiting", [])
         well_formed = (isinstance(positions, list) and len(positions) == len(self._positions)
                        and all(isinstance(p, list) and len(p) == self._source.position_size
                                and all(type(i) is int and i >= 0 for i in p) for p in positions)
-                       and type(next_worker) is int and 0 <= next_worker < len(positions))
+                       and type(next_worker) is int and 0 <= next_worker < len(positions)
+                       and isinstance(waiting, list) and all(type(w) is int and 0 <= w < len(positions)
+                                                             for w in waiting)
+                       and next_worker not in waiting and len(set(waiting)) < len(positions))
         if not well_formed:
-            raise DataError(f"malformed prompt-stream state: positions {positions!r}, next_worker {next_worker!r}")
+            raise DataError(f"malformed prompt-stream state: positions {positions!r}, next_worker {next_worker!r}, "
+                            f"waiting {waiting!r}")
         self.load_counts([state])
         self.close()  # workers have read ahead of the old position
         self._positions, self._next_worker = [tuple(p) for p in positions], next_worker
+        self._waiting = set(waiting)
 
     def load_counts(self, states: Iterable[dict]) -> None:
         """Take the summed bad-data counts of saved states as this stream's: the per-rank states of a checkpoint

@@ -34,10 +34,17 @@ def test_non_finite_numbers_are_refused_with_their_key(key, value):
 
 
 @pytest.mark.parametrize("key", ["train.seed", "teacher.gmm.seed"])
-def test_negative_seeds_are_refused(key):
-    with pytest.raises(ConfigError, match=rf"^{re.escape(key)} = -1 is out of range"):
-        load_config(None, [f"{key}=-1"])
-    assert load_config(None, [f"{key}=0"])
+def test_seeds_outside_32_bits_are_refused(key):
+    """numpy refuses negatives, and pads a seed past 32 bits with zero words: 2^32 in epoch 0 draws as 0 in 1."""
+    for bad in (-1, 2**32):
+        with pytest.raises(ConfigError, match=rf"^{re.escape(key)} = {bad} is out of range"):
+            load_config(None, [f"{key}={bad}"])
+    assert load_config(None, [f"{key}=0"]) and load_config(None, [f"{key}={2**32 - 1}"])
+
+
+def test_a_bad_t_init_is_named_before_the_steps_it_bounds():
+    with pytest.raises(ConfigError, match=r"^generator\.t_init = 0"):
+        load_config(None, ["generator.t_init=0"])
 
 
 @pytest.mark.parametrize("device", ["tpu", "cuda:x", "xla", "meta", "cpu:1", ""])

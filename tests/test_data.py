@@ -435,3 +435,27 @@ def test_cli_pack_and_inspect(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "3 shards, 7 samples, 7 prompts" in printed and "samples per member: txt 7" in printed
     assert "prompt 1" in printed and "prompt 2" not in printed
+
+
+@pytest.mark.parametrize("workers", [0, 2, 3])
+def test_shards_of_unequal_sizes_pass_each_prompt_once_per_epoch(tmp_path, workers):
+    """Shards of 1 to 7 captions dealt to streams: the streams' shares of an epoch differ, and one that ends its
+    share waits for the others, so every epoch is the 28 captions once, also across a resume inside one."""
+    for s in range(7):
+        write_tar(tmp_path / f"shard-{s:03d}.tar", [(f"{s}-{i}", {"txt": f"caption {s} {i}".encode()})
+                                                  for i in range(s + 1)])
+    cfg = DataConfig(source="webdataset", path=f"{tmp_path}/shard-{{000..006}}.tar", num_workers=workers)
+    stream = build_prompt_stream(cfg, seed=3)
+    expected = stream.next_batch(3 * 28)
+    stream.close()
+    for epoch in range(3):
+        assert len(set(expected[28 * epoch:28 * (epoch + 1)])) == 28
+    for cut in (20, 27, 30):  # streams waiting, all just done, the next epoch begun
+        first = build_prompt_stream(cfg, seed=3)
+        assert first.next_batch(cut) == expected[:cut]
+        state = json.loads(json.dumps(first.state_dict()))
+        first.close()
+        resumed = build_prompt_stream(cfg, seed=3)
+        resumed.load_state_dict(state)
+        assert resumed.next_batch(3 * 28 - cut) == expected[cut:], f"cut at {cut}"
+        resumed.close()
