@@ -25,7 +25,7 @@ from pathlib import Path
 MARKER = "COMPLETE"
 STATE = "train_state.json"
 MANIFEST = "manifest.json"
-_NAME = re.compile(r"^step-(\d+)$")
+_NAME = re.compile(r"^step-(\d+)(\.replaced)?$")
 _CHUNK = 1 << 24
 
 log = logging.getLogger("bigsid.checkpoint")
@@ -43,8 +43,14 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and (p / MARKER).is_file()]
-    return [p for _, p in sorted(found)]
+    found = {}
+    for p in root.iterdir():
+        if (m := _NAME.match(p.name)) and (p / MARKER).is_file():
+            # step-N.replaced is the old copy of a step written again (commit): used only if step-N is not in place
+            step = int(m.group(1))
+            if m.group(2) is None or step not in found:
+                found[step] = p
+    return [found[step] for step in sorted(found)]
 
 
 def latest_checkpoint(path: Path) -> Path | None:
@@ -95,9 +101,16 @@ def commit(partial: Path, state: dict, keep: int, digests: dict[str, dict] | Non
     (partial / MANIFEST).write_text(json.dumps(digests, indent=1, sort_keys=True))
     (partial / MARKER).write_text("")
     final = partial.with_suffix("")
+    # A step written again (a finished run restarted): the old copy stays complete, set aside, until the new one is
+    # in place, so a crash in between leaves one of them where resume looks (complete_checkpoints).
+    replaced = final.with_suffix(".replaced")
     if final.exists():
-        shutil.rmtree(final)
+        if replaced.exists():
+            shutil.rmtree(replaced)
+        final.rename(replaced)
     partial.rename(final)
+    if replaced.exists():
+        shutil.rmtree(replaced)
     for old in complete_checkpoints(final.parent.parent)[:-keep]:
         shutil.rmtree(old)
     return final
@@ -200,6 +213,6 @@ def read_state(folder: Path) -> dict:
     path = Path(folder) / STATE
     with reading(path):
         state = json.loads(path.read_text())
-        if not isinstance(state, dict) or not {"step", "nimg", "config"} <= state.keys():
+        if not isinstance(state, dict) or not {"step", "nimg", "skipped", "data", "config"} <= state.keys():
             raise CheckpointError(f"{path} is not a bigsid train state")
     return state

@@ -190,7 +190,8 @@ class DataConfig:
     # (the string under FIELD in KEY.json). No other member is read, so pickles and images are never decoded.
     caption_key: str = "txt"
     # Reader processes per rank (DataLoader workers) that prefetch in the background; 0 reads in the trainer's
-    # process. Each worker reads its own shards, so world_size x num_workers must not exceed the shard count.
+    # process. Every rank reads the whole prompt sequence and each of its workers its own shards (text: lines), so
+    # num_workers must not exceed the shard count; the number of ranks does not enter.
     num_workers: int = 0
     # A text cache written by `bigsid encode-prompts` (bigsid/text_cache.py): the run reads each prompt's
     # conditioning from it and loads no text encoder. Empty: encode prompts with the teacher's encoders as drawn.

@@ -10,6 +10,7 @@ The loop talks to the parallel backend only through parallel.base.Backend / Trai
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -29,7 +30,7 @@ from bigsid.config import Config, save_config, to_dict
 from bigsid.families import decode
 from bigsid.models import Networks, build_networks
 from bigsid.objectives import build_objective
-from bigsid.parallel import Trainable, build_backend
+from bigsid.parallel import CHECKPOINT_FORMATS, Trainable, build_backend
 from bigsid.parallel.base import local_shards
 
 log = logging.getLogger("bigsid.trainer")
@@ -94,14 +95,17 @@ class EMA:
 
     @contextlib.contextmanager
     def applied(self, trainable: Trainable):
-        """Temporarily load the EMA weights into the trained network; yields the network to call."""
+        """Temporarily load the EMA weights into the trained network; yields the network to call, in eval mode
+        (sampling, never training, runs with these weights); its weights and mode come back however the block ends."""
         params = local_shards(trainable.stored_params())
         with torch.no_grad():
             backup = [p.clone() for p in params]
             torch._foreach_copy_(params, local_shards(self.shadow))
+        training = trainable.inner.training
         try:
-            yield trainable.inner
+            yield trainable.inner.eval()
         finally:
+            trainable.inner.train(training)
             with torch.no_grad():
                 torch._foreach_copy_(params, backup)
 
@@ -335,6 +339,7 @@ class Trainer:
         self.k = None  # steps of a few-step generator's chain trained this iteration (None: all)
         self.ground_truth = None  # a toy run's reference and teacher sampler sets never change: built once
         self.pending = None  # (folder, train state, this rank's write Future) of a checkpoint being written
+        self.owed: list[str] = []  # what a preempted run left undone at the step resumed from (_preempt)
         self.last_eval: dict = {}
         # Scores images of teachers without an analytic truth at eval_every (evaluation.periodic.TrainingEval, which
         # the CLI builds: the trainer only calls prompts/batches/update/result and never imports the evaluation
@@ -347,8 +352,8 @@ class Trainer:
         self.clock = PhaseClock(self.device)
         self.rng = torch.Generator(device=self.device).manual_seed(tr.seed + 1)
         # Kept on the device and read only at log, checkpoint and poll steps, so a step that does none of these
-        # never waits for the device: [NaN samples on this rank, skipped steps (rank 0 alone counts them: every
-        # rank skips alike)] since the last skip_counts(); the skips of the current run of skipped steps; the
+        # never waits for the device: [NaN samples on this rank, skipped updates, each phase's of a step its own
+        # (rank 0 alone counts them: every rank skips alike)] since the last skip_counts(); the skips of the current run of skipped steps; the
         # updates applied this step (1 or 0); the first step at which each of _STOPS held.
         self.unread = torch.zeros(2, dtype=torch.int64, device=self.device)
         self.skip_run = torch.zeros((), dtype=torch.int64, device=self.device)
@@ -381,7 +386,7 @@ class Trainer:
 
     # Every random draw is made for the global batch from one generator seeded alike on all ranks, and each rank
     # takes its slice, as of the global prompt sequence: a run's numbers do not depend on how many ranks share it.
-    def _slice(self, x: torch.Tensor) -> torch.Tensor:
+    def _slice(self, x):
         start = self.backend.rank * self.local_batch
         return x[start:start + self.local_batch]
 
@@ -435,9 +440,7 @@ class Trainer:
     def _encode_prompts(self):
         """This rank's share of the next global batch of prompts, read and encoded."""
         with self.clock("text_encoding"):
-            prompts = self.stream.next_batch(self.cfg.train.batch_size)
-            start = self.backend.rank * self.local_batch
-            return self.networks.encoder(prompts[start:start + self.local_batch])
+            return self.networks.encoder(self._slice(self.stream.next_batch(self.cfg.train.batch_size)))
 
     def fake_score_phase(self) -> dict[str, torch.Tensor]:
         cond = self._encode_prompts()
@@ -519,19 +522,22 @@ class Trainer:
         self.stops = torch.minimum(self.stops, torch.where(held, self.step, NEVER))
 
     def skip_counts(self) -> dict[str, int]:
-        """NaN samples and skipped steps over all ranks since the run began (a collective: every rank calls it)."""
+        """NaN samples and skipped updates over all ranks since the run began (a collective: every rank calls it)."""
         nan, steps = self.backend.reduce(self.unread, "sum")
         self.unread.zero_()
         self.skipped = {"nan_samples": self.skipped["nan_samples"] + nan,
                         "nonfinite_steps": self.skipped["nonfinite_steps"] + steps}
         return self.skipped
 
-    def _poll(self, signum: int | None) -> None:
+    def _poll(self, signum: int | None) -> str | None:
         """Read, over all ranks and in one reduction, what the host must act on: the stop conditions the device
         recorded, whether the optimizers' moments are finite, a preemption signal, whether an asynchronous checkpoint
         is written. Every write of weights (a checkpoint, sample grids, an evaluation) comes at a poll step, after the
         poll: so weights from an update at or after one that went non-finite are never saved. The EMA may have taken
-        them in meanwhile; it is never saved either, as the run stops here."""
+        them in meanwhile; it is never saved either, as the run stops here.
+
+        Returns what ends the run once this step's metrics row is written (max_consecutive_skips reached, a
+        preemption signal), to be called with the step's owed outputs; None where the run goes on."""
         done = self.pending is None or self.pending[2] is None or self.pending[2].done()
         host = torch.tensor([int(signum is None), int(done)], device=self.device)
         moments = torch.stack([tr.moments_finite().to(self.device) for tr in self._trainables().values()]).long()
@@ -548,20 +554,26 @@ class Trainer:
             self._stop(f"the {' and '.join(stalled)} optimizer state (Adam's moments) became non-finite by step "
                        f"{self.step}: a gradient too large for float32 squares, after which those weights would "
                        "silently stop learning", "Set optim.grad_clip or lower the learning rates")
-        if at["skips"] != NEVER:
-            folder = self.save_checkpoint()
-            max_skips = self.cfg.train.max_consecutive_skips
-            raise TrainingError(
-                f"{max_skips} steps in a row (up to step {at['skips']}) had non-finite gradients; stopped at step "
-                f"{self.step} with the last good weights in {folder}. Lower the learning rates, set optim.grad_clip, "
-                "use train.precision=fp32, or check the teacher and the prompts")
-        if not quiet:
-            folder = self.save_checkpoint()
-            self.log.close()
-            log.warning("signal %s: checkpoint %s written at step %d; exiting for requeue", signum, folder, self.step)
-            raise Preempted(folder)
         if self.pending is not None and all_done:
             self.finish_checkpoint()
+        if at["skips"] != NEVER:
+            return functools.partial(self._stop_skipping, int(at["skips"]))
+        return None if quiet else self._preempt
+
+    def _stop_skipping(self, since: int, owed: list[str]) -> None:
+        folder = self.save_checkpoint()
+        raise TrainingError(
+            f"{self.cfg.train.max_consecutive_skips} steps in a row (up to step {since}) had non-finite gradients; "
+            f"stopped at step {self.step} with the last good weights in {folder}. Lower the learning rates, set "
+            "optim.grad_clip, use train.precision=fp32, or check the teacher and the prompts")
+
+    def _preempt(self, owed: list[str]) -> None:
+        """Checkpoint this step and exit for requeue. The sample grid and evaluation due at this step are `owed`:
+        the resumed run makes them before its first step, so the signal's grace period goes to the checkpoint."""
+        folder = self.save_checkpoint(owed=owed)
+        self.log.close()
+        log.warning("preemption signal: checkpoint %s written at step %d; exiting for requeue", folder, self.step)
+        raise Preempted(folder)
 
     def _stop(self, what: str, advice: str) -> None:
         """Stop on a state that must not be saved, pointing at the last one that was."""
@@ -583,6 +595,7 @@ class Trainer:
             bar = tqdm(total=total_steps, initial=self.step, unit="it", dynamic_ncols=True)
         if tr.eval_every and self.step == 0:
             self.evaluate()  # the starting point of the FD curve
+        self._outputs(self.owed)  # what the preempted run this one resumes left undone
         last_time, last_nimg = time.perf_counter(), self.nimg
         flag = PreemptionFlag()
         try:
@@ -637,9 +650,10 @@ class Trainer:
             metrics = self.train_step()
             if bar is not None:
                 bar.update(1)
+            halt = None
             if (due(tr.poll_every) or due(tr.sample_every) or due(tr.eval_every) or due(tr.checkpoint_every)
                     or self.step == total_steps):
-                self._poll(flag.signum)
+                halt = self._poll(flag.signum)
             if due(tr.log_every):
                 values = self.backend.mean(metrics)
                 now = time.perf_counter()
@@ -649,15 +663,22 @@ class Trainer:
                 self.log.write(self.step, self.nimg, values)
                 if bar is not None:
                     bar.set_postfix(gen=f"{values['generator/loss']:.3g}", fake=f"{values['fake_score/loss']:.3g}")
-            if due(tr.sample_every):
-                with self.clock("samples", always=True):
-                    self.save_samples()
-            if due(tr.eval_every):
-                with self.clock("eval", always=True):
-                    self.evaluate()
+            outputs = [name for name, every in (("samples", tr.sample_every), ("eval", tr.eval_every)) if due(every)]
+            if halt is not None:
+                halt(outputs)
+            self._outputs(outputs)
             if due(tr.checkpoint_every):  # asynchronous: the time the loop waits, for the copy to host memory
                 with self.clock("checkpoint", always=True):
                     self.save_checkpoint(asynchronous=tr.async_checkpoint)
+
+    def _outputs(self, names: list[str]) -> None:
+        """The step's sample grid ("samples") and evaluation ("eval"), timed for the next metrics row."""
+        if "samples" in names:
+            with self.clock("samples", always=True):
+                self.save_samples()
+        if "eval" in names:
+            with self.clock("eval", always=True):
+                self.evaluate()
 
     def _slowest(self, values: dict[str, float]) -> dict[str, float]:
         """Each timing and peak at its largest over ranks: the slowest rank sets the pace, the fullest runs out first
@@ -718,9 +739,7 @@ class Trainer:
         first = self.ground_truth is None
         ground_truth = self._ground_truth()
         with self.ema.applied(self.generator) as g:
-            g.eval()
             metrics = ground_truth.score(g, self.networks.encoder)
-            g.train()
         if first and not metrics["teacher_fit_ok"] and self.backend.is_main:
             log.warning("the teacher's own %d-step sampler is at FD %.4g from the truth, the exact denoiser's at %.4g "
                         "(noise floor %.4g): the teacher is a poor fit, so reaching its FD says little. Raise "
@@ -738,21 +757,19 @@ class Trainer:
         rank 0 scores and logs eval/NAME."""
         ev = self.image_eval
         with self.ema.applied(self.generator) as g:
-            g.eval()
             for prompts, z in ev.batches(self.networks.latent_shape):
                 latents = g(z.to(self.device), self.networks.encoder(prompts))
                 if self.backend.is_main:
                     ev.update(to_images(latents, self.networks), prompts)
-            g.train()
         if self.backend.is_main:
             metrics = ev.result(self.run_dir, self.nimg)
             self.log.write(self.step, self.nimg, {f"eval/{k}": v for k, v in metrics.items()})
 
     # ---- checkpoints ----
 
-    def save_checkpoint(self, asynchronous: bool = False) -> Path:
+    def save_checkpoint(self, asynchronous: bool = False, owed: list[str] = ()) -> Path:
         """Write a checkpoint of this step; visible (committed) now, or for an asynchronous one, at the first step
-        boundary where every rank's writes are done."""
+        boundary where every rank's writes are done. `owed`: the step's "samples" and "eval" not yet made."""
         self.finish_checkpoint()  # one write in flight at a time
         folder = checkpoint.checkpoint_dir(self.run_dir, self.step).with_suffix(".partial")
         if self.backend.is_main:
@@ -760,8 +777,8 @@ class Trainer:
         self.backend.barrier()
         rank_state = {"rng": self.rng.get_state()}
         written = self.backend.save(folder, self._trainables(), self.ema.state_dict(), rank_state, asynchronous)
-        state = {"step": self.step, "nimg": self.nimg, "world_size": self.backend.world_size,
-                 "skipped": dict(self.skip_counts()), "data": self.stream.state_dict(),
+        state = {"step": self.step, "nimg": self.nimg, "skipped": dict(self.skip_counts()),
+                 "skip_run": int(self.skip_run), "owed": list(owed), "data": self.stream.state_dict(),
                  "config": to_dict(self.cfg)}
         self.pending = (folder, state, written)
         return folder.with_suffix("") if asynchronous else self.finish_checkpoint()
@@ -805,9 +822,24 @@ class Trainer:
                 raise checkpoint.CheckpointError(
                     f"{folder} was written with a different {key} config; resume with the run's own "
                     f"config.yaml or choose a new train.run_dir")
+        saved = _with_defaults(state["config"].get("parallel", {}), defaults["parallel"])["backend"]
+        if CHECKPOINT_FORMATS[saved] != CHECKPOINT_FORMATS[self.cfg.parallel.backend]:
+            raise checkpoint.CheckpointError(
+                f"{folder} was written by parallel.backend={saved}, whose checkpoints parallel.backend="
+                f"{self.cfg.parallel.backend} cannot read; resume with parallel.backend={saved} (on any number of "
+                "ranks), or choose a new train.run_dir")
+        batch = _with_defaults(state["config"].get("train", {}), defaults["train"])["batch_size"]
+        if batch != self.cfg.train.batch_size:
+            raise checkpoint.CheckpointError(
+                f"{folder} was written at train.batch_size={batch}: the run counts its steps in batches, so another "
+                f"batch size would end it at another number of images; resume with train.batch_size={batch} (split "
+                "it with train.micro_batch to fit memory), or choose a new train.run_dir")
         rank_state = self.backend.load(folder, self._trainables(), self.ema.state_dict())
         if rank_state is None:  # more ranks than wrote the checkpoint: every rank saved the same generator state
             rank_state = checkpoint.read_rank_state(folder, 0)
+        if rank_state is None:
+            raise checkpoint.CheckpointError(f"{folder} has no rank0.safetensors (the run's noise state); move the "
+                                             "folder away to resume from an older checkpoint")
         self.rng.set_state(rank_state["rng"])
         if isinstance(state["data"], dict):  # a position in the global sequence: it continues on any world size
             self.stream.load_state_dict(state["data"])
@@ -817,4 +849,6 @@ class Trainer:
             log.warning("resuming %s, written with per-rank prompt streams: the prompt sequence restarts", folder)
             self.stream.load_counts(state["data"])
         self.step, self.nimg, self.skipped = state["step"], state["nimg"], state["skipped"]
+        self.skip_run.fill_(state.get("skip_run", 0))  # keys a checkpoint predates: what it then implied
+        self.owed = state.get("owed", [])
         log.info("resumed from %s at step %d (%d images)", folder, self.step, self.nimg)

@@ -229,3 +229,57 @@ def test_deepspeed_files_are_read_weights_only(tmp_path):
         with pytest.raises(CheckpointError, match="mp_rank_00_model_states"):
             read(str(path))
     assert not marker.exists()
+
+
+def test_a_step_written_again_keeps_a_usable_copy_through_a_crash(two_checkpoints, tmp_path, monkeypatch):
+    """A finished run restarted writes its last step again: until the new copy is in place the old one stays
+    complete (set aside), and resume finds it; the next commit of that step clears it away."""
+    import json
+    from pathlib import Path
+
+    run = copy_run(two_checkpoints, tmp_path / "run")
+    old = complete_checkpoints(run)[-1]
+    state = json.loads((old / checkpoint.STATE).read_text())
+    partial = checkpoint.begin(run, 10)
+    shutil.copy(old / "generator.safetensors", partial)
+    rename = Path.rename
+
+    def crash_on_the_new_copy(self, target):
+        if self.name.endswith(".partial"):
+            raise OSError("killed")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", crash_on_the_new_copy)
+    with pytest.raises(OSError):
+        checkpoint.commit(partial, state, keep=3)
+    monkeypatch.setattr(Path, "rename", rename)
+    assert [p.name for p in complete_checkpoints(run)] == ["step-000000005", "step-000000010.replaced"]
+    assert make(run, "train.total_nimg=320", "train.keep_checkpoints=3").step == 10
+    partial = checkpoint.begin(run, 10)
+    shutil.copy(old.with_suffix(".replaced") / "generator.safetensors", partial)
+    checkpoint.commit(partial, state, keep=3)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000000005", "step-000000010"]
+
+
+@pytest.mark.parametrize("key,value,advice", [("parallel", {"backend": "fsdp2"}, "parallel.backend=fsdp2"),
+                                              ("train", {"batch_size": 64}, "train.batch_size=64")])
+def test_resume_under_another_backend_layout_or_batch_says_what_to_set(two_checkpoints, tmp_path, key, value, advice):
+    import json
+
+    run = copy_run(two_checkpoints, tmp_path / "run")
+    newest = complete_checkpoints(run)[-1]
+    state = json.loads((newest / checkpoint.STATE).read_text())
+    state["config"][key] |= value
+    (newest / checkpoint.STATE).write_text(json.dumps(state))
+    rewrite_manifest(newest)
+    with pytest.raises(CheckpointError, match=advice):
+        make(run, "train.total_nimg=320", "train.keep_checkpoints=3")
+    assert newest.is_dir()  # refused, not set aside: the checkpoint is sound
+
+
+def test_the_run_of_skipped_steps_carries_over_a_resume(tmp_path):
+    """max_consecutive_skips counts skipped steps in a row across a preemption as without one."""
+    tr = make(tmp_path, "train.checkpoint_every=0")
+    tr.skip_run.fill_(2)
+    tr.save_checkpoint()
+    assert int(make(tmp_path, "train.checkpoint_every=0").skip_run) == 2

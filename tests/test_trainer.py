@@ -397,9 +397,11 @@ def test_preemption_signal_checkpoints_then_resume_matches(tmp_path):
     from bigsid.cli import main
     from bigsid.trainer import PREEMPTED_EXIT, Preempted
 
-    full = make(tmp_path / "full")
+    # the signal lands on a step due for a metrics row, samples and an evaluation: none of them may be lost
+    due = ["train.log_every=2", "train.sample_every=4", "train.eval_every=4"]
+    full = make(tmp_path / "full", "train.checkpoint_every=0", *due)
     full.run()
-    tr = make(tmp_path / "pre", "train.checkpoint_every=0", "train.poll_every=4")
+    tr = make(tmp_path / "pre", "train.checkpoint_every=0", "train.poll_every=4", *due)
     inner = tr.train_step
 
     def step_then_signal():
@@ -415,12 +417,20 @@ def test_preemption_signal_checkpoints_then_resume_matches(tmp_path):
     assert [p.name for p in complete_checkpoints(tmp_path / "pre")] == ["step-000000004"]
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGUSR1))
     # the same command again resumes at step 4 and ends where the uninterrupted run did
-    args = [*TINY_TOY, f"train.run_dir={tmp_path / 'pre'}", "train.checkpoint_every=0"]
+    args = [*TINY_TOY, f"train.run_dir={tmp_path / 'pre'}", "train.checkpoint_every=0", *due]
     assert main(["train", "-", *args]) == 0
-    resumed = make(tmp_path / "pre", "train.checkpoint_every=0")
+    resumed = make(tmp_path / "pre", "train.checkpoint_every=0", *due)
     assert resumed.step == 10
     for va, vb in zip(full.generator.module.state_dict().values(), resumed.generator.module.state_dict().values()):
         assert torch.equal(va, vb)
+
+    def rows(run):  # what each row holds, and the evaluations' values (timings differ between runs)
+        rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], sorted(r), {k: v for k, v in r.items() if k.startswith("eval/")}) for r in rows]
+
+    assert rows("pre") == rows("full")
+    assert sorted(p.name for p in (tmp_path / "pre" / "samples").iterdir()) == \
+        sorted(p.name for p in (tmp_path / "full" / "samples").iterdir())
     assert PREEMPTED_EXIT == 75
 
 

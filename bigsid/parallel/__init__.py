@@ -3,6 +3,10 @@
 from bigsid.config import Config
 from bigsid.parallel.base import Backend, Trainable
 
+# The checkpoint layout each backend writes and reads (on any world size): whole tensors in safetensors (local,
+# DDP), torch.distributed.checkpoint shards (FSDP2), per-rank partitions (DeepSpeed).
+CHECKPOINT_FORMATS = {"local": "whole", "ddp": "whole", "fsdp2": "dcp", "deepspeed": "deepspeed"}
+
 
 def build_backend(cfg: Config) -> Backend:
     name = cfg.parallel.backend
@@ -23,4 +27,4 @@ def build_backend(cfg: Config) -> Backend:
     return FSDP2Backend(cfg)
 
 
-__all__ = ["Backend", "Trainable", "build_backend"]
+__all__ = ["CHECKPOINT_FORMATS", "Backend", "Trainable", "build_backend"]
