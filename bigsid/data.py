@@ -33,6 +33,7 @@ import logging
 import lzma
 import os
 import tarfile
+import time
 import zlib
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -66,6 +67,7 @@ REPAIRED = ("truncated",)
 
 # What reading a shard can raise: I/O and pipe failures, cut-short compressed streams, bad tar data.
 _READ_ERRORS = (OSError, EOFError, ValueError, tarfile.TarError, zlib.error, lzma.LZMAError)
+_SHARD_READS = 3  # tries at a pipe or remote shard whose read stops early (_read_shard)
 _CHUNK = 256  # prompts per message from a loader worker: one inter-process hop per chunk, not per prompt
 _VOCAB_BLOCK = 4096  # vocab draws come in seeded blocks, so any position is recomputed from its block alone
 _PROBE_SHARDS, _PROBE_SAMPLES = 3, 16
@@ -214,14 +216,23 @@ def _samples(url: str, member: str, field: str | None) -> Iterator[_Sample]:
 
 
 def _read_shard(url: str, member: str, field: str | None) -> tuple[list[_Sample], str | None]:
-    """The samples that could be read, and why reading stopped early (None if it did not)."""
-    samples = []
-    try:
-        for sample in _samples(url, member, field):
-            samples.append(sample)
-    except _READ_ERRORS as err:
-        return samples, f"{type(err).__name__}: {err}"
-    return samples, None
+    """The samples that could be read, and why reading stopped early (None if it did not).
+
+    A pipe or remote shard whose read stops early is read again (after 1 s, then 2 s): a shard's order is drawn
+    over the samples read, so a transient failure kept would change the sequence and the positions saved in it. A
+    local file that stops early is damaged the same way each time."""
+    attempts = 1 if _local_path(url) is not None else _SHARD_READS
+    for attempt in range(attempts):
+        samples = []
+        try:
+            for sample in _samples(url, member, field):
+                samples.append(sample)
+            return samples, None
+        except _READ_ERRORS as err:
+            error = f"{type(err).__name__}: {err}"
+        if attempt + 1 < attempts:
+            time.sleep(2 ** attempt)
+    return samples, error
 
 
 def _local_path(url: str) -> str | None:

@@ -600,6 +600,9 @@ class Trainer:
         flag = PreemptionFlag()
         try:
             self._loop(total_steps, bar, last_time, last_nimg, flag)
+        except TrainingError:
+            self.log.close()  # TensorBoard's and Weights & Biases' buffers hold the rows that show what went wrong
+            raise
         finally:
             flag.restore()
             if bar is not None:

@@ -333,6 +333,19 @@ def test_pipe_and_gzip_shards_read_like_local_ones(tmp_path):
         assert stream.stats()["skipped"] == {}
 
 
+def test_a_pipe_shard_cut_short_once_is_read_again_in_full(tmp_path):
+    """A transient failure of a pipe (its second read, the first the stream makes after the build's probe, stops
+    after one sample) is read again: the same prompts in the same order as from the file, nothing counted bad."""
+    caption_shards(tmp_path, 1, 6)
+    local, count = tmp_path / "shard-000.tar", tmp_path / "reads"
+    flaky = (f"pipe:sh -c 'n=$(($(cat {count} 2>/dev/null || echo 0) + 1)); echo $n > {count}; "
+             f"if [ $n -eq 2 ]; then head -c 1536 {local}; exit 1; fi; cat {local}'")
+    expected = build_prompt_stream(DataConfig(source="webdataset", path=str(local)), seed=0).next_batch(6)
+    stream = build_prompt_stream(DataConfig(source="webdataset", path=flaky), seed=0)
+    assert stream.next_batch(6) == expected
+    assert stream.stats()["skipped"] == {} and int(count.read_text()) >= 3
+
+
 def test_unusable_sources_are_refused_at_build(tmp_path):
     assert issubclass(DataError, ValueError)
     pattern = caption_shards(tmp_path, 2, 3)
