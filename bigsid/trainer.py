@@ -353,8 +353,8 @@ class Trainer:
         self.rng = torch.Generator(device=self.device).manual_seed(tr.seed + 1)
         # Kept on the device and read only at log, checkpoint and poll steps, so a step that does none of these
         # never waits for the device: [NaN samples on this rank, skipped updates, each phase's of a step its own
-        # (rank 0 alone counts them: every rank skips alike)] since the last skip_counts(); the skips of the current run of skipped steps; the
-        # updates applied this step (1 or 0); the first step at which each of _STOPS held.
+        # (rank 0 alone counts them: every rank skips alike)] since the last skip_counts(); the skips of the current
+        # run of skipped steps; the updates applied this step (1 or 0); the first step at which each of _STOPS held.
         self.unread = torch.zeros(2, dtype=torch.int64, device=self.device)
         self.skip_run = torch.zeros((), dtype=torch.int64, device=self.device)
         self.step_applied = torch.ones((), device=self.device)

@@ -150,8 +150,8 @@ def test_a_nan_on_one_rank_is_skipped_by_every_rank(name, tmp_path):
 def test_deepspeed_checkpoint_resumes_on_any_world_size(name, tmp_path):
     """A four-step run stopped after steps 2 and 3, resumed on 2 ranks (DeepSpeed's own loader), then on 1 and
     on 2 again (bigsid reads the ZeRO partitions and repartitions them), at ZeRO-3 through a damaged partition on
-    the way, equals the uninterrupted one-process run: these all compute the same sums, in other orders (assert_same_loss,
-    assert_same_update)."""
+    the way, equals the uninterrupted one-process run: these all compute the same sums, in other orders
+    (assert_same_loss, assert_same_update)."""
     # odd widths: parameters that 2 ranks cannot share evenly, so ZeRO pads, and a layout a bug could misplace
     args = [*PARITY, "teacher.student_width=63", "train.checkpoint_every=1", "train.keep_checkpoints=4"]
     initial = run_locally(args, tmp_path / "local")
