@@ -529,7 +529,7 @@ class Trainer:
                         "nonfinite_steps": self.skipped["nonfinite_steps"] + steps}
         return self.skipped
 
-    def _poll(self, signum: int | None) -> str | None:
+    def _poll(self, signum: int | None):
         """Read, over all ranks and in one reduction, what the host must act on: the stop conditions the device
         recorded, whether the optimizers' moments are finite, a preemption signal, whether an asynchronous checkpoint
         is written. Every write of weights (a checkpoint, sample grids, an evaluation) comes at a poll step, after the
@@ -558,7 +558,7 @@ class Trainer:
             self.finish_checkpoint()
         if at["skips"] != NEVER:
             return functools.partial(self._stop_skipping, int(at["skips"]))
-        return None if quiet else self._preempt
+        return None if quiet else functools.partial(self._preempt, signum)
 
     def _stop_skipping(self, since: int, owed: list[str]) -> None:
         folder = self.save_checkpoint()
@@ -567,12 +567,12 @@ class Trainer:
             f"stopped at step {self.step} with the last good weights in {folder}. Lower the learning rates, set "
             "optim.grad_clip, use train.precision=fp32, or check the teacher and the prompts")
 
-    def _preempt(self, owed: list[str]) -> None:
+    def _preempt(self, signum: int, owed: list[str]) -> None:
         """Checkpoint this step and exit for requeue. The sample grid and evaluation due at this step are `owed`:
         the resumed run makes them before its first step, so the signal's grace period goes to the checkpoint."""
         folder = self.save_checkpoint(owed=owed)
         self.log.close()
-        log.warning("preemption signal: checkpoint %s written at step %d; exiting for requeue", folder, self.step)
+        log.warning("signal %s: checkpoint %s written at step %d; exiting for requeue", signum, folder, self.step)
         raise Preempted(folder)
 
     def _stop(self, what: str, advice: str) -> None:
