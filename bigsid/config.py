@@ -498,7 +498,11 @@ def _check_data(d: DataConfig) -> None:
         if d.source == "text":
             data._check_prompt_file(d.path)
         elif d.source == "webdataset":
-            data._expand_shards(d.path)
+            shards = len(data._expand_shards(d.path))
+            if shards < max(1, d.num_workers):
+                raise ConfigError(f"data.num_workers = {d.num_workers}: data.path has {shards} shards, and each "
+                                  "worker reads its own; lower data.num_workers or write smaller shards (bigsid data "
+                                  "pack --shard-size)")
     except data.DataError as err:
         raise ConfigError(f"data.path: {err}") from None
 

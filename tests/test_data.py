@@ -472,3 +472,13 @@ def test_shards_of_unequal_sizes_pass_each_prompt_once_per_epoch(tmp_path, worke
         resumed.load_state_dict(state)
         assert resumed.next_batch(3 * 28 - cut) == expected[cut:], f"cut at {cut}"
         resumed.close()
+
+
+def test_more_workers_than_shards_are_refused_with_the_config(tmp_path):
+    """Refused as the config is read, before any network is built (each worker reads its own shards)."""
+    from bigsid.config import ConfigError, load_config
+
+    pattern = caption_shards(tmp_path, 2, 3)
+    with pytest.raises(ConfigError, match="data.num_workers = 4: data.path has 2 shards"):
+        load_config(None, ["data.source=webdataset", f"data.path={pattern}", "data.num_workers=4"])
+    assert load_config(None, ["data.source=webdataset", f"data.path={pattern}", "data.num_workers=2"])
