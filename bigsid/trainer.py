@@ -818,20 +818,20 @@ class Trainer:
         folder = checkpoint.newest_usable(self.run_dir, self._checkpoint_problems, self._set_aside)
         if folder is None:
             return
-        state, defaults = checkpoint.read_state(folder), to_dict(Config())
+        state, current = checkpoint.read_state(folder), to_dict(self.cfg)
+        # a section or key a checkpoint predates reads as its default
+        saved = {key: _with_defaults(state["config"].get(key, {}), value) for key, value in to_dict(Config()).items()}
         for key in ("teacher", "generator", "fake_score", "objective"):
-            # a section or key a checkpoint predates is compared as its default
-            if _with_defaults(state["config"].get(key, {}), defaults[key]) != to_dict(self.cfg)[key]:
+            if saved[key] != current[key]:
                 raise checkpoint.CheckpointError(
                     f"{folder} was written with a different {key} config; resume with the run's own "
                     f"config.yaml or choose a new train.run_dir")
-        saved = _with_defaults(state["config"].get("parallel", {}), defaults["parallel"])["backend"]
-        if CHECKPOINT_FORMATS[saved] != CHECKPOINT_FORMATS[self.cfg.parallel.backend]:
+        backend, batch = saved["parallel"]["backend"], saved["train"]["batch_size"]
+        if CHECKPOINT_FORMATS[backend] != CHECKPOINT_FORMATS[self.cfg.parallel.backend]:
             raise checkpoint.CheckpointError(
-                f"{folder} was written by parallel.backend={saved}, whose checkpoints parallel.backend="
-                f"{self.cfg.parallel.backend} cannot read; resume with parallel.backend={saved} (on any number of "
+                f"{folder} was written by parallel.backend={backend}, whose checkpoints parallel.backend="
+                f"{self.cfg.parallel.backend} cannot read; resume with parallel.backend={backend} (on any number of "
                 "ranks), or choose a new train.run_dir")
-        batch = _with_defaults(state["config"].get("train", {}), defaults["train"])["batch_size"]
         if batch != self.cfg.train.batch_size:
             raise checkpoint.CheckpointError(
                 f"{folder} was written at train.batch_size={batch}: the run counts its steps in batches, so another "
