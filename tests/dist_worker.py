@@ -38,6 +38,29 @@ def free_port() -> int:
     raise RuntimeError(f"no free port in {_port_band()}: something on this machine holds them all")
 
 
+# What every rank imports. A spawned rank imported it again: about 10 s of CPU on 2 cores, per rank and launch, the
+# suite's largest cost. A forkserver imports it once per pytest worker and forks each rank from there.
+PRELOAD = ["torch.distributed.fsdp", "bigsid.trainer", "bigsid.parallel.fsdp2", "bigsid.parallel.deepspeed",
+           "dist_worker"]
+
+
+def _as_spawned(rank: int, fn, env: dict, args: tuple) -> None:
+    # the server keeps the environment of the test that first started it; each rank gets its own test's, as spawn
+    # gives it
+    os.environ.clear()
+    os.environ.update(env)
+    fn(rank, *args)
+
+
+def start_ranks(fn, args: tuple, nprocs: int) -> None:
+    """fn(rank, *args) in nprocs fresh processes, as torch.multiprocessing's spawn runs it; a rank's exception is
+    raised here."""
+    import torch.multiprocessing as mp
+
+    mp.set_forkserver_preload(PRELOAD)  # no effect once this worker's server runs
+    mp.start_processes(_as_spawned, args=(fn, dict(os.environ), args), nprocs=nprocs, start_method="forkserver")
+
+
 def run(rank: int, world: int, port: int, overrides: list[str], report: str | None,
         poison: tuple[int, int] | None = None, host_reads: bool = False) -> None:
     """`report`: write this rank's parameter and optimizer bytes and skip counts to {report}.rank{rank}.json.

@@ -98,12 +98,10 @@ def test_ddp_reduces_once_per_step_however_many_micro_batches(tmp_path):
     would reduce after every micro-batch, twice the buckets here."""
     import json
 
-    import torch.multiprocessing as mp
-
-    from dist_worker import free_port
+    from dist_worker import free_port, start_ranks
 
     report = str(tmp_path / "reduces")
-    mp.start_processes(allreduce_worker, args=(2, free_port(), report), nprocs=2, start_method="spawn")
+    start_ranks(allreduce_worker, (2, free_port(), report), 2)
     for rank in range(2):
         whole, halves = json.loads(open(f"{report}.rank{rank}.json").read())
         assert whole > 0 and halves == whole, (whole, halves)

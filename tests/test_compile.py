@@ -169,13 +169,10 @@ def test_fsdp2_units_keep_the_loss_and_gradients_with_a_compiled_block_or_channe
     """Compiled after fully_shard, as train.compile does it: the unit's gathers run eagerly around the compiled
     forward. channels_last under FSDP2: contiguous weights, NHWC activations. Either way the units are the ones
     sharded, and output and gradients are eager fp32's to rounding."""
-    import torch.multiprocessing as mp
-
-    from dist_worker import free_port
+    from dist_worker import free_port, start_ranks
 
     report = str(tmp_path / "r.pt")
-    mp.start_processes(sharded_worker, args=(1, free_port(), str(tmp_path / "run"), report, channels_last), nprocs=1,
-                       start_method="spawn")
+    start_ranks(sharded_worker, (1, free_port(), str(tmp_path / "run"), report, channels_last), 1)
     got = torch.load(report, weights_only=True)
     assert got["units_kept"] and (got["nhwc"] if channels_last else got["graphs"] >= 1)
     out_e, _, grads_e = loss_and_grads(tiny_unet(), torch.float32)

@@ -4,9 +4,8 @@ import contextlib
 import json
 
 import pytest
-import torch.multiprocessing as mp
 
-from dist_worker import free_port
+from dist_worker import free_port, start_ranks
 from test_parallel import PARITY
 
 
@@ -70,7 +69,7 @@ def test_one_generator_step_gathers_each_frozen_unit_once(tmp_path, once):
     report = str(tmp_path / "r")
     overrides = [*PARITY, f"train.run_dir={tmp_path / 'run'}", "parallel.backend=fsdp2",
                  f"parallel.gather_frozen_once={str(once).lower()}"]
-    mp.start_processes(count_worker, args=(2, free_port(), overrides, report), nprocs=2, start_method="spawn")
+    start_ranks(count_worker, (2, free_port(), overrides, report), 2)
     for rank in range(2):
         r = json.loads((tmp_path / f"r.rank{rank}.json").read_text())
         (n_gen, gen_root), (n_teacher, teacher_root), (n_fake, fake_root) = r["generator"], r["teacher"], r["fake_score"]

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from dist_worker import free_port
+from dist_worker import free_port, start_ranks
 from test_parallel import BACKENDS, needs_deepspeed
 
 WORLD = 2
@@ -148,7 +147,7 @@ def loaded(request, tmp_path_factory):
     reports = {}
     for whole in (None, name):
         out = str(folder.parent / f"report_{whole}")
-        mp.start_processes(set_up, args=(free_port(), overrides, out, whole), nprocs=WORLD, start_method="spawn")
+        start_ranks(set_up, (free_port(), overrides, out, whole), WORLD)
         reports[whole] = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(WORLD)]
     gathered = [load_file(f"{folder.parent}/report_None.rank{r}.safetensors") for r in range(WORLD)]
     return folder, reports[None], gathered, reports[name], name
@@ -246,7 +245,7 @@ def test_zero3_broadcasts_the_buffers_read_from_the_file(tmp_path):
     overrides = ["teacher.kind=diffusers", f"teacher.path={folder}", *BACKENDS["zero3"], "train.device=cpu",
                  "train.precision=bf16", "train.batch_size=2", f"parallel.deepspeed_config={hpz}"]
     out = str(tmp_path / "report")
-    mp.start_processes(set_up, args=(free_port(), overrides, out, None), nprocs=WORLD, start_method="spawn")
+    start_ranks(set_up, (free_port(), overrides, out, None), WORLD)
     for rank in range(WORLD):
         held = {k.removeprefix("teacher."): v for k, v in load_file(f"{out}.rank{rank}.safetensors").items()
                 if k.startswith("teacher.")}
@@ -308,7 +307,7 @@ def test_losses_equal_those_of_a_set_up_as_before(teacher_dir, tmp_path, name, e
             "train.checkpoint_every=0", *extra]
     for whole in (None, name):
         overrides = [*args, f"train.run_dir={tmp_path / str(whole)}"]
-        mp.start_processes(train, args=(free_port(), overrides, whole), nprocs=WORLD, start_method="spawn")
+        start_ranks(train, (free_port(), overrides, whole), WORLD)
     filled, reference = losses(tmp_path / "None"), losses(tmp_path / name)
     assert filled.shape == (3, 2) and filled.isfinite().all()
     assert torch.equal(filled, reference), (filled, reference)
@@ -355,8 +354,7 @@ def test_fsdp2_fills_uneven_shards_from_the_files_rows(tmp_path):
     weights = {k: v.contiguous() for k, v in nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 5)).state_dict().items()}
     save_file(weights, tmp_path / "net.safetensors")
     out = str(tmp_path / "filled")
-    mp.start_processes(fill_by_rows, args=(free_port(), str(tmp_path / "net.safetensors"), out), nprocs=WORLD,
-                       start_method="spawn")
+    start_ranks(fill_by_rows, (free_port(), str(tmp_path / "net.safetensors"), out), WORLD)
     for rank in range(WORLD):
         filled = load_file(f"{out}.rank{rank}.safetensors")
         assert filled.keys() == weights.keys() | {"scale"}

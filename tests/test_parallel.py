@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import dist_worker
-from dist_worker import free_port
+from dist_worker import free_port, start_ranks
 from bigsid.checkpoint import latest_checkpoint
 from bigsid.config import load_config
 from bigsid.export import export, load_generator_state
@@ -24,8 +23,7 @@ LR = load_config(None, PARITY).optim.lr_generator
 
 
 def launch(world: int, overrides: list[str], report: str | None = None, poison=None, host_reads=False) -> None:
-    mp.start_processes(dist_worker.run, args=(world, free_port(), overrides, report, poison, host_reads),
-                       nprocs=world, start_method="spawn")
+    start_ranks(dist_worker.run, (world, free_port(), overrides, report, poison, host_reads), world)
 
 
 # name -> overrides; DeepSpeed at both ZeRO stages

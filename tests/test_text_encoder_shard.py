@@ -8,13 +8,12 @@ import json
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from bigsid.config import ConfigError, load_config
 from bigsid.tiny import build_pipeline
 from test_families import overrides
 from test_fsdp2_layout import counted_all_gathers
-from dist_worker import free_port
+from dist_worker import free_port, start_ranks
 from test_parallel import launch, losses
 
 PROMPTS = ["a red cube", "two cats on a sofa", "", "a lighthouse at dusk, oil on canvas"]
@@ -84,7 +83,7 @@ def test_sharded_text_encoders_give_the_same_cond_on_half_the_bytes(family_dir, 
 
     name, folder = family_dir
     report = str(tmp_path / "r")
-    mp.start_processes(encode_worker, args=(2, free_port(), str(folder), report), nprocs=2, start_method="spawn")
+    start_ranks(encode_worker, (2, free_port(), str(folder), report), 2)
     model = plan.load_model(str(folder))
     # the planner's unit sizes, read from the weight files' tensor names, are those of the plan FSDP2 shards by
     encoder = load_teacher(str(folder)).encoder

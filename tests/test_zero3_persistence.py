@@ -5,13 +5,12 @@ import importlib.util
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from bigsid.checkpoint import latest_checkpoint
 from bigsid.config import load_config
 from bigsid.export import load_generator_state
 from bigsid.trainer import Trainer
-from dist_worker import free_port
+from dist_worker import free_port, start_ranks
 from test_parallel import PARITY
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="pip install deepspeed")
@@ -53,7 +52,7 @@ def swap_worker(rank: int, world: int, port: int, overrides: list[str], report: 
 def test_ema_swap_reaches_persistent_parameters_and_the_checkpoint_holds_them(tmp_path):
     report = str(tmp_path / "r")
     args = [*ARGS, f"train.run_dir={tmp_path / 'zero3'}", "parallel.backend=deepspeed", "parallel.zero_stage=3"]
-    mp.start_processes(swap_worker, args=(2, free_port(), args, report), nprocs=2, start_method="spawn")
+    start_ranks(swap_worker, (2, free_port(), args, report), 2)
     out = torch.load(f"{report}.rank0.pt", weights_only=True)
     assert out["persistent"] == out["all"] > 0  # the default threshold is in force: every toy weight stays whole
 
