@@ -725,8 +725,9 @@ class Trainer:
         from bigsid import toy
 
         truth, path = self._ground_truth(), self.run_dir / "samples" / f"step-{self.step:09d}.png"
+        count = min(1000, truth.num_samples)  # as many as the plot shows of the reference's, so densities compare
         with self.ema.applied(self.generator) as g:
-            samples = {p: toy.sample_generator(g, self.networks.encoder, p, 1000, truth.truth.latent_shape, seed=i)
+            samples = {p: toy.sample_generator(g, self.networks.encoder, p, count, truth.truth.latent_shape, seed=i)
                        for i, p in enumerate(truth.truth.prompts)}
         if self.backend.is_main:
             truth.plot(path, samples, toy.fd_history(self.run_dir), self.last_eval)

@@ -1,5 +1,6 @@
 """Entry point of the 2-rank gloo tests: one Trainer per process, as torchrun would start it."""
 
+import gc
 import itertools
 import json
 import os
@@ -38,10 +39,12 @@ def free_port() -> int:
     raise RuntimeError(f"no free port in {_port_band()}: something on this machine holds them all")
 
 
-# What every rank imports. A spawned rank imported it again: about 10 s of CPU on 2 cores, per rank and launch, the
-# suite's largest cost. A forkserver imports it once per pytest worker and forks each rank from there.
-PRELOAD = ["torch.distributed.fsdp", "bigsid.trainer", "bigsid.parallel.fsdp2", "bigsid.parallel.deepspeed",
-           "dist_worker"]
+# What a rank imports, the lazy imports of a run included (the toy truth, the data stream, plots, TensorBoard,
+# DeepSpeed and the optimizers it checks). A spawned rank imported it all again: about 10 s of CPU on 2 cores, per
+# rank and launch, the suite's largest cost. A forkserver imports it once per pytest worker and forks each rank.
+PRELOAD = ["torch.distributed.fsdp", "torch._dynamo", "bigsid.trainer", "bigsid.parallel.fsdp2",
+           "bigsid.parallel.deepspeed", "bigsid.toy", "bigsid.data", "matplotlib.pyplot", "torch.utils.tensorboard",
+           "deepspeed", "deepspeed.runtime.zero.muon.muon_optimizer", "dist_worker"]
 
 
 def _as_spawned(rank: int, fn, env: dict, args: tuple) -> None:
@@ -49,6 +52,9 @@ def _as_spawned(rank: int, fn, env: dict, args: tuple) -> None:
     # gives it
     os.environ.clear()
     os.environ.update(env)
+    # the inherited modules' objects are never garbage: frozen, gc.collect (DeepSpeed runs it whenever it empties
+    # its partition cache) no longer walks them
+    gc.freeze()
     fn(rank, *args)
 
 
