@@ -1,4 +1,5 @@
-"""Entry point of the 2-rank gloo tests: one Trainer per process, as torchrun would start it."""
+"""The multi-process tests' launcher (start_ranks) and the 2-rank gloo runs' entry point (run): one Trainer per
+process, as torchrun would start it."""
 
 import gc
 import itertools
@@ -59,8 +60,8 @@ def _as_spawned(rank: int, fn, env: dict, args: tuple) -> None:
 
 
 def start_ranks(fn, args: tuple, nprocs: int) -> None:
-    """fn(rank, *args) in nprocs fresh processes, as torch.multiprocessing's spawn runs it; a rank's exception is
-    raised here."""
+    """fn(rank, *args) in nprocs processes, each with this process's environment and none of its state, as
+    torch.multiprocessing's spawn runs it; a rank's exception is raised here."""
     import torch.multiprocessing as mp
 
     mp.set_forkserver_preload(PRELOAD)  # no effect once this worker's server runs
