@@ -40,11 +40,14 @@ def free_port() -> int:
     raise RuntimeError(f"no free port in {_port_band()}: something on this machine holds them all")
 
 
-# What a rank imports, the lazy imports of a run included (the toy truth, the data stream, plots, TensorBoard,
-# DeepSpeed and the optimizers it checks). A spawned rank imported it all again: about 10 s of CPU on 2 cores, per
-# rank and launch, the suite's largest cost. A forkserver imports it once per pytest worker and forks each rank.
+# What a rank imports, the lazy imports of a run included (the toy truth, the data stream, plots, TensorBoard, the
+# diffusers and transformers networks a teacher folder loads, peft, DeepSpeed and the optimizers it checks). A
+# spawned rank imported it all again: about 10 s of CPU on 2 cores, per rank and launch, the suite's largest cost.
+# A forkserver imports it once per pytest worker and forks each rank.
 PRELOAD = ["torch.distributed.fsdp", "torch._dynamo", "bigsid.trainer", "bigsid.parallel.fsdp2",
-           "bigsid.parallel.deepspeed", "bigsid.toy", "bigsid.data", "matplotlib.pyplot", "torch.utils.tensorboard",
+           "bigsid.parallel.deepspeed", "bigsid.toy", "bigsid.data", "bigsid.families", "matplotlib.pyplot",
+           "torch.utils.tensorboard", "diffusers.models.unets.unet_2d_condition",
+           "diffusers.models.autoencoders.autoencoder_kl", "transformers.models.clip.modeling_clip", "peft",
            "deepspeed", "deepspeed.runtime.zero.muon.muon_optimizer", "dist_worker"]
 
 
