@@ -10,7 +10,7 @@ Trains the demo config (or any toy config) and at every --every iterations print
     from that median, both per element in units of the mode std (width 1: the true width); medians, so that
     samples between modes do not count, and offset and width are told apart (spread_ratio mixes them).
 
-    OMP_NUM_THREADS=1 python benchmarks/demo_diagnosis.py bigsid/configs/demo.yaml runs/diag teacher.path=TEACHER
+    OMP_NUM_THREADS=1 python benchmarks/demo_diagnosis.py bigsid/configs/demo_sd.yaml runs/diag teacher.path=TEACHER
 """
 
 from __future__ import annotations

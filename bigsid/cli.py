@@ -11,8 +11,9 @@ from pathlib import Path
 
 from bigsid.config import ConfigError, load_config
 
-# package data, so that an installed bigsid runs the demo from any directory
-DEMO_CONFIG = resources.files("bigsid") / "configs" / "demo.yaml"
+# package data, so that an installed bigsid runs the demos from any directory; configs/toy_sid.yaml links to the first
+DEMO_CONFIG = resources.files("bigsid") / "configs" / "toy_sid.yaml"
+DEMO_SD_CONFIG = resources.files("bigsid") / "configs" / "demo_sd.yaml"
 
 
 def _run(cfg, image_eval=None) -> dict | int:
@@ -40,11 +41,13 @@ def cmd_train(args) -> int:
 
 
 def _report(run_dir, metrics: dict) -> None:
-    from bigsid.toy import summary, write_report
+    from bigsid.toy import held_since, summary, write_report
 
     if metrics:
         paths = write_report(Path(run_dir), metrics)
         print(summary(metrics))
+        if (held := held_since(run_dir)) is not None:
+            print(f"met at each of the last {held[1]} evaluations, from step {held[0]} to the end")
         print("wrote " + ", ".join(str(p) for p in paths))
 
 
@@ -67,28 +70,40 @@ def cmd_toy_teacher(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from bigsid.toy import prepare_toy_teacher
-
     out = Path(args.out)
-    teacher = out / "teacher"
-    with resources.as_file(DEMO_CONFIG) as demo_config:  # a real file even where the package is zipped
-        # The teacher folder may not exist yet, so read the GMM spec without validating teacher.path.
-        spec = load_config(demo_config, [*args.overrides, "teacher.kind=toy_gmm"])
-        if not (teacher / "model_index.json").is_file():
-            print(f"[1/3] fitting a small diffusers UNet teacher to the analytic GMM -> {teacher}")
-            prepare_toy_teacher(teacher, spec.teacher.gmm, fit_steps=args.fit_steps, seed=spec.train.seed,
-                                prediction_type=spec.teacher.prediction_type or "epsilon")
-        else:
-            print(f"[1/3] using the teacher in {teacher}")
-        cfg = load_config(demo_config, [f"teacher.path={teacher}", f"train.run_dir={out / 'run'}", *args.overrides])
-    print(f"[2/3] distilling with {cfg.objective.name} into a one-step generator -> {cfg.train.run_dir}")
+    overrides = [f"train.run_dir={out / 'run'}", *args.overrides]
+    if args.sd:
+        cfg = _prepare_sd_demo(out / "teacher", args.fit_steps, overrides)
+    else:
+        with resources.as_file(DEMO_CONFIG) as demo_config:  # a real file even where the package is zipped
+            cfg = load_config(demo_config, overrides)
+        print(f"[1/2] distilling an MLP teacher, fitted to the analytic GMM, with {cfg.objective.name} into a one-step "
+              f"generator -> {cfg.train.run_dir}")
     result = _run(cfg)
     if isinstance(result, int):
         return result
-    print("[3/3] against the exact ground truth (Frechet distance, lower is better):")
+    print(f"{'[3/3]' if args.sd else '[2/2]'} against the exact ground truth (Frechet distance, lower is better):")
     _report(cfg.train.run_dir, result)
     print(f"samples: {Path(cfg.train.run_dir) / 'samples'}   logs: {Path(cfg.train.run_dir) / 'metrics.jsonl'}")
     return 0
+
+
+def _prepare_sd_demo(teacher: Path, fit_steps: int, overrides: list[str]):
+    """The demo on a small diffusers Stable Diffusion pipeline: its UNet teacher is fitted once and saved."""
+    from bigsid.toy import prepare_toy_teacher
+
+    with resources.as_file(DEMO_SD_CONFIG) as demo_config:
+        # The teacher folder may not exist yet, so read the GMM spec without validating teacher.path.
+        spec = load_config(demo_config, [*overrides, "teacher.kind=toy_gmm"])
+        if not (teacher / "model_index.json").is_file():
+            print(f"[1/3] fitting a small diffusers UNet teacher to the analytic GMM -> {teacher}")
+            prepare_toy_teacher(teacher, spec.teacher.gmm, fit_steps=fit_steps, seed=spec.train.seed,
+                                prediction_type=spec.teacher.prediction_type or "epsilon")
+        else:
+            print(f"[1/3] using the teacher in {teacher}")
+        cfg = load_config(demo_config, [f"teacher.path={teacher}", *overrides])
+    print(f"[2/3] distilling with {cfg.objective.name} into a one-step generator -> {cfg.train.run_dir}")
+    return cfg
 
 
 def cmd_export(args) -> int:
@@ -152,7 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="toy teacher -> SiD distillation -> ground-truth evaluation, offline on CPU")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--fit-steps", type=int, default=2000)
+    p.add_argument("--sd", action="store_true", help="on a small diffusers Stable Diffusion pipeline (CLIP text "
+                   "encoder, UNet, VAE) fitted to the GMM, instead of an MLP")
+    p.add_argument("--fit-steps", type=int, default=2000, help="the --sd teacher's fit steps")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_demo)
 

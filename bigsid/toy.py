@@ -528,9 +528,9 @@ def prepare_family_teacher(folder: str | Path, gmm: GMMConfig, family: str, fit_
             *([f"teacher.text_max_length={text}"] if text else [])]
 
 
-def fd_history(run_dir: Path) -> list[tuple[int, float]]:
-    """(nimg, generator FD) of every evaluation a run logged, in order of nimg."""
-    history = {}
+def _evaluations(run_dir: Path) -> list[dict]:
+    """Every ground-truth evaluation a run logged, in order of nimg, keyed as its metrics (without "eval/")."""
+    rows = {}
     log_path = Path(run_dir) / "metrics.jsonl"
     if log_path.is_file():
         for line in log_path.read_text().splitlines():
@@ -539,8 +539,13 @@ def fd_history(run_dir: Path) -> list[tuple[int, float]]:
             except json.JSONDecodeError:  # a torn last line of a run still writing
                 continue
             if "eval/fd_generator" in row:
-                history[row["nimg"]] = row["eval/fd_generator"]
-    return sorted(history.items())
+                rows[row["nimg"]] = {k.removeprefix("eval/"): v for k, v in row.items()}
+    return [rows[nimg] for nimg in sorted(rows)]
+
+
+def fd_history(run_dir: Path) -> list[tuple[int, float]]:
+    """(nimg, generator FD) of every evaluation a run logged, in order of nimg."""
+    return [(row["nimg"], row["fd_generator"]) for row in _evaluations(run_dir)]
 
 
 # the mode weights may be this much farther (in total variation) from the reference's than the teacher sampler's:
@@ -553,6 +558,18 @@ def reaches_teacher(metrics: dict) -> bool:
     within its TV + TV_SLACK."""
     return (metrics["fd_generator"] <= metrics["fd_teacher_sampler"]
             and metrics["mode_coverage_tv"] <= metrics["mode_coverage_tv_teacher_sampler"] + TV_SLACK)
+
+
+def held_since(run_dir: Path) -> tuple[int, int] | None:
+    """(step, evaluations) of the run's last unbroken stretch of evaluations that meet the target, up to its last
+    one; None where the last evaluation misses. Reaching the target once and losing it is not distillation."""
+    stretch = None
+    for row in _evaluations(run_dir):
+        if reaches_teacher(row):
+            stretch = (row["step"], 1) if stretch is None else (stretch[0], stretch[1] + 1)
+        else:
+            stretch = None
+    return stretch
 
 
 def summary(metrics: dict) -> str:

@@ -97,11 +97,12 @@ def test_cli_exits_2_naming_the_key_before_building_anything(key, overrides, mon
     assert f"config error: {key}" in capsys.readouterr().err
 
 
-def test_demo_config_is_package_data_found_from_any_directory(tmp_path, monkeypatch):
+@pytest.mark.parametrize("sd", [False, True], ids=["mlp", "sd"])
+def test_demo_configs_are_package_data_found_from_any_directory(tmp_path, monkeypatch, sd):
     import bigsid.cli
     import bigsid.toy
 
-    def fake_teacher(folder, *args, **kw):  # what the demo checks for before training; fitting is not tested here
+    def fake_teacher(folder, *args, **kw):  # what the SD demo checks for before training; fitting is not tested here
         folder.mkdir(parents=True)
         (folder / "model_index.json").write_text("{}")
 
@@ -109,10 +110,16 @@ def test_demo_config_is_package_data_found_from_any_directory(tmp_path, monkeypa
     monkeypatch.setattr(bigsid.toy, "prepare_toy_teacher", fake_teacher)
     monkeypatch.setattr(bigsid.cli, "_run", lambda cfg, *args, **kw: ran.append(cfg) or 0)
     monkeypatch.chdir(tmp_path)  # no configs/ folder here
-    assert bigsid.cli.main(["demo", "--out", "demo", "train.total_nimg=256"]) == 0
+    assert bigsid.cli.main(["demo", "--out", "demo", *(["--sd"] if sd else []), "train.total_nimg=256"]) == 0
     (cfg,) = ran
     assert (cfg.objective.name, cfg.train.batch_size, cfg.train.total_nimg) == ("sid", 256, 256)
-    assert cfg.teacher.path == "demo/teacher"
+    assert cfg.train.run_dir == "demo/run"
+    if sd:
+        assert (cfg.teacher.kind, cfg.teacher.path) == ("diffusers", "demo/teacher")
+    else:  # the MLP teacher is fitted inside the run: nothing is prepared beforehand
+        assert cfg.teacher.kind == "toy_gmm" and not (tmp_path / "demo").exists()
+        assert cfg == load_config(Path(__file__).parents[1] / "configs" / "toy_sid.yaml",
+                                  ["train.run_dir=demo/run", "train.total_nimg=256"])
 
 
 def test_cli_overrides_may_follow_the_options(tmp_path, monkeypatch, capsys):

@@ -201,6 +201,27 @@ def test_the_summary_says_whether_the_teacher_was_reached_beside_the_noise_floor
         assert "target NOT reached" in summary(metrics | worse)
 
 
+def test_held_since_is_the_last_unbroken_stretch_of_evaluations_meeting_the_target(tmp_path):
+    """A target met, lost and met again is held only since it was met again; a last evaluation that misses holds
+    nothing. Rows logged with other metrics in between, and a torn last line, are skipped."""
+    import json
+
+    from bigsid.toy import held_since
+
+    def row(step, fd, tv=0.02):
+        return {"step": step, "nimg": 256 * step, "eval/fd_generator": fd, "eval/fd_teacher_sampler": 0.3,
+                "eval/mode_coverage_tv": tv, "eval/mode_coverage_tv_teacher_sampler": 0.02}
+
+    rows = [row(0, 6.0), row(100, 0.29), {"step": 150, "nimg": 38400, "loss/generator": 1.0}, row(200, 0.31),
+            row(300, 0.3), row(400, 0.2, tv=0.025)]
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 5')
+    assert held_since(tmp_path) == (300, 2)
+    log.write_text("".join(json.dumps(r) + "\n" for r in [*rows, row(500, 0.2, tv=0.031)]))
+    assert held_since(tmp_path) is None  # TV 0.031 > 0.02 + 0.01
+    assert held_since(tmp_path / "no_run") is None
+
+
 def test_centre_offset_is_the_inside_samples_mean_distance_from_the_true_mean():
     """Mode 0: pairs mu_0 +- s e_j, whose mean is mu_0 exactly; mode 1: the same pairs around mu_1 + d with |d| =
     2 std. One sample at the midpoint of modes 0 and 2, outside every radius, would move its nearest mode's mean by
