@@ -162,6 +162,10 @@ class TrainConfig:
     # once every rank's writes are done (local, ddp, fsdp2; preemption and final checkpoints are synchronous).
     async_checkpoint: bool = False
     max_consecutive_skips: int = 20  # non-finite steps in a row before the run stops on its last good state
+    # The run stops on its last good state when a network's gradient norm exceeds this many times its median over
+    # the previous 64 steps (0 disables): a healthy run's norm moves within an order of magnitude over 64 steps,
+    # and Adam turns a single gradient 1,000 times its history into a step ~30 times the usual (1 / sqrt(1 - beta2)).
+    divergence_factor: float = 1000.0
     # Steps between polls, where the host reads what the device recorded (non-finite weights, too many skipped
     # steps) and, over all ranks, the preemption signal: the one all-reduce and device round trip of a step that
     # neither logs, samples, evaluates nor checkpoints (those steps poll too). At 10, nine steps in ten queue work
@@ -396,6 +400,8 @@ def validate(cfg: Config, check_data: bool = True) -> Config:
            "train.activation_checkpointing", "a list of generator, fake_score, teacher", tr.activation_checkpointing)
     _check(tr.max_consecutive_skips >= 1, "train.max_consecutive_skips", ">= 1", tr.max_consecutive_skips)
     _check(tr.poll_every >= 1, "train.poll_every", ">= 1", tr.poll_every)
+    _check(tr.divergence_factor == 0 or tr.divergence_factor > 1, "train.divergence_factor", "0 (off) or > 1",
+           tr.divergence_factor)
     if tr.wandb_project and importlib.util.find_spec("wandb") is None:
         raise ConfigError(f"train.wandb_project = {tr.wandb_project!r} but wandb is not installed: pip install "
                           "'bigsid[wandb]', or leave train.wandb_project empty")

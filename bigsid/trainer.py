@@ -39,7 +39,12 @@ log = logging.getLogger("bigsid.trainer")
 PREEMPTED_EXIT = 75
 # The first step at which a stop condition held, on the device; NEVER: not (yet) on this rank.
 NEVER = torch.iinfo(torch.int64).max
-_STOPS = ("generator", "fake_score", "skips")  # non-finite weights of each trained network; too many skipped steps
+# non-finite weights of each trained network; too many skipped steps; each network's gradient norm jumping
+_STOPS = ("generator", "fake_score", "skips", "generator_norm", "fake_score_norm")
+# Steps of gradient norms whose median is the level a jump is measured against (train.divergence_factor). The median
+# of many steps, not a running mean: the generator's norm starts near 0 (the fake score starts as the teacher) and
+# rises by orders of magnitude in its first steps, which a median forgets in half a window.
+NORM_WINDOW = 64
 _K_DRAWS = 1  # keeps the few-step prefix draws apart from any other host stream seeded by train.seed
 
 
@@ -359,6 +364,8 @@ class Trainer:
         self.skip_run = torch.zeros((), dtype=torch.int64, device=self.device)
         self.step_applied = torch.ones((), device=self.device)
         self.stops = torch.full((len(_STOPS),), NEVER, dtype=torch.int64, device=self.device)
+        # the generator's and fake score's gradient norms of the last NORM_WINDOW steps (NaN: not yet, or non-finite)
+        self.norm_window = torch.full((NORM_WINDOW, 2), math.nan, device=self.device)
         self.resume()
         self.log.truncate(self.step)  # after any restart, resumed or not
         self.shard_counts: dict = {}  # bad-data counts per shard in the last metrics row
@@ -507,18 +514,26 @@ class Trainer:
         self.nimg += self.cfg.train.batch_size
         self.step += 1
         with self.clock("ema"):  # and the weights check before it
-            self._note_stops()
+            self._note_stops(torch.stack([metrics["generator/grad_norm"], metrics["fake_score/grad_norm"]]).float())
             tr = self.cfg.train
             self.ema.update(self.generator, EMA.beta(tr.batch_size, self.nimg, tr.ema_halflife_nimg, tr.ema_rampup))
         return metrics
 
-    def _note_stops(self) -> None:
+    def _note_stops(self, norms: torch.Tensor) -> None:
         """Record on the device the first step whose update made a network's weights non-finite (a finite gradient
-        can still step to inf: an overflowing learning rate) and the first at which max_consecutive_skips steps in a
-        row were skipped. _poll reads them."""
+        can still step to inf: an overflowing learning rate), the first at which max_consecutive_skips steps in a
+        row were skipped, and the first at which a network's gradient norm exceeded divergence_factor times its
+        median over the previous NORM_WINDOW steps. The last is the run that diverges with finite weights: in 256
+        latent dimensions the toy fake score's norm went from ~150 to 1.5e9 within 50 steps and its FD to 1e19, and
+        4,000 steps trained on. _poll reads them."""
+        tr = self.cfg.train
         self.skip_run = (self.skip_run + 1) * (1 - self.step_applied).long()
-        held = torch.stack([*(~tr.weights_finite() for tr in self._trainables().values()),
-                            self.skip_run >= self.cfg.train.max_consecutive_skips])
+        level = self.norm_window.nanmedian(dim=0).values
+        filled = torch.isfinite(self.norm_window).sum(dim=0) >= NORM_WINDOW // 2
+        jumped = filled & (norms > tr.divergence_factor * level) & (tr.divergence_factor > 0)
+        self.norm_window[self.step % NORM_WINDOW] = torch.where(torch.isfinite(norms), norms, math.nan)
+        held = torch.stack([*(~t.weights_finite() for t in self._trainables().values()),
+                            self.skip_run >= tr.max_consecutive_skips, *jumped])
         self.stops = torch.minimum(self.stops, torch.where(held, self.step, NEVER))
 
     def skip_counts(self) -> dict[str, int]:
@@ -550,6 +565,13 @@ class Trainer:
             self._stop(f"the {' and '.join(broken)} weights became non-finite in the update of step "
                        f"{min(at[name] for name in broken)}",
                        "Lower the learning rates, set optim.grad_clip, or use train.precision=fp32")
+        diverged = [name for name in ("generator", "fake_score") if at[f"{name}_norm"] != NEVER]
+        if diverged:
+            self._stop(f"the {' and '.join(diverged)} gradient norm rose past train.divergence_factor="
+                       f"{self.cfg.train.divergence_factor:g} times its median over the previous {NORM_WINDOW} steps "
+                       f"at step {min(at[f'{name}_norm'] for name in diverged)}: training diverged",
+                       "Lower the learning rates (optim.lr_generator, optim.lr_fake_score) or set optim.grad_clip; "
+                       "train.divergence_factor=0 turns this check off")
         if stalled:
             self._stop(f"the {' and '.join(stalled)} optimizer state (Adam's moments) became non-finite by step "
                        f"{self.step}: a gradient too large for float32 squares, after which those weights would "
@@ -782,7 +804,9 @@ class Trainer:
         rank_state = {"rng": self.rng.get_state()}
         written = self.backend.save(folder, self._trainables(), self.ema.state_dict(), rank_state, asynchronous)
         state = {"step": self.step, "nimg": self.nimg, "skipped": dict(self.skip_counts()),
-                 "skip_run": int(self.skip_run), "owed": list(owed), "data": self.stream.state_dict(),
+                 "skip_run": int(self.skip_run), "owed": list(owed),
+                 "data": self.stream.state_dict(),
+                 "norm_window": [[v if math.isfinite(v) else None for v in row] for row in self.norm_window.tolist()],
                  "config": to_dict(self.cfg)}
         self.pending = (folder, state, written)
         return folder.with_suffix("") if asynchronous else self.finish_checkpoint()
@@ -854,5 +878,7 @@ class Trainer:
             self.stream.load_counts(state["data"])
         self.step, self.nimg, self.skipped = state["step"], state["nimg"], state["skipped"]
         self.skip_run.fill_(state.get("skip_run", 0))  # keys a checkpoint predates: what it then implied
+        window = state.get("norm_window", [[None, None]] * NORM_WINDOW)
+        self.norm_window.copy_(torch.tensor([[math.nan if v is None else v for v in row] for row in window]))
         self.owed = state.get("owed", [])
         log.info("resumed from %s at step %d (%d images)", folder, self.step, self.nimg)

@@ -459,6 +459,43 @@ def test_consecutive_nonfinite_steps_stop_the_run_on_its_last_good_state(tmp_pat
     assert not changed(good, saved.generator.module)
 
 
+@pytest.mark.parametrize("factor,stops", [(1000, True), (0, False)])
+def test_a_gradient_norm_jump_stops_the_run_on_its_last_good_state(tmp_path, factor, stops):
+    """From step 81 the fake score's loss, and so its gradient norm, is 1e6 times what it was: weights and Adam's
+    moments stay finite (Adam's step hardly changes), so only the jump against the median of the previous steps can
+    stop the run, at the first poll from step 81 on. The 80 steps before it, the generator's norm rising from ~0
+    (the fake score starts as the teacher) included, must not."""
+    from bigsid.checkpoint import latest_checkpoint, read_state
+    from bigsid.trainer import NORM_WINDOW, TrainingError
+
+    args = ["train.total_nimg=3200", "train.checkpoint_every=20", f"train.divergence_factor={factor}"]
+    tr = make(tmp_path, *args)
+    inner = tr.objective.fake_score_loss
+
+    def scaled(*a, **k):
+        loss, metrics = inner(*a, **k)
+        return (loss * 1e6 if tr.step >= 80 else loss), metrics
+
+    tr.objective.fake_score_loss = scaled
+    if not stops:
+        tr.run()
+        assert tr.step == 100
+        return
+    last = re.escape(f"{tmp_path / 'checkpoints' / 'step-000000080'} (run")
+    with pytest.raises(TrainingError, match=f"fake_score gradient norm rose past .* at step 81: training diverged.*"
+                                            f"{last}"):
+        tr.run()
+    assert tr.step == 90  # the first poll from step 81 on (train.poll_every=10)
+    assert latest_checkpoint(tmp_path).name == "step-000000080"
+    # the window of norms is saved with the checkpoint and restored, so a resumed run measures jumps as one
+    # that was never interrupted
+    window = read_state(latest_checkpoint(tmp_path))["norm_window"]
+    assert len(window) == NORM_WINDOW and all(v is not None and v > 0 for row in window for v in row)
+    resumed = make(tmp_path, *args)
+    assert resumed.step == 80
+    assert torch.equal(resumed.norm_window, torch.tensor(window))
+
+
 def saved_skips(run_dir) -> int:
     from bigsid.checkpoint import latest_checkpoint, read_state
 
