@@ -7,7 +7,7 @@ seeds and the table says in how many the target was reached. Each run's result g
 benchmarks/results/toy_<objective>[_<tag>]_seed<S>.json with the machine it ran on; toy.md and toy.png are then
 rebuilt from every such file there, so objectives and variants can run separately.
 
-    python benchmarks/bench_toy.py                       # all three, seeds 0-2, 2,000 iterations each
+    python benchmarks/bench_toy.py                       # all three, seeds 0-2, their configs' iterations
     python benchmarks/bench_toy.py --tag exact --set teacher.gmm_teacher=exact   # the exact denoiser as teacher
     OMP_NUM_THREADS=1 python benchmarks/bench_toy.py --objectives dmd   # one, beside others
     python benchmarks/bench_toy.py --objectives sid --seeds 0 --set train.total_nimg=128000
