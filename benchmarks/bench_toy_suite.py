@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from bench_toy import ROOT, early_decay, machine, run
+from bigsid.trainer import TrainingError
 
 # name: (prompts, modes per prompt, latent shape, mode std); latent sizes 16-256, 2-12 modes, std 0.05-0.2,
 # 1-5 prompts. The first is the mixture configs/toy_*.yaml were tuned on; the next three are the issue's.
@@ -96,6 +97,8 @@ def write(out: Path) -> None:
 
     metas = [json.loads(p.read_text()) for p in sorted(out.glob("*_seed*.json"))]
     machines = sorted({f"{m['machine']} ({m['date']})" for m in metas})
+    stopped = [m for m in metas if "stopped" in m["result"]]  # runs the trainer stopped (a divergence): no scores
+    metas = [m for m in metas if "stopped" not in m["result"]]
     names = [n for n in MIXTURES if any(m["mixture"] == n for m in metas)]
     fig, axes = plt.subplots(1, max(len(names), 1), figsize=(3.4 * max(len(names), 1), 3.2), squeeze=False)
     colors = {"sid": "C0", "sim": "C1", "dmd": "C2"}
@@ -143,11 +146,15 @@ def write(out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out.parent / "toy_suite.png", dpi=90)
     plt.close(fig)
-    made = {(m["mixture"], m["result"]["objective"], m["result"]["seed"]) for m in metas if not m["result"].get("variant")}
+    made = {(m["mixture"], m["result"]["objective"], m["result"]["seed"]) for m in metas + stopped
+            if not m["result"].get("variant")}
     missing = [f"{n} {o} seeds {', '.join(str(s) for s in range(3) if (n, o, s) not in made)}"
                for n in MIXTURES for o in ("sid", "sim", "dmd") if any((n, o, s) not in made for s in range(3))]
     older = [f"{m['mixture']} {m['result']['objective']} seed {m['result']['seed']}" for m in metas
              if not m["result"].get("variant") and "exact" not in m["result"].get("scoring", "")]
+    lines += [f"\nStopped by the trainer: {m['mixture']} {m['result']['objective']} "
+              f"{m['result']['variant'] + ' ' if m['result']['variant'] else ''}seed {m['result']['seed']}: "
+              f"{m['result']['stopped']}" for m in stopped]
     lines.append("\nNot run yet (of three seeds of each objective on each mixture): " + ("; ".join(missing) or "none")
                  + ". Scored against a second sample set only (not in the summary): " + ("; ".join(older) or "none")
                  + ".\n")
@@ -172,8 +179,11 @@ def main() -> None:
         variant = "".join(f"_{o}" for o in args.set)
         for objective in args.objectives:
             for seed in args.seeds:
-                result = run(objective, seed, overrides, name,
-                             Path(args.work) / f"{name}_{objective}{variant}_seed{seed}")
+                try:
+                    result = run(objective, seed, overrides, name,
+                                 Path(args.work) / f"{name}_{objective}{variant}_seed{seed}")
+                except TrainingError as err:  # a divergence is a result: recorded, and the suite goes on
+                    result = {"objective": objective, "seed": seed, "overrides": overrides, "stopped": str(err)}
                 result |= {"dim": math.prod(MIXTURES[name][2]), "variant": " ".join(args.set)}
                 print(json.dumps({k: v for k, v in result.items() if k != "curve"}), flush=True)
                 meta = {"machine": machine(), "date": datetime.date.today().isoformat(), "mixture": name,
