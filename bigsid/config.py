@@ -165,8 +165,8 @@ class TrainConfig:
     # The run stops on its last good state when a network's gradient norm exceeds this many times its median over
     # the previous 64 steps (0 disables). Adam (beta1 0) turns a gradient 1,000 times its history into a step ~30
     # times the usual (1 / sqrt(1 - beta2)). 1,000 stopped neither demo (the MLP's 4,000 steps, the SD pipeline's
-    # 600) and stops the 256-dimensional toy divergence at step 181, between two healthy logs at 150 and a 1e7-fold
-    # norm at 200.
+    # 600) and stops the 256-dimensional toy divergence at step 181, after a healthy log at step 150 and before the
+    # 1e7-fold norm logged at 200.
     divergence_factor: float = 1000.0
     # Steps between polls, where the host reads what the device recorded (non-finite weights, too many skipped
     # steps) and, over all ranks, the preemption signal: the one all-reduce and device round trip of a step that
