@@ -179,11 +179,12 @@ def main() -> None:
         variant = "".join(f"_{o}" for o in args.set)
         for objective in args.objectives:
             for seed in args.seeds:
+                run_dir = Path(args.work) / f"{name}_{objective}{variant}_seed{seed}"
                 try:
-                    result = run(objective, seed, overrides, name,
-                                 Path(args.work) / f"{name}_{objective}{variant}_seed{seed}")
+                    result = run(objective, seed, overrides, name, run_dir)
                 except TrainingError as err:  # a divergence is a result: recorded, and the suite goes on
-                    result = {"objective": objective, "seed": seed, "overrides": overrides, "stopped": str(err)}
+                    result = {"objective": objective, "seed": seed, "overrides": overrides,
+                              "stopped": str(err).replace(str(run_dir), f"<--work>/{run_dir.name}")}
                 result |= {"dim": math.prod(MIXTURES[name][2]), "variant": " ".join(args.set)}
                 print(json.dumps({k: v for k, v in result.items() if k != "curve"}), flush=True)
                 meta = {"machine": machine(), "date": datetime.date.today().isoformat(), "mixture": name,
