@@ -804,8 +804,7 @@ class Trainer:
         rank_state = {"rng": self.rng.get_state()}
         written = self.backend.save(folder, self._trainables(), self.ema.state_dict(), rank_state, asynchronous)
         state = {"step": self.step, "nimg": self.nimg, "skipped": dict(self.skip_counts()),
-                 "skip_run": int(self.skip_run), "owed": list(owed),
-                 "data": self.stream.state_dict(),
+                 "skip_run": int(self.skip_run), "owed": list(owed), "data": self.stream.state_dict(),
                  "norm_window": [[v if math.isfinite(v) else None for v in row] for row in self.norm_window.tolist()],
                  "config": to_dict(self.cfg)}
         self.pending = (folder, state, written)
