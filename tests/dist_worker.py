@@ -1,12 +1,14 @@
 """The multi-process tests' launcher (start_ranks) and the 2-rank gloo runs' entry point (run): one Trainer per
 process, as torchrun would start it."""
 
+import faulthandler
 import gc
 import itertools
 import json
 import os
 import socket
 import sys
+import tempfile
 from pathlib import Path
 
 
@@ -51,11 +53,17 @@ PRELOAD = ["torch.distributed.fsdp", "torch._dynamo", "bigsid.trainer", "bigsid.
            "deepspeed", "deepspeed.runtime.zero.muon.muon_optimizer", "dist_worker"]
 
 
-def _as_spawned(rank: int, fn, env: dict, args: tuple) -> None:
+def _as_spawned(rank: int, fn, env: dict, args: tuple, logs: str) -> None:
     # the server keeps the environment of the test that first started it; each rank gets its own test's, as spawn
     # gives it
     os.environ.clear()
     os.environ.update(env)
+    # the server's stdout and stderr are those of the test that started it, which pytest has long since read: a
+    # rank writes to its own file, and a crash in native code (gloo's abort) prints the Python stacks there too
+    log = open(f"{logs}/rank{rank}.log", "w")
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    faulthandler.enable(log, all_threads=True)
     # the inherited modules' objects are never garbage: frozen, gc.collect (DeepSpeed runs it whenever it empties
     # its partition cache) no longer walks them
     gc.freeze()
@@ -64,11 +72,20 @@ def _as_spawned(rank: int, fn, env: dict, args: tuple) -> None:
 
 def start_ranks(fn, args: tuple, nprocs: int) -> None:
     """fn(rank, *args) in nprocs processes, each with this process's environment and none of its state, as
-    torch.multiprocessing's spawn runs it; a rank's exception is raised here."""
+    torch.multiprocessing's spawn runs it; a rank's exception is raised here, with what each rank printed."""
     import torch.multiprocessing as mp
 
     mp.set_forkserver_preload(PRELOAD)  # no effect once this worker's server runs
-    mp.start_processes(_as_spawned, args=(fn, dict(os.environ), args), nprocs=nprocs, start_method="forkserver")
+    with tempfile.TemporaryDirectory(prefix="ranks") as logs:
+        try:
+            mp.start_processes(_as_spawned, args=(fn, dict(os.environ), args, logs), nprocs=nprocs,
+                               start_method="forkserver")
+        except Exception as error:
+            for rank in range(nprocs):
+                log = Path(f"{logs}/rank{rank}.log")
+                text = log.read_text(errors="replace")[-12000:] if log.exists() else "(no output)"
+                error.add_note(f"--- rank {rank} printed (the end):\n{text}")
+            raise
 
 
 def run(rank: int, world: int, port: int, overrides: list[str], report: str | None,
