@@ -40,8 +40,7 @@ def rule(prompts: int, modes: int, shape: list[int], std: float) -> list[str]:
     """The settings of a mixture: teacher.gmm.* set to it. The fitted teacher is sized by the latent size D, as
     bigsid sizes it by default (teacher.student_width, teacher.student_fit_steps: max(512, 4 D) wide, 1500
     sqrt(D / 16) steps; a fixed 512 wide left the 256-dim mixture's teacher broken). Everything else (batch 256,
-    learning rates, EMA, t range, iterations: 4,000 for SiD and SIM, 2,000 for DMD) is the configs' own for every
-    mixture."""
+    learning rates, EMA, t range, 4,000 iterations for each objective) is the configs' own for every mixture."""
     return [f"teacher.gmm.num_prompts={prompts}", f"teacher.gmm.modes_per_prompt={modes}",
             f"teacher.gmm.latent_shape=[{','.join(map(str, shape))}]", f"teacher.gmm.mode_std={std}"]
 
@@ -115,8 +114,9 @@ def write(out: Path) -> None:
              "and covariance of the mixture, or a second exact sample set; the latter reads FD higher and noisier, "
              "benchmarks/results/demo_diagnosis.md, fourth round). configs/toy_sid.yaml took 4,000 iterations and a "
              "144,000-image generator EMA (rampup 0.25) on 2026-12-02, from 2,000 and 18,000 (no rampup), and "
-             "configs/toy_sim.yaml the same on 2026-12-03: SiD and SIM runs made before are restated against them, "
-             "their variant naming the settings they ran with (`restated` in their files).\n", *summary(metas, names),
+             "configs/toy_sim.yaml and configs/toy_dmd.yaml the same on 2026-12-03: runs made before are restated "
+             "against them, their variant naming the settings they ran with (`restated` in their files).\n",
+             *summary(metas, names),
              "| mixture | objective | seed | D | teacher FD (exact sampler) | teacher fit | FD init | FD final "
              "| TV final (teacher) | spread final (teacher) | iterations to target | holds | early R^2, it/e-fold "
              "| wall s | FD scored |", "|" + " --- |" * 15]
