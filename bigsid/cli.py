@@ -21,9 +21,23 @@ def _run(cfg, image_eval=None) -> dict | int:
     from bigsid.trainer import PREEMPTED_EXIT, Preempted, Trainer
 
     try:
-        return Trainer(cfg, image_eval=image_eval).run()
+        result = Trainer(cfg, image_eval=image_eval).run()
     except Preempted:
-        return PREEMPTED_EXIT
+        result = PREEMPTED_EXIT
+    _leave_together()
+    return result
+
+
+def _leave_together() -> None:
+    """The ranks of a finished or preempted run leave the process group together: a rank that exits while others
+    still hold their connections to it can bring them down (gloo can abort a process whose peer closes a connection
+    it still holds; NCCL warns of a group never destroyed), and rank 0 hosts the store the others still use. Not on
+    an error: the ranks may not agree that there is one, and a barrier would hold the others until its timeout."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def cmd_train(args) -> int:

@@ -276,3 +276,26 @@ def test_deepspeed_settings_that_contradict_bigsid_are_refused_before_training(t
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ConfigError, match="is not valid JSON"):
         load_config(None, [*PARITY, "parallel.backend=deepspeed", f"parallel.deepspeed_config={tmp_path / 'bad.json'}"])
+
+
+def train_as_the_cli(rank: int, port: int, overrides: list[str], out: str) -> None:
+    """One rank of `bigsid train` under torchrun: the command's run, then whether this rank still holds the group."""
+    import os
+
+    import torch.distributed as dist
+
+    from bigsid.cli import _run
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
+    torch.set_num_threads(1)
+    _run(load_config(None, overrides))
+    Path(f"{out}.rank{rank}.json").write_text(json.dumps({"in_group": dist.is_initialized()}))
+
+
+def test_the_ranks_of_a_finished_run_leave_the_process_group_together(tmp_path):
+    start_ranks(train_as_the_cli, (free_port(), [*PARITY, "parallel.backend=ddp", f"train.run_dir={tmp_path / 'run'}",
+                                                 "train.total_nimg=16"], str(tmp_path / "report")), 2)
+    assert latest_checkpoint(tmp_path / "run").name == "step-000000002"
+    for rank in range(2):
+        assert json.loads((tmp_path / f"report.rank{rank}.json").read_text()) == {"in_group": False}, rank
