@@ -70,6 +70,7 @@ def rank_main(rank: int, world: int, port: int, folder: str, out: str, backend_n
     from bigsid.config import load_config
     from bigsid.models import build_networks
     from bigsid.parallel import build_backend
+    from bigsid.parallel.dist import leave_process_group
 
     cfg = load_config(None, ["teacher.kind=diffusers", f"teacher.path={folder}", *BACKENDS[backend_name],
                              "train.precision=bf16", "train.device=cpu", "train.batch_size=2"])
@@ -94,8 +95,7 @@ def rank_main(rank: int, world: int, port: int, folder: str, out: str, backend_n
         "placed_peak_growth_bytes": (placed[0] - start) * 1024,
         "trained_local_param_bytes": local_bytes(networks.generator, networks.fake_score),
         "teacher_local_param_bytes": local_bytes(networks.teacher)}))
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 def main() -> None:

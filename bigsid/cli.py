@@ -18,26 +18,15 @@ DEMO_SD_CONFIG = resources.files("bigsid") / "configs" / "demo_sd.yaml"
 
 def _run(cfg, image_eval=None) -> dict | int:
     """Train; a preemption signal ends in a complete checkpoint and the requeue exit status."""
+    from bigsid.parallel.dist import leave_process_group
     from bigsid.trainer import PREEMPTED_EXIT, Preempted, Trainer
 
     try:
         result = Trainer(cfg, image_eval=image_eval).run()
     except Preempted:
         result = PREEMPTED_EXIT
-    _leave_together()
+    leave_process_group()  # a finished or preempted run's ranks agree on it
     return result
-
-
-def _leave_together() -> None:
-    """The ranks of a finished or preempted run leave the process group together: a rank that exits while others
-    still hold their connections to it can bring them down (gloo can abort a process whose peer closes a connection
-    it still holds; NCCL warns of a group never destroyed), and rank 0 hosts the store the others still use. Not on
-    an error: the ranks may not agree that there is one, and a barrier would hold the others until its timeout."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def cmd_train(args) -> int:

@@ -86,10 +86,10 @@ def start_ranks(fn, args: tuple, nprocs: int) -> None:
     torch.multiprocessing's spawn runs it; a rank's exception is raised here, with what each rank printed.
 
     A rank killed by a signal is a crash in native code, not a failed check: a CI run lost the fsdp2 loading set-up,
-    which passes in the other CI runs on record, to one rank's SIGABRT (gloo is known to abort a process, from its own I/O
-    thread, when a peer closes connections it still holds). Where every rank had returned from fn, the work is
-    whole and the crash is reported as a warning; where one had not, the launch runs once more, with a warning, and
-    a second crash fails the test."""
+    which passes in the other CI runs on record, to one rank's SIGABRT (gloo is known to abort a process, from its
+    own I/O thread, when a peer closes connections it still holds). Where every rank had returned from fn, the
+    work is whole and the crash is reported as a warning; where one had not, the launch runs once more, with a
+    warning, and a second crash fails the test."""
     import torch.multiprocessing as mp
 
     mp.set_forkserver_preload(PRELOAD)  # no effect once this worker's server runs
@@ -122,11 +122,11 @@ def run(rank: int, world: int, port: int, overrides: list[str], report: str | No
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
     import torch
-    import torch.distributed as dist
 
     torch.set_num_threads(1)
     sys.path.insert(0, os.path.dirname(__file__))
     from bigsid.config import load_config
+    from bigsid.parallel.dist import leave_process_group
     from bigsid.trainer import Trainer
 
     trainer = Trainer(load_config(None, overrides))
@@ -168,5 +168,4 @@ def run(rank: int, world: int, port: int, overrides: list[str], report: str | No
                        "weight_bytes": weight_bytes, "teacher_bytes": local_bytes(teacher),
                        "ema_bytes": local_bytes(trainer.ema.shadow), "skipped": trainer.skipped,
                        "encoder_bytes": local_bytes(trainer.networks.encoder.parameters())}, f)
-    dist.barrier()  # rank 0 hosts the rendezvous store: no rank leaves while another still uses it
-    dist.destroy_process_group()
+    leave_process_group()

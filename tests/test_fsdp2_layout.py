@@ -33,10 +33,10 @@ def count_worker(rank: int, world: int, port: int, overrides: list[str], report:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
     import torch
-    import torch.distributed as dist
     from torch.distributed.fsdp import FSDPModule
 
     from bigsid.config import load_config
+    from bigsid.parallel.dist import leave_process_group
     from bigsid.trainer import Trainer
 
     torch.set_num_threads(1)
@@ -57,8 +57,7 @@ def count_worker(rank: int, world: int, port: int, overrides: list[str], report:
     with open(f"{report}.rank{rank}.json", "w") as f:
         json.dump({"gathers": len(gathers), "generator": units(trainer.generator.inner),
                    "teacher": units(trainer.teacher), "fake_score": units(trainer.fake_score.inner)}, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 @pytest.mark.parametrize("once", [True, False])

@@ -92,6 +92,7 @@ def set_up(rank: int, port: int, overrides: list[str], out: str, whole: str | No
     from bigsid.config import load_config
     from bigsid.models import build_networks
     from bigsid.parallel import build_backend
+    from bigsid.parallel.dist import leave_process_group
 
     if whole:
         load_whole(whole)
@@ -116,8 +117,7 @@ def set_up(rank: int, port: int, overrides: list[str], out: str, whole: str | No
     save_file(whole, f"{out}.rank{rank}.safetensors")
     Path(f"{out}.rank{rank}.json").write_text(json.dumps({"growth": growth, "reads": reads, "rows": sum(rows),
                                                           "teacher_dtypes": teacher_dtypes}))
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 @pytest.fixture(scope="module", params=SHARDING)
@@ -263,10 +263,9 @@ def train(rank: int, port: int, overrides: list[str], whole: str | None) -> None
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
     torch.set_num_threads(1)
-    import torch.distributed as dist
-
     from bigsid import models
     from bigsid.config import load_config
+    from bigsid.parallel.dist import leave_process_group
     from bigsid.trainer import Trainer
 
     if whole:
@@ -281,8 +280,7 @@ def train(rank: int, port: int, overrides: list[str], whole: str | None) -> None
                 if "lora_A" in name:
                     p.copy_(torch.randn(p.shape, generator=draw) / p.shape[1] ** 0.5)
     Trainer(cfg, networks).run()
-    dist.barrier()  # rank 0 hosts the rendezvous store: no rank leaves while another still uses it
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 # fsdp2 with a LoRA fake score fills the generator and the fake score's base as a full fake score would be filled;
@@ -320,13 +318,13 @@ def fill_by_rows(rank: int, port: int, file: str, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    import torch.distributed as dist
     from safetensors import safe_open
     from torch import nn
     from torch.distributed.fsdp import fully_shard
 
     from bigsid.config import load_config
     from bigsid.families import StoredTensor
+    from bigsid.parallel.dist import leave_process_group
     from bigsid.parallel.fsdp2 import FSDP2Backend
 
     backend = FSDP2Backend(load_config(None, ["parallel.backend=fsdp2", "train.device=cpu"]))
@@ -341,8 +339,7 @@ def fill_by_rows(rank: int, port: int, file: str, out: str) -> None:
     backend.fill(net, {**state, "scale": net.scale.clone()})
     save_file({k: (v.full_tensor() if hasattr(v, "full_tensor") else v).contiguous()
                for k, v in net.state_dict().items()}, f"{out}.rank{rank}.safetensors")
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 def test_fsdp2_fills_uneven_shards_from_the_files_rows(tmp_path):

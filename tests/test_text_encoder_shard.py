@@ -33,9 +33,9 @@ def encode_worker(rank: int, world: int, port: int, folder: str, report: str) ->
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
-    import torch.distributed as dist
 
     from bigsid.families import load_teacher
+    from bigsid.parallel.dist import leave_process_group
     from bigsid.parallel.fsdp2 import FSDP2Backend
 
     torch.set_num_threads(1)
@@ -68,8 +68,7 @@ def encode_worker(rank: int, world: int, port: int, folder: str, report: str) ->
             "whole_bytes": sum(p.numel() * p.element_size() for p in whole.parameters())}
     with open(f"{report}.rank{rank}.json", "w") as f:
         json.dump(out, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 def test_sharded_text_encoders_give_the_same_cond_on_half_the_bytes(family_dir, tmp_path):

@@ -9,6 +9,7 @@ import torch
 from bigsid.checkpoint import latest_checkpoint
 from bigsid.config import load_config
 from bigsid.export import load_generator_state
+from bigsid.parallel.dist import leave_process_group
 from bigsid.trainer import Trainer
 from dist_worker import free_port, start_ranks
 from test_parallel import PARITY
@@ -30,7 +31,6 @@ def swap_worker(rank: int, world: int, port: int, overrides: list[str], report: 
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
-    import torch.distributed as dist
 
     torch.set_num_threads(1)
     trainer = Trainer(load_config(None, overrides))
@@ -45,8 +45,7 @@ def swap_worker(rank: int, world: int, port: int, overrides: list[str], report: 
     persistent = sum(p.numel() for p in generator.persistent)
     torch.save({"raw": raw, "ema": ema, "raw_again": raw_again, "persistent": persistent,
                 "all": sum(p.numel() for p in generator.params)}, f"{report}.rank{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 def test_ema_swap_reaches_persistent_parameters_and_the_checkpoint_holds_them(tmp_path):

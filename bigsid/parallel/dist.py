@@ -29,6 +29,17 @@ def init_process_group(device_name: str) -> tuple[int, int, torch.device]:
     return rank, world, pick_device(device_name, int(os.environ.get("LOCAL_RANK", rank)))
 
 
+
+def leave_process_group() -> None:
+    """Every rank leaves the process group together, once all are done with it: a rank that exits while others
+    still hold their connections to it can bring them down (gloo can abort a process whose peer closes a connection
+    it still holds; NCCL warns of a group never destroyed), and rank 0 hosts the store the others still use. Not
+    after an error: the ranks may not agree that there is one, and the barrier would hold the others until its
+    timeout."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
 class Collectives:
     """Backend methods over the default process group."""
 
